@@ -1,0 +1,60 @@
+"""`lmtrain <command> [overrides]`: a table of commands, each a Hydra app with its own config and run dir.
+
+Hydra has no subcommands and reads sys.argv itself, so the dispatcher removes the command word and
+hands over to that command's `@hydra.main` function; overrides, -m, --cfg, --help and shell completion
+then work after the command.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+# command -> (module with a `main` Hydra app, one-line description)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("lmtrain.commands.train", "train a language model (Hydra overrides after the command)"),
+}
+
+USAGE = "usage: lmtrain <command> [hydra overrides | --help | --cfg job | -m ...]"
+
+
+def _help() -> str:
+    lines = [USAGE, "", "commands:"]
+    lines += [f"  {name:<10} {description}" for name, (_, description) in COMMANDS.items()]
+    lines += ["", "`lmtrain <command> --help` lists that command's config groups and options."]
+    return "\n".join(lines)
+
+
+def _absolute_config_dirs(argv: list[str]) -> list[str]:
+    """Hydra resolves a relative --config-dir/-cd against the installed package; make it absolute first."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(out):
+            out[i + 1] = os.path.abspath(out[i + 1])
+        elif arg.startswith("--config-dir="):
+            out[i] = "--config-dir=" + os.path.abspath(arg.split("=", 1)[1])
+    return out
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_help())
+        sys.exit(0 if argv else 2)
+    if argv[0] == "--version":
+        from lmtrain import __version__
+
+        print(f"lmtrain {__version__}")
+        return
+    command = argv[0]
+    if command not in COMMANDS:
+        print(f"lmtrain: unknown command {command!r}\n\n{_help()}", file=sys.stderr)
+        sys.exit(2)
+    if "COMP_LINE" in os.environ:  # shell completion calls back with the whole line: drop the command word
+        words = os.environ["COMP_LINE"].split(" ")
+        if len(words) > 1 and words[1] == command:
+            os.environ["COMP_LINE"] = " ".join(words[:1] + words[2:])
+    module = importlib.import_module(COMMANDS[command][0])
+    sys.argv = [f"{os.path.basename(sys.argv[0])} {command}"] + _absolute_config_dirs(argv[1:])
+    module.main()

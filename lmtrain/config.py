@@ -1,0 +1,234 @@
+"""Every configuration schema, registered in Hydra's ConfigStore, plus the cross-field checks.
+
+YAML files under configs/ hold values only; the types, defaults and meanings live here. Hydra checks
+each composed config against these schemas (unknown keys, wrong types, bad enum values), and
+`to_train_config` converts the result to plain dataclasses once, at the command's entry, and runs the
+checks that involve more than one field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lmtrain.errors import ConfigError
+
+
+class PosEmb(str, Enum):
+    learned = "learned"
+    rope = "rope"
+
+
+class Norm(str, Enum):
+    layernorm = "layernorm"
+    rmsnorm = "rmsnorm"
+
+
+class Mlp(str, Enum):
+    gelu = "gelu"
+    swiglu = "swiglu"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "gpt_tiny"  # preset name, shown in logs
+    vocab_size: int | None = None  # None: the tokenizer's vocabulary size
+    d_model: int = 128  # width of the residual stream
+    n_heads: int = 4  # attention (query) heads; d_model must divide by it
+    n_kv_heads: int | None = None  # key/value heads for grouped-query attention; None: n_heads
+    n_layers: int = 4  # transformer blocks
+    d_ff: int = 512  # hidden width of the MLP
+    block_size: int = 128  # context length in tokens
+    dropout: float = 0.0  # dropout probability on attention and residual paths
+    bias: bool = True  # biases in linear layers and norms
+    tie_embeddings: bool = True  # LM head shares the token embedding matrix
+    pos_emb: PosEmb = PosEmb.learned  # learned absolute positions, or rotary (RoPE)
+    rope_theta: float = 10000.0  # RoPE base frequency
+    norm: Norm = Norm.layernorm  # layernorm (GPT-2) or rmsnorm (Llama)
+    mlp: Mlp = Mlp.gelu  # gelu (GPT-2) or swiglu (Llama)
+    qk_norm: bool = False  # normalize queries and keys per head before attention
+    norm_eps: float = 1e-5  # epsilon of every norm layer
+
+
+class OptimizerName(str, Enum):
+    adamw = "adamw"
+
+
+@dataclass
+class OptimizerConfig:
+    name: OptimizerName = OptimizerName.adamw
+    lr: float = 3e-4  # peak learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.01  # decoupled weight decay; never applied to biases, norms, embeddings
+    fused: bool | None = None  # fused AdamW kernel; None: on for CUDA, off otherwise
+
+
+class SchedulerName(str, Enum):
+    cosine = "cosine"
+    constant = "constant"
+    linear = "linear"
+
+
+@dataclass
+class SchedulerConfig:
+    name: SchedulerName = SchedulerName.cosine
+    warmup_steps: int = 100  # linear warm-up from 0 to optimizer.lr, in optimizer steps
+    min_lr_ratio: float = 0.1  # final LR as a fraction of optimizer.lr (cosine, linear)
+
+
+class SourceKind(str, Enum):
+    pystdlib = "pystdlib"  # the Python standard library's own source files
+    text_files = "text_files"  # local .txt / .jsonl / .parquet files
+    hf = "hf"  # a Hugging Face dataset (hub name or local folder)
+
+
+@dataclass
+class DataConfig:
+    name: str = "pystdlib"  # preset name, shown in logs
+    source: SourceKind = SourceKind.pystdlib
+    train_files: list[str] = field(default_factory=list)  # text_files: paths or globs for training
+    val_files: list[str] = field(default_factory=list)  # text_files: paths or globs for validation
+    path: str | None = None  # hf: dataset name on the hub, or a local folder
+    config_name: str | None = None  # hf: dataset configuration (subset) name
+    split: str = "train"  # hf: split to train on
+    val_split: str | None = None  # hf: split to validate on; None: carve val_fraction out of `split`
+    revision: str | None = None  # hf: dataset revision (branch, tag or commit)
+    streaming: bool = False  # hf: read on the fly instead of downloading the whole dataset
+    text_column: str = "text"  # column that holds the documents
+    val_fraction: float = 0.05  # share held out for validation when there is no validation split
+    max_documents: int | None = None  # use at most this many documents per split; None: all
+    max_tokens: int | None = None  # stop tokenizing a split after this many tokens; None: all
+    cache_dir: str = "${oc.env:LMTRAIN_CACHE,'~/.cache/lmtrain'}"  # tokenized data and tokenizers
+
+
+class TokenizerKind(str, Enum):
+    bpe = "bpe"  # byte-level BPE trained on the training split
+    char = "char"  # one token per character seen in the training split
+    file = "file"  # a tokenizer.json file
+    pretrained = "pretrained"  # a tokenizer from the Hugging Face hub, by name
+
+
+@dataclass
+class TokenizerConfig:
+    kind: TokenizerKind = TokenizerKind.bpe
+    vocab_size: int = 4096  # bpe: target vocabulary size, special tokens included
+    min_frequency: int = 2  # bpe: a merge must occur this often
+    train_documents: int | None = 20000  # bpe/char: documents to train on; None: all
+    path: str | None = None  # file: path to a tokenizer.json
+    name: str | None = None  # pretrained: hub name, e.g. gpt2
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 autocast on CUDA, fp32 on CPU
+    fp32 = "fp32"
+    bf16 = "bf16"  # bf16 autocast; weights and optimizer state stay fp32
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 400  # optimizer steps; 0: train for `epochs` instead
+    epochs: int = 0  # full passes over the training tokens; used when max_steps is 0
+    batch_size: int = 32  # sequences per micro-batch
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    log_every: int = 10  # optimizer steps between log lines
+    eval_every: int = 100  # optimizer steps between validation passes (and one at the end)
+    eval_batches: int = 20  # micro-batches per validation pass
+    device: str = "auto"  # auto: cuda if available, else cpu; or cpu, cuda, cuda:1, ...
+    precision: Precision = Precision.auto
+    compile: bool | None = None  # torch.compile the model; None: on for CUDA, off on CPU
+    seed: int = 1337  # seeds data order, initialisation and dropout
+    num_workers: int = 0  # data loader worker processes; 0 loads in the training process
+    progress: bool | None = None  # live progress bar; None: only when stdout is a terminal
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def register_configs() -> None:
+    """Register the top-level schema; train.yaml lists it first in its defaults."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    """Convert Hydra's composed config to dataclasses, rejecting keys no schema knows, then check it."""
+    try:
+        # Re-merging the plain values into a fresh schema catches `+optimizer.lrr=1`, which Hydra
+        # accepts and OmegaConf.to_object would silently drop.
+        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.to_container(cfg, resolve=False))
+        out: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"{key}: {msg}" if key else msg) from None
+    validate(out)
+    return out
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks that span fields or need arithmetic; messages name the command-line key."""
+    m, t, o, s, d, tok = cfg.model, cfg.trainer, cfg.optimizer, cfg.scheduler, cfg.data, cfg.tokenizer
+    for key, value in [("model.d_model", m.d_model), ("model.n_heads", m.n_heads), ("model.n_layers", m.n_layers),
+                       ("model.d_ff", m.d_ff), ("model.block_size", m.block_size),
+                       ("trainer.batch_size", t.batch_size), ("trainer.grad_accum_steps", t.grad_accum_steps),
+                       ("trainer.log_every", t.log_every), ("trainer.eval_every", t.eval_every),
+                       ("trainer.eval_batches", t.eval_batches)]:
+        _check(value > 0, f"{key}={value} must be > 0")
+    _check(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+    head_dim = m.d_model // m.n_heads
+    if m.n_kv_heads is not None:
+        _check(m.n_kv_heads > 0 and m.n_heads % m.n_kv_heads == 0,
+               f"model.n_kv_heads={m.n_kv_heads} must be > 0 and divide model.n_heads={m.n_heads}")
+    if m.pos_emb == PosEmb.rope:
+        _check(head_dim % 2 == 0, f"model.pos_emb=rope needs an even head size, got d_model/n_heads={head_dim}")
+    if m.vocab_size is not None:
+        _check(m.vocab_size > 0, f"model.vocab_size={m.vocab_size} must be > 0 (or null for the tokenizer's size)")
+    _check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+    _check(o.lr > 0, f"optimizer.lr={o.lr} must be > 0")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+           f"optimizer.betas={o.betas} must be two numbers in [0, 1)")
+    _check(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
+    _check(s.warmup_steps >= 0, f"scheduler.warmup_steps={s.warmup_steps} must be >= 0")
+    _check(0 <= s.min_lr_ratio <= 1, f"scheduler.min_lr_ratio={s.min_lr_ratio} must be in [0, 1]")
+    _check(t.max_steps >= 0 and t.epochs >= 0, "trainer.max_steps and trainer.epochs must be >= 0")
+    _check(t.max_steps > 0 or t.epochs > 0, "set trainer.max_steps > 0 or trainer.epochs > 0 to say how long to train")
+    _check(t.grad_clip >= 0, f"trainer.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    _check(t.num_workers >= 0, f"trainer.num_workers={t.num_workers} must be >= 0")
+    _check(t.device == "auto" or t.device == "cpu" or t.device.startswith(("cuda", "mps")),
+           f"trainer.device={t.device!r} must be auto, cpu, cuda or cuda:N")
+    _check(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
+    if d.source == SourceKind.text_files:
+        _check(bool(d.train_files), "data.train_files is empty: give the text files to train on, "
+                                    "e.g. data.train_files=[corpus/*.txt]")
+    if d.source == SourceKind.hf:
+        _check(bool(d.path), "data.path is not set: name a Hugging Face dataset, e.g. data.path=roneneldan/TinyStories")
+    if tok.kind == TokenizerKind.bpe:
+        _check(tok.vocab_size >= 260, f"tokenizer.vocab_size={tok.vocab_size} must be >= 260 "
+                                      "(256 byte tokens plus specials)")
+    if tok.kind == TokenizerKind.file:
+        _check(bool(tok.path), "tokenizer.path is not set: give the tokenizer.json to use")
+    if tok.kind == TokenizerKind.pretrained:
+        _check(bool(tok.name), "tokenizer.name is not set: give a hub name, e.g. tokenizer.name=gpt2")
+
+
+def as_plain_dict(obj: Any) -> Any:
+    """A dataclass config as JSON-ready dicts and lists (enums become their values)."""
+    return OmegaConf.to_container(OmegaConf.structured(obj), resolve=True, enum_to_str=True)

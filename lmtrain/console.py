@@ -1,0 +1,63 @@
+"""The one terminal console: log lines and the live progress bar share it, so neither garbles the other.
+
+On a terminal, logs go through rich above a live bar; elsewhere (CI, pipes, SLURM logs) they are plain
+one-line records and there is no bar at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(highlight=False)
+
+
+class _PlainFormatter(logging.Formatter):
+    """`HH:MM:SS message`, with the level named only when it is a warning or worse."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        level = f"{record.levelname}: " if record.levelno >= logging.WARNING else ""
+        return f"[{self.formatTime(record, '%H:%M:%S')}] {level}{text}"
+
+
+def make_console_handler() -> logging.Handler:
+    """The stdout log handler; Hydra's job_logging config builds it with `(): lmtrain.console.make_console_handler`."""
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=False, markup=False,
+                                               rich_tracebacks=False, log_time_format="[%X]")
+    else:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(_PlainFormatter("%(message)s"))
+    # Only rank 0 talks; other ranks of a distributed run report problems only.
+    handler.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
+    return handler
+
+
+def wants_progress_bar(setting: bool | None) -> bool:
+    """A live bar on a terminal, none elsewhere, unless the config forces it."""
+    return console.is_terminal if setting is None else setting
+
+
+def progress_bar(enabled: bool) -> Progress:
+    """Step, loss, lr, tokens/s and ETA; a disabled bar draws nothing but accepts the same calls."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss [cyan]{task.fields[loss]}"),
+        TextColumn("lr {task.fields[lr]}"),
+        TextColumn("{task.fields[speed]} tok/s"),
+        TextColumn("MFU {task.fields[mfu]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+        transient=False,
+    )

@@ -1,0 +1,1 @@
+"""Data: sources of documents, tokenizers, the token cache and the batch loader."""

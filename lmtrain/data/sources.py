@@ -1,0 +1,171 @@
+"""Where documents come from: the built-in Python-stdlib corpus, local files, or a Hugging Face dataset.
+
+Every source yields `datasets` objects with one document per record in `cfg.text_column`, split into
+train and validation. `source_fingerprint` identifies a source without loading it, so a cached
+tokenization is found again without touching the network or reading the corpus.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from lmtrain.config import DataConfig, SourceKind
+from lmtrain.errors import DataError
+
+# Documents at or above this count are split by document; fewer (one long text, say) by the tail of the tokens.
+MIN_DOCS_FOR_DOCUMENT_SPLIT = 100
+
+_STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "idle_test", "test", "tests"}
+_EXTENSION_BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class Splits:
+    """Training and validation documents. `val` None means: hold out the tail of the training tokens."""
+
+    train: datasets.Dataset | datasets.IterableDataset
+    val: datasets.Dataset | datasets.IterableDataset | None
+    text_column: str
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's .py files, without its test suites and installed packages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS and not d.startswith("test"))
+        files += [Path(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
+    return files
+
+
+def _in_val(key: str, val_fraction: float) -> bool:
+    """Deterministic by-document split: a document's name hashes to a number in [0, 1)."""
+    h = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) / 16**8
+    return h < val_fraction
+
+
+def expand_files(patterns: list[str], key: str) -> list[Path]:
+    """Paths and globs to a sorted list of existing files; a pattern matching nothing is an error naming it."""
+    files: list[Path] = []
+    for pattern in patterns:
+        expanded = os.path.expanduser(pattern)
+        matches = sorted(glob.glob(expanded, recursive=True)) if glob.has_magic(expanded) else [expanded]
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            raise DataError(f"{key}: no file found at {pattern!r}")
+        files += [Path(m).resolve() for m in matches]
+    suffixes = {f.suffix.lower() for f in files}
+    unknown = suffixes - set(_EXTENSION_BUILDERS)
+    if unknown:
+        raise DataError(f"{key}: unsupported file type {sorted(unknown)}; use {sorted(_EXTENSION_BUILDERS)}")
+    if len({_EXTENSION_BUILDERS[s] for s in suffixes}) > 1:
+        raise DataError(f"{key}: mixes file types {sorted(suffixes)}; give one kind of file per list")
+    return files
+
+
+def source_fingerprint(cfg: DataConfig) -> str:
+    """Identifies the documents a config selects, from names, sizes and dates only."""
+    common = [cfg.text_column, cfg.val_fraction, cfg.max_documents]
+    if cfg.source == SourceKind.pystdlib:
+        files = stdlib_files()
+        return _digest(["pystdlib", sys.version, [(str(f), f.stat().st_size) for f in files], common])
+    if cfg.source == SourceKind.text_files:
+        listed = [[(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in expand_files(p, k)]
+                  for p, k in [(cfg.train_files, "data.train_files"), (cfg.val_files, "data.val_files")] if p]
+        return _digest(["text_files", listed, common])
+    return _digest(["hf", cfg.path, cfg.config_name, cfg.split, cfg.val_split, cfg.revision, common])
+
+
+def load_splits(cfg: DataConfig) -> Splits:
+    """Load the configured documents, check the text column, and split off validation."""
+    if cfg.source == SourceKind.pystdlib:
+        return _pystdlib_splits(cfg)
+    if cfg.source == SourceKind.text_files:
+        train = _load_files(expand_files(cfg.train_files, "data.train_files"))
+        val = _load_files(expand_files(cfg.val_files, "data.val_files")) if cfg.val_files else None
+    else:
+        train = _load_hf(cfg, cfg.split)
+        val = _load_hf(cfg, cfg.val_split) if cfg.val_split else None
+    for split_name, ds in [("train", train), ("validation", val)]:
+        if ds is not None:
+            _check_text_column(ds, cfg.text_column, split_name)
+    train = _limit(train, cfg.max_documents)
+    if val is None:
+        train, val = _split_by_document(train, cfg.val_fraction)
+    else:
+        val = _limit(val, cfg.max_documents)
+    return Splits(train=train, val=val, text_column=cfg.text_column)
+
+
+def _pystdlib_splits(cfg: DataConfig) -> Splits:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    records: dict[bool, dict[str, list[str]]] = {False: {"text": [], "path": []}, True: {"text": [], "path": []}}
+    for f in stdlib_files()[: cfg.max_documents]:
+        rel = str(f.relative_to(root))
+        side = records[_in_val(rel, cfg.val_fraction)]
+        side["text"].append(f.read_text(encoding="utf-8", errors="replace"))
+        side["path"].append(rel)
+    return Splits(datasets.Dataset.from_dict(records[False]), datasets.Dataset.from_dict(records[True]), "text")
+
+
+def _load_files(files: list[Path]) -> datasets.Dataset:
+    builder = _EXTENSION_BUILDERS[files[0].suffix.lower()]
+    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
+
+
+def _load_hf(cfg: DataConfig, split: str) -> datasets.Dataset | datasets.IterableDataset:
+    try:
+        return datasets.load_dataset(cfg.path, name=cfg.config_name, split=split, revision=cfg.revision,
+                                     streaming=cfg.streaming)
+    except Exception as e:  # the hub client raises many types (connection, not found, gated, offline)
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(
+            f"data.path={cfg.path!r} (split {split!r}) could not be loaded: {first_line}. "
+            "If this machine is offline, download the dataset elsewhere and point data.path at the local folder."
+        ) from None
+
+
+def _check_text_column(ds: datasets.Dataset | datasets.IterableDataset, column: str, split: str) -> None:
+    columns = ds.column_names
+    if columns is None:  # a streaming dataset learns its columns from the first record
+        first = next(iter(ds), None)
+        if first is None:
+            raise DataError(f"the {split} split is empty")
+        columns = list(first)
+    if column not in columns:
+        raise DataError(f"data.text_column={column!r} is not a column of the {split} split; its columns are {columns}")
+    if isinstance(ds, datasets.Dataset) and len(ds) == 0:
+        raise DataError(f"the {split} split is empty")
+
+
+def _limit(ds, max_documents: int | None):
+    if max_documents is None:
+        return ds
+    return ds.take(max_documents) if isinstance(ds, datasets.IterableDataset) else ds.select(
+        range(min(max_documents, len(ds))))
+
+
+def _split_by_document(ds, val_fraction: float):
+    """Hold out whole documents when there are many; otherwise (val None) the tail of the tokens."""
+    if isinstance(ds, datasets.IterableDataset):
+        every = max(2, round(1 / val_fraction))  # every k-th document: deterministic and needs no length
+        return (ds.filter(lambda _, i: i % every != 0, with_indices=True),
+                ds.filter(lambda _, i: i % every == 0, with_indices=True))
+    if len(ds) < MIN_DOCS_FOR_DOCUMENT_SPLIT:
+        return ds, None
+    parts = ds.train_test_split(test_size=val_fraction, seed=0, shuffle=True)
+    return parts["train"], parts["test"]

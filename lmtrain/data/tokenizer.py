@@ -1,0 +1,139 @@
+"""Tokenizers: byte-level BPE or characters trained on the training split, a tokenizer.json, or a hub tokenizer.
+
+All are `tokenizers.Tokenizer` objects saved as tokenizer.json, so a checkpoint carries a tokenizer that
+both lmtrain and Hugging Face's AutoTokenizer can read. Trained tokenizers are cached by a fingerprint
+of the data and the settings, so they are trained once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from lmtrain.config import TokenizerConfig, TokenizerKind
+from lmtrain.errors import ConfigError, DataError
+
+END_OF_TEXT = "<|endoftext|>"
+PAD = "<|pad|>"
+UNKNOWN = "<|unk|>"
+# Tokens that end a document, in order of preference, for tokenizers lmtrain did not train itself.
+_EOT_CANDIDATES = (END_OF_TEXT, "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>", "[SEP]")
+
+
+class TextTokenizer:
+    """A `tokenizers.Tokenizer` plus the end-of-text id that separates documents."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        eot = next((t for t in _EOT_CANDIDATES if tokenizer.token_to_id(t) is not None), None)
+        if eot is None:
+            raise DataError(f"the tokenizer has no end-of-text token; add one of {list(_EOT_CANDIDATES)}")
+        self.eot_token = eot
+        self.eot_id: int = tokenizer.token_to_id(eot)
+        self.unk_id: int | None = tokenizer.token_to_id(UNKNOWN)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # encode_batch_fast skips offset tracking, which tokenizing a corpus never needs.
+        return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        self.tokenizer.save(str(tmp))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> TextTokenizer:
+        try:
+            return cls(Tokenizer.from_file(str(path)))
+        except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+            raise DataError(f"cannot read tokenizer {path}: {e}") from None
+
+
+def tokenizer_fingerprint(cfg: TokenizerConfig, data_fingerprint: str) -> str:
+    """Trained tokenizers depend on the data; file and hub tokenizers only on what they name."""
+    if cfg.kind == TokenizerKind.file:
+        key = ["file", hashlib.sha256(_read_file(cfg.path)).hexdigest()]
+    elif cfg.kind == TokenizerKind.pretrained:
+        key = ["pretrained", cfg.name]
+    elif cfg.kind == TokenizerKind.char:
+        key = ["char", data_fingerprint, cfg.train_documents]
+    else:
+        key = ["bpe", data_fingerprint, cfg.vocab_size, cfg.min_frequency, cfg.train_documents]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def _read_file(path: str | None) -> bytes:
+    p = Path(os.path.expanduser(path or ""))
+    if not p.is_file():
+        raise ConfigError(f"tokenizer.path={path!r}: no such file")
+    return p.read_bytes()
+
+
+def get_tokenizer(cfg: TokenizerConfig, fingerprint: str, cache_root: Path,
+                  train_texts: Callable[[], Iterator[str]]) -> TextTokenizer:
+    """The tokenizer from the cache, or built (trained on `train_texts()` if it must be) and cached."""
+    path = cache_root / "tokenizers" / fingerprint / "tokenizer.json"
+    if path.is_file():
+        return TextTokenizer.load(path)
+    if cfg.kind == TokenizerKind.file:
+        tokenizer = TextTokenizer.load(Path(os.path.expanduser(cfg.path)))
+    elif cfg.kind == TokenizerKind.pretrained:
+        tokenizer = TextTokenizer(_from_hub(cfg.name))
+    elif cfg.kind == TokenizerKind.char:
+        tokenizer = TextTokenizer(train_char(train_texts()))
+    else:
+        tokenizer = TextTokenizer(train_bpe(train_texts(), cfg.vocab_size, cfg.min_frequency))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(path)
+    return tokenizer
+
+
+def _from_hub(name: str) -> Tokenizer:
+    try:
+        return Tokenizer.from_pretrained(name)
+    except Exception as e:  # offline, unknown name, gated repo: the hub client raises several types
+        raise ConfigError(
+            f"tokenizer.name={name!r} could not be fetched from the Hugging Face hub ({str(e).splitlines()[0]}). "
+            "Offline? Use tokenizer=file tokenizer.path=/path/to/tokenizer.json"
+        ) from None
+
+
+def train_bpe(texts: Iterator[str], vocab_size: int, min_frequency: int) -> Tokenizer:
+    """Byte-level BPE as in GPT-2: any byte sequence encodes, nothing is unknown."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[END_OF_TEXT, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def train_char(texts: Iterator[str]) -> Tokenizer:
+    """One token per distinct character of the training text (nanoGPT's shakespeare_char), plus specials."""
+    chars: set[str] = set()
+    for text in texts:
+        chars.update(text)
+    vocab = {tok: i for i, tok in enumerate([END_OF_TEXT, PAD, UNKNOWN] + sorted(chars))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNKNOWN))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()  # join characters without the spaces WordLevel would insert
+    tokenizer.add_special_tokens([END_OF_TEXT, PAD])
+    return tokenizer

@@ -1,0 +1,5 @@
+"""The transformer language model."""
+
+from lmtrain.model.gpt import GPT
+
+__all__ = ["GPT"]

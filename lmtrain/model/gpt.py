@@ -1,0 +1,206 @@
+"""A decoder-only transformer covering GPT-2 and Llama-style shapes, written to be read top to bottom.
+
+One `ModelConfig` picks the pieces: learned or rotary positions, LayerNorm or RMSNorm, a GELU or SwiGLU
+MLP, grouped-query attention (n_kv_heads < n_heads) and optional per-head query/key norm. Every block is
+pre-norm: x = x + attn(norm(x)); x = x + mlp(norm(x)).
+
+Weight layouts are chosen so an export to Hugging Face needs slicing, never permuting:
+- `attn.qkv` stacks the projections as [q (n_heads*hs) | k (n_kv_heads*hs) | v (n_kv_heads*hs)] rows,
+  the order of GPT-2's c_attn (transposed there, as it uses Conv1D) and of Llama's q/k/v_proj.
+- RoPE uses the "rotate-half" convention of HF Llama (`rotate_half`, `apply_rotary_pos_emb`): feature i
+  pairs with feature i + hs/2, not with its neighbour i + 1 as in Meta's original complex-number code.
+- Query head h attends with key/value head h // (n_heads / n_kv_heads), as HF's `repeat_kv`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from lmtrain.config import Mlp, ModelConfig, Norm, PosEmb
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.norm == Norm.rmsnorm:
+        return nn.RMSNorm(dim, eps=cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_cache(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotation angles, each (max_len, head_dim), in the rotate-half layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hs/2,)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hs): both halves of a pair share one angle
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each pair (x[i], x[i + hs/2]) of x (B, nh, T, hs) by its position's angle; cos, sin (T, hs)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)  # rotate_half
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.dropout = cfg.dropout
+        # one matmul for q, k and v; k and v are narrower under grouped-query attention
+        self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        # QK-norm: RMSNorm over each head's features keeps attention logits from growing without bound
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        B, T, C = x.shape
+        hs, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
+        q, k, v = self.qkv(x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.q_norm is not None:
+            # in float32: under autocast q and k arrive in bf16 while the norm weights stay float32
+            q, k = self.q_norm(q.float()).type_as(q), self.k_norm(k.float()).type_as(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if nkv != nh:
+            # Expand k, v to one head per query head. SDPA's enable_gqa=True would avoid the copy, but it
+            # needs torch>=2.5 and only the flash kernel supports it; other GPU kernels fall back to math.
+            k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, T, hs)
+            v = v.repeat_interleave(nh // nkv, dim=1)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    """GPT-2: proj(gelu(fc x)). Llama's SwiGLU: proj(silu(fc_gate x) * fc_up x), i.e. w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == Mlp.swiglu
+        if self.swiglu:
+            self.fc_gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+            self.fc_up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        else:
+            self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+            self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.swiglu:
+            h = F.silu(self.fc_gate(x)) * self.fc_up(x)  # (B, T, d_ff)
+        else:
+            h = self.gelu(self.fc(x))  # (B, T, d_ff)
+        return self.drop(self.proj(h))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = make_norm(cfg, cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp_norm = make_norm(cfg, cfg.d_model)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rope)
+        x = x + self.mlp(self.mlp_norm(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size is not set: take it from the tokenizer before building the model")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_emb == PosEmb.learned else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        self.norm_f = make_norm(cfg, cfg.d_model)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight  # one (V, C) matrix: reads tokens in, scores them out
+
+        if cfg.pos_emb == PosEmb.rope:
+            # Derived from the config, so kept out of the state_dict (persistent=False).
+            cos, sin = rope_cache(cfg.d_model // cfg.n_heads, cfg.block_size, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs)
+            self.register_buffer("rope_sin", sin, persistent=False)  # (block_size, hs)
+
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(number of such writes),
+        # so the stream's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        # LayerNorm and RMSNorm already start at weight 1, bias 0
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
+        """Logits (B, T, V) for token ids idx (B, T); or, given targets (B, T), the mean cross-entropy.
+
+        targets[b, t] is the token that should follow idx[b, t]: the caller shifts, the model does not.
+        Targets equal to -100 are ignored (F.cross_entropy's default ignore_index).
+        """
+        B, T = idx.shape
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} is longer than model.block_size={self.cfg.block_size}")
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(T, device=idx.device))  # (T, C) broadcast over B
+        x = self.drop(x)
+        rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.cfg.pos_emb == PosEmb.rope else None
+        for block in self.blocks:
+            x = block(x, rope)
+        x = self.norm_f(x)
+        logits = self.lm_head(x)  # (B, T, V), in the compute dtype
+        if targets is None:
+            return logits
+        # Softmax over a large vocabulary in float32; a no-op when logits already are (autocast upcasts too).
+        return F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(B * T))
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count, tied weights once. non_embedding leaves out the token and position tables
+        (with tied embeddings that also removes the LM head, which is the same matrix)."""
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields a shared tensor once
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+        return n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token (forward + backward): 6 * N + 12 * n_layers * d_model * block_size.
+
+        PaLM (Chowdhery et al. 2022), appendix B, as nanoGPT's estimate_mfu. N counts the weights that
+        take part in a matmul for every token: all parameters except the embedding lookups, but including
+        the LM head even when it is tied to the token embedding (norms and biases are counted too; they
+        are negligible). Each such weight costs 2 FLOPs forward and 4 backward. The second term is
+        attention's QK^T and AV matmuls over a full block_size context (not halved for the causal mask).
+        """
+        n = self.num_params(non_embedding=True)
+        if self.cfg.tie_embeddings:
+            n += self.lm_head.weight.numel()  # the head's matmul runs whether or not its weight is shared
+        c = self.cfg
+        return 6.0 * n + 12.0 * c.n_layers * c.d_model * c.block_size

@@ -1,0 +1,212 @@
+"""The training loop: step, accumulate, clip, evaluate, log, checkpoint. Orchestration only.
+
+The pieces it wires live elsewhere: tokens from lmtrain.data, the model from lmtrain.model, the
+optimizer and LR schedule from lmtrain.optim, files from lmtrain.checkpoint and lmtrain.metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmtrain.checkpoint import save_checkpoint
+from lmtrain.config import Precision, TrainConfig, as_plain_dict
+from lmtrain.console import console, progress_bar, wants_progress_bar
+from lmtrain.data.cache import TokenCache, prepare_tokens
+from lmtrain.data.loader import TrainLoader, eval_batches
+from lmtrain.errors import ConfigError
+from lmtrain.metrics import MetricsLog, Throughput, peak_flops, summary_table
+from lmtrain.model import GPT
+from lmtrain.optim import build_optimizer, lr_at, set_lr
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    train_loss: float
+    val_loss: float
+    seconds: float
+    checkpoint: Path
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={setting} but CUDA is not available here; use trainer.device=auto or cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def accumulate_gradients(forward, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                         autocast) -> torch.Tensor:
+    """Forward and backward each (input, target) micro-batch; returns their mean loss, detached.
+
+    Each loss is divided by the number of micro-batches, so the summed gradient equals the gradient
+    of the mean loss over the whole batch, as if it had been one batch k times larger.
+    """
+    total = torch.zeros((), device=device)
+    for x, y in micro_batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            loss = forward(x, y)
+        (loss / len(micro_batches)).backward()
+        total += loss.detach()
+    return total / len(micro_batches)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        t = cfg.trainer
+        self.device = pick_device(t.device)
+        self.bf16 = t.precision == Precision.bf16 or (t.precision == Precision.auto and self.device.type == "cuda")
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
+            torch.backends.cudnn.allow_tf32 = True
+        seed_everything(t.seed)
+
+        self.data: TokenCache = prepare_tokens(cfg.data, cfg.tokenizer)
+        self.tokenizer = self.data.tokenizer
+        vocab = cfg.model.vocab_size or self.tokenizer.vocab_size
+        if vocab < self.tokenizer.vocab_size:
+            raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {self.tokenizer.vocab_size}")
+        self.model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
+        self.model = GPT(self.model_cfg).to(self.device)
+        compile_model = t.compile if t.compile is not None else self.device.type == "cuda"
+        self.forward = torch.compile(self.model) if compile_model else self.model  # self.model stays unwrapped
+        self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
+
+        block = self.model_cfg.block_size
+        self.train_loader = TrainLoader(self.data.tokens("train"), block, t.batch_size, t.seed, t.num_workers,
+                                        pin_memory=self.device.type == "cuda")
+        self.val_batches = eval_batches(self.data.tokens("val"), block, t.batch_size, t.eval_batches)
+        per_epoch = max(1, self.train_loader.batches_per_epoch // t.grad_accum_steps)
+        self.total_steps = t.max_steps or t.epochs * per_epoch
+        self.tokens_per_step = t.batch_size * t.grad_accum_steps * block
+        self.flops_per_token = self.model.flops_per_token()
+        self.peak, self.peak_source = peak_flops(self.device, self.bf16)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.step = 0
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation batches."""
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for i in range(len(self.val_batches)):
+            x, y = (t.to(self.device) for t in self.val_batches[i])
+            with self.autocast():
+                total += self.forward(x, y).float()
+        self.model.train()
+        return (total / len(self.val_batches)).item()
+
+    def _record_eval(self) -> float:
+        val_loss = self.evaluate()
+        self.metrics.write({"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
+        log.info("Step %d, validation loss: %.4f, perplexity: %.2f", self.step, val_loss, math.exp(min(val_loss, 50)))
+        return val_loss
+
+    def _describe(self) -> None:
+        m, t = self.model_cfg, self.cfg.trainer
+        log.info("Model %s: %s parameters, %d layers, d_model %d, %d heads, block %d, vocab %s",
+                 m.name, f"{self.model.num_params():,}", m.n_layers, m.d_model, m.n_heads, m.block_size,
+                 f"{m.vocab_size:,}")
+        log.info("Training %d steps of %s tokens (batch %d x accumulation %d x block %d) on %s, %s%s",
+                 self.total_steps, f"{self.tokens_per_step:,}", t.batch_size, t.grad_accum_steps, m.block_size,
+                 self.device, "bf16 autocast" if self.bf16 else "fp32",
+                 ", compiled" if self.forward is not self.model else "")
+        log.info("Run directory: %s", self.run_dir)
+
+    def fit(self) -> TrainResult:
+        t = self.cfg.trainer
+        self._describe()
+        start = time.perf_counter()
+        batches = iter(self.train_loader)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        throughput = Throughput()
+        epoch_loss, epoch_steps = torch.zeros((), device=self.device), 0
+        train_loss = val_loss = float("nan")
+        fields = {"loss": "-", "lr": "-", "speed": "-", "mfu": "-"}
+        with progress_bar(wants_progress_bar(t.progress)) as bar:
+            task = bar.add_task("train", total=self.total_steps, **fields)
+            while self.step < self.total_steps:
+                lr = lr_at(self.step, self.total_steps, self.cfg.optimizer.lr, self.cfg.scheduler)
+                set_lr(self.optimizer, lr)
+                completed_epochs = self.train_loader.completed_epochs
+                micro_batches = [next(batches) for _ in range(t.grad_accum_steps)]
+                step_loss = accumulate_gradients(self.forward, micro_batches, self.device, self.autocast)
+                epoch_loss, epoch_steps = epoch_loss + step_loss, epoch_steps + 1
+                if self.train_loader.completed_epochs > completed_epochs:
+                    avg = (epoch_loss / epoch_steps).item()
+                    log.info("Epoch %d complete. Average loss: %.4f", completed_epochs, avg)
+                    self.metrics.write({"step": self.step + 1, "epoch": completed_epochs, "epoch_avg_loss": avg})
+                    epoch_loss, epoch_steps = torch.zeros((), device=self.device), 0
+                logging_step = (self.step + 1) % t.log_every == 0 or self.step + 1 == self.total_steps
+                if t.grad_clip > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+                elif logging_step:  # clipping is off, but the norm is still worth logging
+                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                throughput.add(self.tokens_per_step)
+
+                if logging_step:
+                    train_loss = step_loss.item()
+                    fields = self._log_step(train_loss, lr, float(grad_norm), throughput.rate())
+                if self.step % t.eval_every == 0 and self.step < self.total_steps:
+                    val_loss = self._record_eval()
+                bar.update(task, completed=self.step, **fields)
+        val_loss = self._record_eval()
+        final = save_checkpoint(self.run_dir / "checkpoints" / "final", self.model, self.checkpoint_config(),
+                                self.tokenizer)
+        self.metrics.close()
+        result = TrainResult(self.step, self.step * self.tokens_per_step, train_loss, val_loss,
+                             time.perf_counter() - start, final)
+        self._summarize(result)
+        return result
+
+    def _log_step(self, loss: float, lr: float, grad_norm: float, tokens_per_s: float) -> dict:
+        loader = self.train_loader.state
+        mfu = tokens_per_s * self.flops_per_token / self.peak
+        log.info("Epoch %d, Batch %d, Loss: %.4f, LR: %.2e, Tokens/s: %s, MFU: %.1f%%",
+                 loader.epoch, loader.batch, loss, lr, f"{tokens_per_s:,.0f}", 100 * mfu)
+        self.metrics.write({"step": self.step, "epoch": loader.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                            "tokens_per_s": tokens_per_s, "mfu": mfu, "tokens": self.step * self.tokens_per_step})
+        return {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "speed": f"{tokens_per_s:,.0f}", "mfu": f"{100 * mfu:.1f}%"}
+
+    def checkpoint_config(self) -> dict:
+        """The resolved run config as saved with checkpoints: vocab_size filled in from the tokenizer."""
+        return as_plain_dict(dataclasses.replace(self.cfg, model=self.model_cfg))
+
+    def _summarize(self, r: TrainResult) -> None:
+        rows = [("parameters", f"{self.model.num_params():,}"), ("steps", f"{r.steps:,}"),
+                ("tokens seen", f"{r.tokens:,}"), ("final train loss", f"{r.train_loss:.4f}"),
+                ("final validation loss", f"{r.val_loss:.4f} (perplexity {math.exp(min(r.val_loss, 50)):.2f})"),
+                ("wall time", f"{r.seconds:.1f} s"), ("throughput", f"{r.tokens / r.seconds:,.0f} tokens/s"),
+                ("MFU", f"{100 * r.tokens / r.seconds * self.flops_per_token / self.peak:.1f}% of {self.peak_source} "
+                        f"({self.peak / 1e12:.2f} TFLOP/s)"),
+                ("checkpoint", str(r.checkpoint))]
+        console.print(summary_table(rows))

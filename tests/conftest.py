@@ -1,0 +1,43 @@
+"""Shared fixtures: a private token cache, a small corpus on disk, and a runner for the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Small enough to train on in seconds, large enough for a by-document split.
+TINY_MODEL = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.block_size=16"]
+FAST_TRAIN = ["data.max_documents=150", "tokenizer.vocab_size=300", "trainer.batch_size=8", "trainer.eval_batches=2",
+              "trainer.log_every=1", "trainer.progress=false"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory) -> Path:
+    """Every test shares one token cache of its own: nothing read from or written to ~/.cache."""
+    cache = tmp_path_factory.mktemp("lmtrain-cache")
+    os.environ["LMTRAIN_CACHE"] = str(cache)
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return cache
+
+
+@pytest.fixture
+def corpus(tmp_path) -> dict[str, Path]:
+    """Plain-text train and validation files, and a jsonl file whose text sits under `content`."""
+    words = "the quick brown fox jumps over the lazy dog while a small bird sings in the old tree".split()
+    lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(400)]
+    train, val, jsonl = tmp_path / "train.txt", tmp_path / "val.txt", tmp_path / "docs.jsonl"
+    train.write_text("\n".join(lines[:360]) + "\n")
+    val.write_text("\n".join(lines[360:]) + "\n")
+    jsonl.write_text("".join(f'{{"content": "{line}"}}\n' for line in lines))
+    return {"train": train, "val": val, "jsonl": jsonl}
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
+    """Run `lmtrain ARGS` in a fresh process, as a user would; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, "-m", "lmtrain", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})

@@ -1,0 +1,88 @@
+"""Config composition and the errors a user sees for a bad config, in process and through the real CLI."""
+
+import pytest
+from conftest import run_cli
+from hydra import compose, initialize_config_module
+
+from lmtrain.config import register_configs, to_train_config
+from lmtrain.errors import ConfigError
+
+register_configs()
+
+
+def composed(*overrides: str):
+    with initialize_config_module(config_module="lmtrain.configs", version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def test_defaults_compose_into_the_schema():
+    cfg = to_train_config(composed())
+    assert cfg.model.name == "gpt_tiny" and cfg.data.source == "pystdlib" and cfg.tokenizer.kind == "bpe"
+    assert cfg.optimizer.lr == 3e-4 and cfg.optimizer.betas == [0.9, 0.999] and cfg.optimizer.weight_decay == 0.01
+    assert cfg.trainer.grad_clip == 1.0 and cfg.trainer.compile is None
+
+
+def test_overrides_and_group_choices_apply():
+    cfg = to_train_config(composed("model=gpt_small", "optimizer.lr=1e-3", "trainer.max_steps=2000"))
+    assert (cfg.model.d_model, cfg.model.n_heads, cfg.model.n_layers, cfg.model.d_ff) == (768, 12, 12, 3072)
+    assert cfg.optimizer.lr == 1e-3 and cfg.trainer.max_steps == 2000
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.d_model=100", "model.n_heads=12"], "model.d_model=100 must be divisible by model.n_heads=12"),
+    (["trainer.batch_size=0"], "trainer.batch_size=0 must be > 0"),
+    (["trainer.max_steps=0"], "set trainer.max_steps > 0 or trainer.epochs > 0"),
+    (["model.n_kv_heads=3"], "model.n_kv_heads=3 must be > 0 and divide model.n_heads=4"),
+    (["data=text_files"], "data.train_files is empty"),
+    (["+optimizer.lrr=1"], "lrr"),
+])
+def test_impossible_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("+", r"\+")):
+        to_train_config(composed(*overrides))
+
+
+def _assert_clean_failure(result, *fragments: str):
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Traceback" not in output, output
+    for fragment in fragments:
+        assert fragment in output, output
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    (["model=doesnotexist"], ["Could not find 'model/doesnotexist'", "gpt_small"]),
+    (["optimizer.lrr=1"], ["Key 'lrr' not in 'OptimizerConfig'"]),
+    (["trainer.batch_size=abc"], ["trainer.batch_size", "abc"]),
+    (["model.d_model=100", "model.n_heads=12"], ["model.d_model=100 must be divisible by model.n_heads=12"]),
+    (["model.norm=batchnorm"], ["Invalid value 'batchnorm'", "layernorm, rmsnorm"]),
+])
+def test_cli_reports_config_mistakes_without_a_traceback(tmp_path, overrides, fragments):
+    result = run_cli("train", *overrides, f"hydra.run.dir={tmp_path}/run")
+    _assert_clean_failure(result, *fragments)
+
+
+def test_cli_reports_a_missing_data_file(tmp_path):
+    result = run_cli("train", "data=text_files", f"data.train_files=[{tmp_path}/nope/*.txt]",
+                     f"hydra.run.dir={tmp_path}/run")
+    _assert_clean_failure(result, "data.train_files: no file found at", "nope/*.txt")
+    assert result.returncode == 2
+
+
+def test_cli_reports_a_missing_text_column(tmp_path, corpus):
+    result = run_cli("train", "data=text_files", f"data.train_files=[{corpus['jsonl']}]",
+                     f"hydra.run.dir={tmp_path}/run")
+    _assert_clean_failure(result, "data.text_column='text' is not a column", "['content']")
+
+
+def test_cli_help_lists_commands_and_groups():
+    top = run_cli("--help")
+    assert top.returncode == 0 and "train" in top.stdout
+    train_help = run_cli("train", "--help")
+    assert train_help.returncode == 0
+    for group in ("model: ", "optimizer: ", "data: ", "tokenizer: ", "trainer: ", "gpt_small"):
+        assert group in train_help.stdout, train_help.stdout
+
+
+def test_unknown_command_fails_with_usage():
+    result = run_cli("trian")
+    assert result.returncode == 2 and "unknown command 'trian'" in result.stderr

@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+import torch
+
+from lmtrain.data.loader import TrainLoader, block_starts, eval_batches, shift
+from lmtrain.errors import DataError
+
+
+def test_shift_pairs_each_token_with_the_next():
+    windows = torch.tensor([[10, 11, 12, 13], [20, 21, 22, 23]])
+    x, y = shift(windows)
+    assert x.tolist() == [[10, 11, 12], [20, 21, 22]]
+    assert y.tolist() == [[11, 12, 13], [21, 22, 23]]
+
+
+def test_batches_are_windows_of_the_token_stream():
+    tokens = np.arange(1000, dtype=np.uint16)
+    loader = TrainLoader(tokens, block_size=8, batch_size=4, seed=0)
+    x, y = next(iter(loader))
+    assert x.shape == y.shape == (4, 8) and x.dtype == torch.int64
+    for row_x, row_y in zip(x.tolist(), y.tolist(), strict=True):
+        assert row_x[0] % 8 == 0  # windows start on block boundaries
+        assert row_x == list(range(row_x[0], row_x[0] + 8))
+        assert row_y == [v + 1 for v in row_x]
+
+
+def test_an_epoch_visits_every_block_once_in_a_seeded_order():
+    tokens = np.arange(8 * 40 + 1, dtype=np.uint16)
+    loader = TrainLoader(tokens, block_size=8, batch_size=5, seed=3)
+    it = iter(loader)
+    firsts = [x[:, 0].tolist() for x, _ in (next(it) for _ in range(loader.batches_per_epoch))]
+    seen = sorted(v for batch in firsts for v in batch)
+    assert seen == list(range(0, 8 * 40, 8))
+    assert firsts != [sorted(b) for b in firsts] or firsts[0] != [0, 8, 16, 24, 32]  # shuffled
+    second_epoch = next(it)[0][:, 0].tolist()
+    assert loader.state.epoch == 1 and second_epoch != firsts[0]
+    same_seed = TrainLoader(tokens, block_size=8, batch_size=5, seed=3)
+    assert next(iter(same_seed))[0][:, 0].tolist() == firsts[0]
+
+
+def test_loader_resumes_exactly_from_its_state():
+    tokens = np.arange(4000, dtype=np.uint16)
+    reference = TrainLoader(tokens, block_size=16, batch_size=4, seed=1)
+    it = iter(reference)
+    expected = [next(it)[0] for _ in range(130)]  # crosses into a second epoch (62 batches per epoch)
+    first = TrainLoader(tokens, block_size=16, batch_size=4, seed=1)
+    it = iter(first)
+    for _ in range(70):
+        next(it)
+    resumed = TrainLoader(tokens, block_size=16, batch_size=4, seed=1)
+    resumed.load_state_dict(first.state_dict())
+    it = iter(resumed)
+    for i in range(70, 130):
+        assert torch.equal(next(it)[0], expected[i])
+
+
+def test_worker_processes_deliver_the_same_batches():
+    tokens = np.arange(3000, dtype=np.uint16)
+    plain = iter(TrainLoader(tokens, block_size=16, batch_size=4, seed=2))
+    workers = iter(TrainLoader(tokens, block_size=16, batch_size=4, seed=2, num_workers=2))
+    for _ in range(5):
+        assert torch.equal(next(plain)[0], next(workers)[0])
+
+
+def test_eval_batches_are_fixed_and_within_the_split():
+    tokens = np.arange(2000, dtype=np.uint16)
+    a, b = eval_batches(tokens, 16, 4, 3), eval_batches(tokens, 16, 4, 3)
+    assert len(a) == 3
+    assert all(torch.equal(a[i][0], b[i][0]) for i in range(3))
+
+
+def test_too_few_tokens_for_one_window_is_a_clear_error():
+    with pytest.raises(DataError, match="fewer than one window of model.block_size"):
+        block_starts(10, 16, "validation")
