@@ -132,7 +132,7 @@ class Precision(str, Enum):
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 400  # optimizer steps; 0: train for `epochs` instead
+    max_steps: int = 600  # optimizer steps; 0: train for `epochs` instead
     epochs: int = 0  # full passes over the training tokens; used when max_steps is 0
     batch_size: int = 32  # sequences per micro-batch
     grad_accum_steps: int = 1  # micro-batches per optimizer step

@@ -34,7 +34,7 @@ class CheckpointError(LmtrainError):
 
 
 def reports_user_errors(fn: F) -> F:
-    """Run a command; on an LmtrainError log `error: ...` and exit with USER_ERROR_EXIT.
+    """Run a command; on an LmtrainError log its message and exit with USER_ERROR_EXIT.
 
     HYDRA_FULL_ERROR=1 re-raises, so the whole traceback shows, as it does for Hydra's own errors.
     """
@@ -46,7 +46,7 @@ def reports_user_errors(fn: F) -> F:
         except LmtrainError as e:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            log.error("error: %s", e)
+            log.error("%s", e)
             sys.exit(USER_ERROR_EXIT)
 
     return wrapper  # type: ignore[return-value]

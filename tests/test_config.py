@@ -1,11 +1,16 @@
 """Config composition and the errors a user sees for a bad config, in process and through the real CLI."""
 
-import pytest
-from conftest import run_cli
-from hydra import compose, initialize_config_module
+from pathlib import Path
 
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+import lmtrain.configs
 from lmtrain.config import register_configs, to_train_config
 from lmtrain.errors import ConfigError
+
+from conftest import run_cli
 
 register_configs()
 
@@ -18,8 +23,13 @@ def composed(*overrides: str):
 def test_defaults_compose_into_the_schema():
     cfg = to_train_config(composed())
     assert cfg.model.name == "gpt_tiny" and cfg.data.source == "pystdlib" and cfg.tokenizer.kind == "bpe"
-    assert cfg.optimizer.lr == 3e-4 and cfg.optimizer.betas == [0.9, 0.999] and cfg.optimizer.weight_decay == 0.01
+    assert cfg.optimizer.lr == 2e-3 and cfg.optimizer.betas == [0.9, 0.999] and cfg.optimizer.weight_decay == 0.01
     assert cfg.trainer.grad_clip == 1.0 and cfg.trainer.compile is None
+
+
+def test_adamw_preset_holds_the_general_defaults():
+    preset = OmegaConf.load(Path(lmtrain.configs.__file__).parent / "optimizer" / "adamw.yaml")
+    assert preset.lr == 3e-4 and list(preset.betas) == [0.9, 0.999] and preset.weight_decay == 0.01
 
 
 def test_overrides_and_group_choices_apply():

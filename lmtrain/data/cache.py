@@ -74,31 +74,42 @@ def prepare_tokens(data_cfg: DataConfig, tok_cfg: TokenizerConfig,
     tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        _build(tmp, splits, tokenizer, data_cfg, tok_cfg, on_progress)
+        os.replace(tmp, final)
+    except OSError:
+        if not (final / "manifest.json").is_file():
+            raise
+        # another process finished the same cache first; theirs is as good as ours
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return TokenCache(final, json.loads((final / "manifest.json").read_text()), TextTokenizer.load(
+        final / "tokenizer.json"))
+
+
+def _build(folder: Path, splits: Splits, tokenizer: TextTokenizer, data_cfg: DataConfig, tok_cfg: TokenizerConfig,
+           on_progress: Callable[[str, int, int], None] | None) -> None:
+    """Write each split's tokens, the tokenizer, and last the manifest that marks the cache complete."""
     dtype = token_dtype(tokenizer.vocab_size)
     start = time.perf_counter()
     stats = {}
     for split, ds in [("train", splits.train), ("val", splits.val)]:
-        if ds is not None:
-            stats[split] = _write_split(ds, splits.text_column, tokenizer, dtype, tmp / f"{split}.bin",
-                                        data_cfg.max_tokens, lambda d, t, s=split: on_progress and on_progress(s, d, t))
+        if ds is None:
+            continue
+        report = (lambda d, t, s=split: on_progress(s, d, t)) if on_progress else (lambda d, t: None)
+        stats[split] = _write_split(ds, splits.text_column, tokenizer, dtype, folder / f"{split}.bin",
+                                    data_cfg.max_tokens, report)
+        if stats[split]["tokens"] <= 1:
+            raise DataError(f"the {split} split of data={data_cfg.name} has no text to train on")
     if splits.val is None:  # one long text (or a few): the last val_fraction of its tokens validate
-        stats["train"], stats["val"] = _split_tail(tmp, dtype, data_cfg.val_fraction, stats["train"]["documents"])
-    for split in ("train", "val"):
-        if stats[split]["tokens"] == 0:
-            raise DataError(f"the {split} split has no text to train on")
-    tokenizer.save(tmp / "tokenizer.json")
+        stats["train"], stats["val"] = _split_tail(folder, dtype, data_cfg.val_fraction, stats["train"])
+    tokenizer.save(folder / "tokenizer.json")
     manifest = {
         "format": CACHE_FORMAT, "dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
         "source": data_cfg.name, "tokenizer": tok_cfg.kind.value, "splits": stats,
         "seconds": round(time.perf_counter() - start, 2),
     }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    try:
-        os.replace(tmp, final)
-    except OSError:  # another process finished the same cache first; theirs is as good as ours
-        shutil.rmtree(tmp, ignore_errors=True)
-    return TokenCache(final, json.loads((final / "manifest.json").read_text()), TextTokenizer.load(
-        final / "tokenizer.json"))
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
 
 
 def _training_texts(splits: Splits, cfg: TokenizerConfig) -> Iterator[str]:
@@ -134,13 +145,15 @@ def _write_split(ds, column: str, tokenizer: TextTokenizer, dtype: np.dtype, pat
     return {"documents": documents, "tokens": tokens, "text_bytes": nbytes}
 
 
-def _split_tail(folder: Path, dtype: np.dtype, val_fraction: float, documents: int) -> tuple[dict, dict]:
+def _split_tail(folder: Path, dtype: np.dtype, val_fraction: float, train_stats: dict) -> tuple[dict, dict]:
     """Move the last val_fraction of train.bin's tokens into val.bin (nanoGPT's split of one long text)."""
     train_path = folder / "train.bin"
-    n = train_path.stat().st_size // dtype.itemsize
+    n = train_stats["tokens"]
     cut = n - max(1, int(n * val_fraction))
     tail = np.fromfile(train_path, dtype=dtype, offset=cut * dtype.itemsize)
     tail.tofile(folder / "val.bin")
     with open(train_path, "r+b") as f:
         f.truncate(cut * dtype.itemsize)
-    return {"documents": documents, "tokens": cut}, {"documents": 0, "tokens": len(tail)}
+    share = cut / n  # documents and bytes are counted in proportion: the cut falls inside a document
+    return ({**train_stats, "tokens": cut, "text_bytes": round(train_stats["text_bytes"] * share)},
+            {"documents": 0, "tokens": len(tail), "text_bytes": round(train_stats["text_bytes"] * (1 - share))})

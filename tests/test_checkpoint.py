@@ -1,0 +1,70 @@
+"""Checkpoints round-trip through safetensors and JSON, and refuse what does not fit, by name."""
+
+import json
+
+import pytest
+import torch
+
+from lmtrain.checkpoint import load_weights, read_config, save_checkpoint
+from lmtrain.config import ModelConfig
+from lmtrain.data.tokenizer import TextTokenizer, train_char
+from lmtrain.errors import CheckpointError
+from lmtrain.model import GPT
+
+
+def model(**kw) -> GPT:
+    torch.manual_seed(0)
+    return GPT(ModelConfig(**{"vocab_size": 20, "d_model": 16, "n_heads": 2, "n_layers": 2, "d_ff": 32,
+                              "block_size": 8, **kw}))
+
+
+@pytest.fixture
+def tokenizer() -> TextTokenizer:
+    return TextTokenizer(train_char(iter(["abcdef"])))
+
+
+def test_round_trip_restores_every_weight(tmp_path, tokenizer):
+    original = model()
+    path = save_checkpoint(tmp_path / "ckpt", original, {"model": {"d_model": 16}}, tokenizer)
+    assert sorted(p.name for p in path.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    restored = model()
+    torch.nn.init.zeros_(restored.tok_emb.weight)
+    load_weights(path, restored)
+    for (name, a), b in zip(original.state_dict().items(), restored.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert restored.lm_head.weight.data_ptr() == restored.tok_emb.weight.data_ptr()  # still tied
+    assert read_config(path) == {"model": {"d_model": 16}}
+    assert TextTokenizer.load(path / "tokenizer.json").vocab_size == tokenizer.vocab_size
+
+
+def test_saving_again_replaces_the_checkpoint_whole(tmp_path, tokenizer):
+    save_checkpoint(tmp_path / "ckpt", model(), {"version": 1}, tokenizer)
+    save_checkpoint(tmp_path / "ckpt", model(), {"version": 2}, tokenizer)
+    assert read_config(tmp_path / "ckpt") == {"version": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary folders left
+
+
+def test_another_shape_is_refused_with_names_and_shapes(tmp_path, tokenizer):
+    save_checkpoint(tmp_path / "ckpt", model(), {}, tokenizer)
+    with pytest.raises(CheckpointError, match=r"tok_emb.weight: checkpoint \(20, 16\) vs model \(20, 32\)"):
+        load_weights(tmp_path / "ckpt", model(d_model=32))
+    with pytest.raises(CheckpointError, match=r"missing blocks.2"):
+        load_weights(tmp_path / "ckpt", model(n_layers=3))
+
+
+def test_truncated_weights_name_the_file(tmp_path, tokenizer):
+    path = save_checkpoint(tmp_path / "ckpt", model(), {}, tokenizer)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="model.safetensors is corrupt or truncated"):
+        load_weights(path, model())
+
+
+def test_missing_or_corrupt_config_is_named(tmp_path, tokenizer):
+    with pytest.raises(CheckpointError, match="is not a checkpoint"):
+        read_config(tmp_path)
+    path = save_checkpoint(tmp_path / "ckpt", model(), {}, tokenizer)
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json is corrupt"):
+        read_config(path)
+    assert json.loads('{"ok": 1}')
