@@ -39,6 +39,14 @@ def make_console_handler() -> logging.Handler:
     return handler
 
 
+def quiet_libraries() -> None:
+    """Outside a terminal, the datasets library's own progress bars would only add noise to logs."""
+    if not console.is_terminal:
+        import datasets
+
+        datasets.disable_progress_bars()
+
+
 def wants_progress_bar(setting: bool | None) -> bool:
     """A live bar on a terminal, none elsewhere, unless the config forces it."""
     return console.is_terminal if setting is None else setting

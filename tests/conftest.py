@@ -9,6 +9,11 @@ from pathlib import Path
 
 import pytest
 
+# Tests never reach the Hugging Face hub. huggingface_hub reads these when first imported, so they are
+# set here, before any test module imports datasets.
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 # Small enough to train on in seconds, large enough for a by-document split.
 TINY_MODEL = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.block_size=16"]
 FAST_TRAIN = ["data.max_documents=150", "tokenizer.vocab_size=300", "trainer.batch_size=8", "trainer.eval_batches=2",
@@ -20,8 +25,6 @@ def private_cache(tmp_path_factory) -> Path:
     """Every test shares one token cache of its own: nothing read from or written to ~/.cache."""
     cache = tmp_path_factory.mktemp("lmtrain-cache")
     os.environ["LMTRAIN_CACHE"] = str(cache)
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["HF_HUB_OFFLINE"] = "1"
     return cache
 
 

@@ -115,3 +115,11 @@ def test_hub_dataset_offline_is_a_clear_error(tmp_path):
     cfg = DataConfig(source=SourceKind.hf, path="no-such-user/no-such-dataset", cache_dir=str(tmp_path))
     with pytest.raises(DataError, match="data.path='no-such-user/no-such-dataset'.*could not be loaded"):
         load_splits(cfg)
+
+
+def test_pretrained_tokenizer_offline_is_a_clear_error(tmp_path, corpus):
+    from lmtrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tokenizer.name='gpt2' could not be fetched from the Hugging Face hub"):
+        prepare_tokens(files_cfg(tmp_path, [corpus["train"]]), TokenizerConfig(kind=TokenizerKind.pretrained,
+                                                                                  name="gpt2"))
