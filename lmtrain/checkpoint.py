@@ -1,36 +1,129 @@
-"""Checkpoints: written atomically, read without unpickling anything.
+"""Checkpoint folders: written atomically, read without unpickling anything.
 
-A checkpoint is a folder: `model.safetensors` (weights), `config.json` (the resolved run config) and
-`tokenizer.json`. It is written into a temporary sibling folder, flushed, and renamed into place, so a
-crash at any moment leaves either the old checkpoint or the new one, never half of one.
+Every checkpoint folder holds `model.safetensors` (weights), `config.json` (the resolved run config) and
+`tokenizer.json`; a training checkpoint adds what resuming needs (lmtrain.train_state). A folder is
+written into a temporary sibling, each file flushed to disk, then renamed into place, so a crash at any
+moment leaves either the old folder or the new one, never half of one; `recover` tidies what such a
+crash leaves behind. Reading goes through safetensors and JSON only, and every failure names the file.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from lmtrain.data.tokenizer import TextTokenizer
 from lmtrain.errors import CheckpointError
 
+log = logging.getLogger(__name__)
+
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 
+# `.NAME.tmp123`: being written; `.NAME.old123`: being replaced; `.NAME.trash123`: being deleted (123: a pid).
+_SCRATCH = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old|trash)\d+")
 
-def _fsync_dir(path: Path) -> None:
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_folder(path: Path, write: Callable[[Path], None]) -> Path:
+    """Fill a temporary sibling of `path` with `write(tmp)`, flush it, and rename it to `path`, replacing
+    any folder there."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
+    old = path.with_name(f".{path.name}.old{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)  # a folder cannot be renamed over a non-empty one; `recover` undoes a crash here
+    os.replace(tmp, path)
+    _fsync(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def remove_folder(path: Path) -> None:
+    """Delete a folder; it leaves its name first, so a crash midway never leaves half of it under that name."""
+    trash = path.with_name(f".{path.name}.trash{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write a JSON file atomically: a reader sees the old content or the new, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, allow_nan=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def recover(folder: Path) -> None:
+    """Tidy what a crash during a save left in `folder`: a folder caught between being moved aside and
+    its successor arriving is put back; unfinished and half-deleted copies are removed."""
+    for p in Path(folder).glob(".*"):
+        m = _SCRATCH.fullmatch(p.name)
+        if m is None:
+            continue
+        target = p.with_name(m["name"])
+        if m["kind"] == "old" and not target.exists():
+            os.replace(p, target)
+            log.warning("Restored %s, which an interrupted save had moved aside", target)
+        elif p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def read_json(file: Path) -> dict:
+    try:
+        data = json.loads(Path(file).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is corrupt: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} is corrupt: expected a JSON object")
+    return data
+
+
+def read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors file's tensors and metadata. Anything else (a pickle, a torch.save archive, a
+    truncated or damaged file) is refused with the file's name; nothing in it is ever executed."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{file} is corrupt or truncated, or not a safetensors file: {e}") from None
+    return tensors, metadata
 
 
 def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -45,45 +138,35 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_checkpoint(path: Path, model: nn.Module, config: dict, tokenizer: TextTokenizer) -> Path:
-    """Write a checkpoint folder atomically; an existing one at `path` is replaced."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(model_tensors(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
-    (tmp / CONFIG).write_text(json.dumps(config, indent=2))
-    tokenizer.save(tmp / TOKENIZER)
-    for f in tmp.iterdir():
-        with open(f, "rb+") as fh:
-            os.fsync(fh.fileno())
-    old = path.with_name(f".{path.name}.old{os.getpid()}")
-    if path.exists():
-        os.replace(path, old)  # a folder cannot be renamed over a non-empty one
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
-    return path
+def save_checkpoint(path: Path, model: nn.Module, config: dict, tokenizer: TextTokenizer,
+                    extra: Callable[[Path], None] | None = None) -> Path:
+    """Write a checkpoint folder atomically, replacing one at `path`; `extra(folder)` adds more files."""
+
+    def write(folder: Path) -> None:
+        save_file(model_tensors(model), str(folder / WEIGHTS), metadata={"format": "pt"})
+        (folder / CONFIG).write_text(json.dumps(config, indent=2))
+        tokenizer.save(folder / TOKENIZER)
+        if extra is not None:
+            extra(folder)
+
+    return write_folder(path, write)
 
 
 def read_config(path: Path) -> dict:
-    try:
-        return json.loads((Path(path) / CONFIG).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is not a checkpoint: it has no {CONFIG}") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{Path(path) / CONFIG} is corrupt: {e}") from None
+    if not (Path(path) / CONFIG).is_file():
+        raise CheckpointError(f"{path} is not a checkpoint: it has no {CONFIG}")
+    return read_json(Path(path) / CONFIG)
 
 
-def load_weights(path: Path, model: nn.Module) -> None:
-    """Load model.safetensors into `model`, naming every missing, unexpected or mis-shaped tensor."""
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
     file = Path(path) / WEIGHTS
     if not file.is_file():
         raise CheckpointError(f"{path} is not a checkpoint: it has no {WEIGHTS}")
-    try:
-        tensors = load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{file} is corrupt or truncated: {e}") from None
+    return read_tensors(file)[0]
+
+
+def apply_weights(tensors: dict[str, torch.Tensor], model: nn.Module, file: Path) -> None:
+    """Copy weights into `model`, naming every missing, unexpected or mis-shaped tensor."""
     expected = model_tensors(model)
     problems = [f"missing {k} {tuple(v.shape)}" for k, v in expected.items() if k not in tensors]
     problems += [f"unexpected {k} {tuple(v.shape)}" for k, v in tensors.items() if k not in expected]
@@ -93,3 +176,8 @@ def load_weights(path: Path, model: nn.Module) -> None:
         listing = "; ".join(problems[:20]) + ("; ..." if len(problems) > 20 else "")
         raise CheckpointError(f"{file} does not fit this model ({len(problems)} mismatches): {listing}")
     model.load_state_dict(tensors, strict=False)  # strict=False: tied copies were not saved
+
+
+def load_weights(path: Path, model: nn.Module) -> None:
+    """Load a checkpoint folder's model.safetensors into `model`."""
+    apply_weights(read_weights(path), model, Path(path) / WEIGHTS)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -53,6 +54,7 @@ class ModelConfig:
     mlp: Mlp = Mlp.gelu  # gelu (GPT-2) or swiglu (Llama)
     qk_norm: bool = False  # normalize queries and keys per head before attention
     norm_eps: float = 1e-5  # epsilon of every norm layer
+    init_from: str | None = None  # checkpoint folder whose weights start the run (fresh optimizer, step 0)
 
 
 class OptimizerName(str, Enum):
@@ -146,6 +148,9 @@ class TrainerConfig:
     seed: int = 1337  # seeds data order, initialisation and dropout
     num_workers: int = 0  # data loader worker processes; 0 loads in the training process
     progress: bool | None = None  # live progress bar; None: only when stdout is a terminal
+    save_every: int = 200  # optimizer steps between checkpoints in checkpoints/step_N/; 0: only at the end
+    keep_last: int = 3  # step checkpoints kept, newest first; older ones are deleted; 0 keeps them all
+    resume: str | None = None  # None: start fresh; auto: continue this run dir's latest checkpoint; or a step folder
 
 
 @dataclass
@@ -212,6 +217,13 @@ def validate(cfg: TrainConfig) -> None:
     _check(t.max_steps > 0 or t.epochs > 0, "set trainer.max_steps > 0 or trainer.epochs > 0 to say how long to train")
     _check(t.grad_clip >= 0, f"trainer.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
     _check(t.num_workers >= 0, f"trainer.num_workers={t.num_workers} must be >= 0")
+    _check(t.save_every >= 0, f"trainer.save_every={t.save_every} must be >= 0 (0: save only at the end)")
+    _check(t.keep_last >= 0, f"trainer.keep_last={t.keep_last} must be >= 0 (0 keeps every checkpoint)")
+    if t.resume not in (None, "auto"):
+        _check(Path(t.resume).expanduser().is_dir(), f"trainer.resume={t.resume}: no such checkpoint folder; to "
+                                                     "continue a run, use trainer.resume=auto hydra.run.dir=RUN_DIR")
+    if m.init_from is not None:
+        _check(Path(m.init_from).expanduser().is_dir(), f"model.init_from={m.init_from}: no such checkpoint folder")
     _check(t.device == "auto" or t.device == "cpu" or t.device.startswith(("cuda", "mps")),
            f"trainer.device={t.device!r} must be auto, cpu, cuda or cuda:N")
     _check(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)")

@@ -54,6 +54,18 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def rewind(path: Path, size: int) -> int:
+    """Cut a metrics file back to its first `size` bytes (its length when a checkpoint was saved), so a
+    resumed run continues it without repeating steps; returns how many records were dropped."""
+    if not path.exists() or path.stat().st_size <= size:
+        return 0
+    with open(path, "rb+") as f:
+        f.seek(size)
+        dropped = f.read().count(b"\n")
+        f.truncate(size)  # one system call: a crash leaves the file whole or cut, never half-cut
+    return dropped
+
+
 class Throughput:
     """Tokens per second over the steps since the last call to `rate`."""
 

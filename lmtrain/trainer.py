@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmtrain.checkpoint import save_checkpoint
 from lmtrain.config import Precision, TrainConfig, as_plain_dict
 from lmtrain.console import console, progress_bar, wants_progress_bar
 from lmtrain.data.cache import TokenCache, prepare_tokens
@@ -27,6 +27,8 @@ from lmtrain.errors import ConfigError
 from lmtrain.metrics import MetricsLog, Throughput, peak_flops, summary_table
 from lmtrain.model import GPT
 from lmtrain.optim import build_optimizer, lr_at, set_lr
+from lmtrain.signals import StopSignals
+from lmtrain.train_state import Checkpointer
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class TrainResult:
     val_loss: float
     seconds: float
     checkpoint: Path
+    stopped_by: signal.Signals | None = None  # SIGINT or SIGTERM when the run stopped before its last step
 
 
 def pick_device(setting: str) -> torch.device:
@@ -71,6 +74,10 @@ def accumulate_gradients(forward, micro_batches: list[tuple[torch.Tensor, torch.
         (loss / len(micro_batches)).backward()
         total += loss.detach()
     return total / len(micro_batches)
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 class Trainer:
@@ -106,6 +113,13 @@ class Trainer:
         self.peak, self.peak_source = peak_flops(self.device, self.bf16)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.step = 0
+        self.epoch_loss, self.epoch_steps = torch.zeros((), device=self.device), 0  # sum of this epoch's step losses
+        self.val_loss, self.best_val_loss = float("nan"), float("inf")
+        self.saved: tuple[int, Path | None] = (-1, None)  # the step and folder of the last step checkpoint
+        self.checkpoints = Checkpointer(self.run_dir, t.keep_last, self.checkpoint_config(), self.tokenizer)
+        resumed = self.checkpoints.start(t.resume, cfg.model.init_from, self.model, self.optimizer, self.train_loader)
+        if resumed is not None:
+            self._restore(resumed)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
@@ -123,10 +137,38 @@ class Trainer:
         return (total / len(self.val_batches)).item()
 
     def _record_eval(self) -> float:
-        val_loss = self.evaluate()
+        val_loss = self.val_loss = self.evaluate()
         self.metrics.write({"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
         log.info("Step %d, validation loss: %.4f, perplexity: %.2f", self.step, val_loss, math.exp(min(val_loss, 50)))
+        if val_loss < self.best_val_loss:
+            self.best_val_loss = val_loss
+            self.checkpoints.save_best(self.model, self.step, val_loss)
         return val_loss
+
+    def _save(self) -> Path:
+        """A step checkpoint of everything a resume needs, the loop's own counters included."""
+        state = {"step": self.step, "total_steps": self.total_steps, "epoch": self.train_loader.state.epoch,
+                 "tokens": self.step * self.tokens_per_step, "epoch_loss_sum": self.epoch_loss.item(),
+                 "epoch_steps": self.epoch_steps, "val_loss": _finite_or_none(self.val_loss),
+                 "best_val_loss": _finite_or_none(self.best_val_loss)}
+        folder = self.checkpoints.save(self.model, self.optimizer, self.train_loader, state)
+        self.saved = (self.step, folder)
+        log.info("Saved checkpoint %s", folder)
+        return folder
+
+    def _restore(self, state: dict) -> None:
+        self.step, self.epoch_steps = state["step"], state.get("epoch_steps", 0)
+        self.epoch_loss = torch.tensor(state.get("epoch_loss_sum", 0.0), dtype=torch.float32, device=self.device)
+        self.val_loss = float("nan") if state.get("val_loss") is None else state["val_loss"]
+        self.best_val_loss = float("inf") if state.get("best_val_loss") is None else state["best_val_loss"]
+
+    def _stopped(self, received: signal.Signals, seconds: float) -> TrainResult:
+        saved = self.saved[1] if self.saved[0] == self.step else self._save()
+        log.warning("Stopped by %s at step %d of %d after %.1f s; %s holds all that resuming needs",
+                    received.name, self.step, self.total_steps, seconds, saved)
+        self.metrics.close()
+        return TrainResult(self.step, self.step * self.tokens_per_step, float("nan"), self.val_loss, seconds, saved,
+                           stopped_by=received)
 
     def _describe(self) -> None:
         m, t = self.model_cfg, self.cfg.trainer
@@ -146,23 +188,23 @@ class Trainer:
         batches = iter(self.train_loader)
         params = [p for p in self.model.parameters() if p.requires_grad]
         throughput = Throughput()
-        epoch_loss, epoch_steps = torch.zeros((), device=self.device), 0
-        train_loss = val_loss = float("nan")
+        train_loss = float("nan")
         fields = {"loss": "-", "lr": "-", "speed": "-", "mfu": "-"}
-        with progress_bar(wants_progress_bar(t.progress)) as bar:
-            task = bar.add_task("train", total=self.total_steps, **fields)
-            while self.step < self.total_steps:
+        finished = self.step >= self.total_steps  # resumed from the checkpoint a complete run saved last
+        with progress_bar(wants_progress_bar(t.progress)) as bar, StopSignals() as stop:
+            task = bar.add_task("train", total=self.total_steps, completed=self.step, **fields)
+            while self.step < self.total_steps and not stop.received:
                 lr = lr_at(self.step, self.total_steps, self.cfg.optimizer.lr, self.cfg.scheduler)
                 set_lr(self.optimizer, lr)
                 completed_epochs = self.train_loader.completed_epochs
                 micro_batches = [next(batches) for _ in range(t.grad_accum_steps)]
                 step_loss = accumulate_gradients(self.forward, micro_batches, self.device, self.autocast)
-                epoch_loss, epoch_steps = epoch_loss + step_loss, epoch_steps + 1
+                self.epoch_loss, self.epoch_steps = self.epoch_loss + step_loss, self.epoch_steps + 1
                 if self.train_loader.completed_epochs > completed_epochs:
-                    avg = (epoch_loss / epoch_steps).item()
+                    avg = (self.epoch_loss / self.epoch_steps).item()
                     log.info("Epoch %d complete. Average loss: %.4f", completed_epochs, avg)
                     self.metrics.write({"step": self.step + 1, "epoch": completed_epochs, "epoch_avg_loss": avg})
-                    epoch_loss, epoch_steps = torch.zeros((), device=self.device), 0
+                    self.epoch_loss, self.epoch_steps = torch.zeros((), device=self.device), 0
                 logging_step = (self.step + 1) % t.log_every == 0 or self.step + 1 == self.total_steps
                 if t.grad_clip > 0:
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
@@ -177,14 +219,21 @@ class Trainer:
                     train_loss = step_loss.item()
                     fields = self._log_step(train_loss, lr, float(grad_norm), throughput.rate())
                 if self.step % t.eval_every == 0 and self.step < self.total_steps:
-                    val_loss = self._record_eval()
+                    self._record_eval()
+                if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
+                    self._save()
                 bar.update(task, completed=self.step, **fields)
-        val_loss = self._record_eval()
-        final = save_checkpoint(self.run_dir / "checkpoints" / "final", self.model, self.checkpoint_config(),
-                                self.tokenizer)
+            if self.step < self.total_steps:
+                return self._stopped(stop.received, time.perf_counter() - start)
+            if finished:
+                log.info("This run finished at step %d already: nothing left to train", self.step)
+            else:
+                self._record_eval()
+                self.checkpoints.save_final(self.model)
+                self._save()  # last: a checkpoint at the final step means the whole run is done
         self.metrics.close()
-        result = TrainResult(self.step, self.step * self.tokens_per_step, train_loss, val_loss,
-                             time.perf_counter() - start, final)
+        result = TrainResult(self.step, self.step * self.tokens_per_step, train_loss, self.val_loss,
+                             time.perf_counter() - start, self.checkpoints.root / "final")
         self._summarize(result)
         return result
 

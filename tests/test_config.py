@@ -45,6 +45,11 @@ def test_overrides_and_group_choices_apply():
     (["model.n_kv_heads=3"], "model.n_kv_heads=3 must be > 0 and divide model.n_heads=4"),
     (["data=text_files"], "data.train_files is empty"),
     (["+optimizer.lrr=1"], "lrr"),
+    (["trainer.save_every=-1"], "trainer.save_every=-1 must be >= 0"),
+    (["trainer.keep_last=-2"], "trainer.keep_last=-2 must be >= 0"),
+    (["trainer.resume=/no/such/run"], "trainer.resume=/no/such/run: no such checkpoint folder; to continue a run, "
+                                      "use trainer.resume=auto hydra.run.dir=RUN_DIR"),
+    (["model.init_from=/no/such/ckpt"], "model.init_from=/no/such/ckpt: no such checkpoint folder"),
 ])
 def test_impossible_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("+", r"\+")):

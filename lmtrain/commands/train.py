@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import shlex
+import sys
 from pathlib import Path
 
 import hydra
@@ -13,6 +16,25 @@ from lmtrain.console import quiet_libraries
 from lmtrain.errors import reports_user_errors
 
 register_configs()
+log = logging.getLogger(__name__)
+
+# Exit status after a Ctrl-C, as a shell reports a process ended by SIGINT; a clean stop on a signal
+# exits with 128 + its number too (143 for SIGTERM), so `lmtrain train && next-step` never runs
+# next-step on a half-trained model.
+INTERRUPTED_EXIT = 130
+_CONFIG_OPTIONS = ("--config-dir", "-cd", "--config-name", "-cn")
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues this run: its config options and overrides, plus resume=auto and its run dir."""
+    argv, options = sys.argv[1:], []
+    for i, arg in enumerate(argv):
+        if arg in _CONFIG_OPTIONS and i + 1 < len(argv):
+            options += [arg, argv[i + 1]]
+        elif arg.startswith(tuple(f"{o}=" for o in _CONFIG_OPTIONS)):
+            options.append(arg)
+    overrides = [o for o in HydraConfig.get().overrides.task if o.split("=", 1)[0].lstrip("+~") != "trainer.resume"]
+    return shlex.join(["lmtrain", "train", *options, "trainer.resume=auto", f"hydra.run.dir={run_dir}", *overrides])
 
 
 @hydra.main(version_base="1.3", config_path="pkg://lmtrain.configs", config_name="train")
@@ -22,5 +44,13 @@ def main(cfg: DictConfig) -> float:
     quiet_libraries()
     from lmtrain.trainer import Trainer  # imported late: --help and config errors stay fast
 
-    result = Trainer(train_cfg, Path(HydraConfig.get().runtime.output_dir)).fit()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        result = Trainer(train_cfg, run_dir).fit()
+    except KeyboardInterrupt:
+        log.error("Interrupted. Continue from the last checkpoint saved with:\n  %s", resume_command(run_dir))
+        sys.exit(INTERRUPTED_EXIT)
+    if result.stopped_by is not None:
+        log.info("Continue this run with:\n  %s", resume_command(run_dir))
+        sys.exit(128 + result.stopped_by)
     return result.val_loss  # what a sweeper minimizes

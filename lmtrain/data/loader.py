@@ -8,6 +8,7 @@ comes next: it is all the state a resume needs.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -49,6 +50,13 @@ class EpochBatches(Dataset):
         return shift(windows)
 
 
+def _leave_stopping_to_main(worker_id: int) -> None:
+    """Workers ignore Ctrl-C and SIGTERM, which reach the whole process group or SLURM job: the main
+    process finishes its step, saves, and shuts the workers down itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 @dataclass
 class LoaderState:
     epoch: int = 0  # epochs completed
@@ -86,8 +94,11 @@ class TrainLoader:
             batches = EpochBatches(self.tokens, self.starts, self.epoch_order(self.state.epoch),
                                    self.block_size, self.batch_size)
             remaining = range(self.state.batch, len(batches))
+            # A generator of its own: DataLoader otherwise draws its worker seed from torch's global RNG,
+            # which would shift dropout's random numbers on a resume that restarts the iteration.
             loader = DataLoader(batches, batch_size=None, sampler=remaining, num_workers=self.num_workers,
-                                pin_memory=self.pin_memory)
+                                pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(self.seed),
+                                worker_init_fn=_leave_stopping_to_main if self.num_workers else None)
             for batch in loader:
                 self.state.batch += 1
                 yield batch

@@ -1,0 +1,290 @@
+"""What a run needs to continue exactly where it stopped, and the folders under RUN/checkpoints that hold it.
+
+    checkpoints/
+      step_000500/   model.safetensors, optimizer.safetensors, rng_state.safetensors, trainer_state.json,
+                     config.json, tokenizer.json: all that resuming needs
+      latest.json    {"step": 500, "folder": "step_000500"}, rewritten once the step folder is in place
+      best/          the weights with the lowest validation loss so far, and eval.json (its step and loss)
+      final/         the weights at the end of the run
+
+A step folder counts once latest.json names it: one newer than the pointer (a crash struck between the
+two) is ignored, and replaced when training reaches that step again. Resuming reads a whole checkpoint
+before changing anything, and `trainer.resume=auto` falls back to the previous step folder when the
+newest cannot be read. Optimizer and RNG states are tensors in safetensors files with their structure
+as JSON metadata; the loop's counters, the loader position and the length of metrics.jsonl are JSON.
+Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from lmtrain.checkpoint import (
+    WEIGHTS,
+    apply_weights,
+    load_weights,
+    read_config,
+    read_json,
+    read_tensors,
+    read_weights,
+    recover,
+    remove_folder,
+    save_checkpoint,
+    write_json,
+)
+from lmtrain.data.loader import TrainLoader
+from lmtrain.data.tokenizer import TextTokenizer
+from lmtrain.errors import CheckpointError
+from lmtrain.metrics import rewind
+
+log = logging.getLogger(__name__)
+
+OPTIMIZER = "optimizer.safetensors"
+RNG = "rng_state.safetensors"
+STATE = "trainer_state.json"
+LATEST = "latest.json"
+BEST_INFO = "eval.json"
+_STEP_FOLDER = re.compile(r"step_(\d+)")
+
+Tensors = tuple[dict[str, torch.Tensor], dict[str, str]]  # a safetensors file: tensors and string metadata
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> Tensors:
+    """The optimizer's state_dict as tensors named `state.<param index>.<key>`, the rest as JSON metadata."""
+    sd = optimizer.state_dict()
+    tensors, other = {}, {}
+    for index, values in sd["state"].items():
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                other.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": json.dumps(sd["param_groups"]), "other_state": json.dumps(other)}
+
+
+def load_optimizer_state(saved: Tensors, optimizer: torch.optim.Optimizer, file: Path) -> None:
+    """Put saved per-parameter state into an optimizer built from the current config; its hyperparameters
+    (lr, betas, weight decay) stay the config's."""
+    tensors, metadata = saved
+    try:
+        saved_groups, other = json.loads(metadata["param_groups"]), json.loads(metadata["other_state"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file} is corrupt: its optimizer structure is unreadable ({e})") from None
+    groups = optimizer.state_dict()["param_groups"]
+    saved_sizes, sizes = [len(g["params"]) for g in saved_groups], [len(g["params"]) for g in groups]
+    if saved_sizes != sizes:
+        raise CheckpointError(f"{file} does not fit this optimizer: parameter groups of sizes {saved_sizes} "
+                              f"in the checkpoint vs {sizes} here")
+    state: dict[int, dict] = {}
+    for name, tensor in tensors.items():
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = tensor
+    for index, values in other.items():
+        state.setdefault(int(index), {}).update(values)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state() -> Tensors:
+    """Python, NumPy, torch CPU and (when in use) CUDA random states."""
+    version, words, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    tensors = {"torch_cpu": torch.get_rng_state(), "python": torch.tensor(words, dtype=torch.int64),
+               "numpy": torch.from_numpy(np_state["state"]["key"].astype(np.int64))}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    scalars = {"python_version": version, "python_gauss": gauss, "numpy_pos": int(np_state["state"]["pos"]),
+               "numpy_has_gauss": int(np_state["has_gauss"]), "numpy_gauss": float(np_state["gauss"])}
+    return tensors, {"scalars": json.dumps(scalars)}
+
+
+def set_rng_state(saved: Tensors, file: Path) -> None:
+    tensors, metadata = saved
+    try:
+        s = json.loads(metadata["scalars"])
+        random.setstate((s["python_version"], tuple(tensors["python"].tolist()), s["python_gauss"]))
+        np.random.set_state({"bit_generator": "MT19937", "has_gauss": s["numpy_has_gauss"], "gauss": s["numpy_gauss"],
+                             "state": {"key": tensors["numpy"].numpy().astype(np.uint32), "pos": s["numpy_pos"]}})
+        torch.set_rng_state(tensors["torch_cpu"])
+    except (KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file} is corrupt: {type(e).__name__}: {e}") from None
+    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
+    if cuda and torch.cuda.is_available():
+        for i in range(min(len(cuda), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(cuda[i], i)
+
+
+@dataclass
+class TrainingCheckpoint:
+    """A step folder, read whole and checked for readability; nothing is applied until `apply`."""
+
+    folder: Path
+    state: dict  # trainer_state.json: the loop's counters, the loader position, the metrics.jsonl length
+    config: dict
+    weights: dict[str, torch.Tensor]
+    optimizer: Tensors
+    rng: Tensors
+
+    @classmethod
+    def read(cls, folder: Path) -> TrainingCheckpoint:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder} is missing")
+        if not (folder / STATE).exists() and (folder / WEIGHTS).exists():
+            raise CheckpointError(f"{folder} holds weights only, no training state to resume; to start from "
+                                  f"these weights with a fresh optimizer, use model.init_from={folder}")
+        state = read_json(folder / STATE)
+        if not isinstance(state.get("step"), int) or not isinstance(state.get("loader"), dict):
+            raise CheckpointError(f"{folder / STATE} is corrupt: it has no step or loader position")
+        return cls(folder, state, read_config(folder), read_weights(folder), read_tensors(folder / OPTIMIZER),
+                   read_tensors(folder / RNG))
+
+    def apply(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: TrainLoader) -> None:
+        apply_weights(self.weights, model, self.folder / WEIGHTS)
+        load_optimizer_state(self.optimizer, optimizer, self.folder / OPTIMIZER)
+        loader.load_state_dict(self.state["loader"])
+        set_rng_state(self.rng, self.folder / RNG)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+class Checkpointer:
+    """Saves a run's checkpoints under RUN/checkpoints, and restores the one `trainer.resume` names."""
+
+    def __init__(self, run_dir: Path, keep_last: int, config: dict, tokenizer: TextTokenizer):
+        self.root, self.metrics_file = Path(run_dir) / "checkpoints", Path(run_dir) / "metrics.jsonl"
+        self.keep_last, self.config, self.tokenizer = keep_last, config, tokenizer
+        if self.root.is_dir():
+            recover(self.root)
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: TrainLoader, state: dict) -> Path:
+        """A step checkpoint of the whole training state; `state` holds the loop's counters, `step` among them."""
+        step = state["step"]
+        size = self.metrics_file.stat().st_size if self.metrics_file.exists() else 0  # every record is flushed
+        state = {**state, "loader": loader.state_dict(), "metrics_bytes": size}
+
+        def extra(folder: Path) -> None:
+            opt_tensors, opt_meta = optimizer_state(optimizer)
+            save_file(opt_tensors, str(folder / OPTIMIZER), metadata={"format": "pt", **opt_meta})
+            rng_tensors, rng_meta = rng_state()
+            save_file(rng_tensors, str(folder / RNG), metadata={"format": "pt", **rng_meta})
+            (folder / STATE).write_text(json.dumps(state, indent=2))
+
+        folder = save_checkpoint(self.root / f"step_{step:06d}", model, self.config, self.tokenizer, extra)
+        write_json(self.root / LATEST, {"step": step, "folder": folder.name})
+        if self.keep_last > 0:
+            done = [f for s, f in self._step_folders() if s <= step]  # newest first
+            for old in done[self.keep_last:]:
+                remove_folder(old)
+        return folder
+
+    def save_best(self, model: nn.Module, step: int, val_loss: float) -> Path:
+        info = json.dumps({"step": step, "val_loss": val_loss})
+        return save_checkpoint(self.root / "best", model, self.config, self.tokenizer,
+                               lambda folder: (folder / BEST_INFO).write_text(info))
+
+    def save_final(self, model: nn.Module) -> Path:
+        return save_checkpoint(self.root / "final", model, self.config, self.tokenizer)
+
+    def start(self, resume: str | None, init_from: str | None, model: nn.Module, optimizer: torch.optim.Optimizer,
+              loader: TrainLoader) -> dict | None:
+        """Restore the training state `trainer.resume` names and return the loop's counters; or, with none to
+        restore, load `model.init_from`'s weights (if set) and return None: the run starts at step 0."""
+        if resume == "auto":
+            checkpoint = self._newest_readable()
+        elif resume is not None:
+            try:
+                checkpoint = TrainingCheckpoint.read(Path(resume).expanduser())
+            except CheckpointError as e:
+                raise CheckpointError(f"trainer.resume={resume}: {e}") from None
+        else:
+            checkpoint = None
+        if checkpoint is None:
+            if init_from is not None:
+                try:
+                    load_weights(Path(init_from).expanduser(), model)
+                except CheckpointError as e:
+                    raise CheckpointError(f"model.init_from={init_from}: {e}") from None
+                log.info("Initialized the weights from %s (model.init_from); the optimizer starts fresh", init_from)
+            return None
+        self._warn_about_changes(checkpoint.config)
+        checkpoint.apply(model, optimizer, loader)
+        step = checkpoint.state["step"]
+        if checkpoint.folder.resolve().parent == self.root.resolve():  # this run's own checkpoint
+            self._rewind_metrics(checkpoint.state["metrics_bytes"], f"after step {step}")
+        if init_from is not None:
+            log.info("model.init_from is not used: the weights come from the checkpoint being resumed")
+        log.info("Resuming from %s at step %d", checkpoint.folder, step)
+        return checkpoint.state
+
+    def _step_folders(self) -> list[tuple[int, Path]]:
+        """(step, folder) for every step folder, newest first."""
+        if not self.root.is_dir():
+            return []
+        found = [(int(m[1]), p) for p in self.root.iterdir() if (m := _STEP_FOLDER.fullmatch(p.name)) and p.is_dir()]
+        return sorted(found, reverse=True)
+
+    def _candidates(self) -> list[Path]:
+        """Step folders to try, newest first: the one latest.json names, then older ones."""
+        folders = self._step_folders()
+        pointer = self.root / LATEST
+        if not pointer.exists():
+            return [f for _, f in folders]
+        try:
+            newest = int(read_json(pointer)["step"])
+        except (CheckpointError, KeyError, TypeError, ValueError) as e:
+            log.warning("Ignoring %s (%s); trying the step folders newest first", pointer, e)
+            return [f for _, f in folders]
+        for step, folder in folders:
+            if step > newest:
+                log.info("Ignoring %s: its save never finished (latest.json names step %d)", folder.name, newest)
+        named = self.root / f"step_{newest:06d}"
+        return [named] + [f for step, f in folders if step < newest]
+
+    def _newest_readable(self) -> TrainingCheckpoint | None:
+        candidates = self._candidates()
+        if not candidates:
+            log.info("trainer.resume=auto: no checkpoint in %s yet; starting fresh", self.root)
+            self._rewind_metrics(0, "by an earlier attempt that saved no checkpoint")
+            return None
+        problems = []
+        for folder in candidates:
+            try:
+                checkpoint = TrainingCheckpoint.read(folder)
+            except CheckpointError as e:
+                log.warning("Cannot resume from %s: %s", folder.name, e)
+                problems.append(str(e))
+                continue
+            if problems:
+                log.warning("Falling back to %s, the newest checkpoint that reads whole", folder.name)
+            return checkpoint
+        raise CheckpointError(f"trainer.resume=auto: no checkpoint in {self.root} can be read: " + "; ".join(problems))
+
+    def _rewind_metrics(self, size: int, when: str) -> None:
+        """Drop metrics.jsonl records that the checkpoint does not account for, so the file reads as one run."""
+        if self.metrics_file.exists() and self.metrics_file.stat().st_size < size:
+            log.warning("%s is shorter than when the checkpoint was saved; appending to it as it is", self.metrics_file)
+        dropped = rewind(self.metrics_file, size)
+        if dropped:
+            log.info("Dropped %d records from %s, logged %s", dropped, self.metrics_file.name, when)
+
+    def _warn_about_changes(self, saved: dict) -> None:
+        old, new = _flatten(saved), _flatten(self.config)
+        changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+                   if old.get(k) != new.get(k) and k != "trainer.resume"]
+        if changed:
+            log.warning("Resuming with settings that differ from the checkpoint's: %s", "; ".join(changed))
