@@ -21,6 +21,7 @@ import json
 import logging
 import random
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,7 +174,7 @@ class Checkpointer:
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: TrainLoader, state: dict) -> Path:
         """A step checkpoint of the whole training state; `state` holds the loop's counters, `step` among them."""
-        step = state["step"]
+        step, start = state["step"], time.perf_counter()
         size = self.metrics_file.stat().st_size if self.metrics_file.exists() else 0  # every record is flushed
         state = {**state, "loader": loader.state_dict(), "metrics_bytes": size}
 
@@ -190,6 +191,7 @@ class Checkpointer:
             done = [f for s, f in self._step_folders() if s <= step]  # newest first
             for old in done[self.keep_last:]:
                 remove_folder(old)
+        log.info("Saved checkpoint %s in %.2f s", folder, time.perf_counter() - start)
         return folder
 
     def save_best(self, model: nn.Module, step: int, val_loss: float) -> Path:

@@ -153,7 +153,6 @@ class Trainer:
                  "best_val_loss": _finite_or_none(self.best_val_loss)}
         folder = self.checkpoints.save(self.model, self.optimizer, self.train_loader, state)
         self.saved = (self.step, folder)
-        log.info("Saved checkpoint %s", folder)
         return folder
 
     def _restore(self, state: dict) -> None:

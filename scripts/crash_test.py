@@ -4,12 +4,13 @@ ends exactly where an uninterrupted one does.
     python scripts/crash_test.py                 # 20 kills (about 4 minutes on 2 busy CPU cores)
     python scripts/crash_test.py --kills 2 --steps 40
 
-A tiny model trains on the built-in corpus, saving every few steps. Kills cycle through three kinds of
-moment: inside a save (the moment a temporary checkpoint folder appears, plus 0-3 ms), during training
-(0-1.5 s after the attempt's first step), and any time after the start (0-8 s: often during start-up or
-while resuming). After each kill the newest checkpoint must read whole; then `trainer.resume=auto`
-continues. At the end the final weights and every logged loss must equal the uninterrupted run's, bit
-for bit. Exits 0 when all of that holds.
+A tiny model trains on the built-in corpus, saving every 3 steps. Kills cycle through three kinds of
+moment: inside a save (when a temporary checkpoint folder appears, plus 0-3 ms); during start-up (a
+random time up to the uninterrupted run's start-up time: while importing, loading data or resuming);
+during training (after a random number of the attempt's steps, drawn so the run outlasts the kills, plus
+0-30 ms, so anywhere in a step). After each kill the newest checkpoint must read whole; then
+`trainer.resume=auto` continues. At the end the final weights and every logged loss must equal the
+uninterrupted run's, bit for bit. Exits 0 when all of that holds.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ SETTINGS = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.d_
             "trainer.eval_batches=2", "trainer.eval_every=10", "trainer.log_every=1", "trainer.progress=false",
             "trainer.save_every=3", "trainer.keep_last=2"]
 SCRATCH = re.compile(r"\..+\.(tmp|old|trash)\d+")
-KINDS = ["inside a save", "any time", "during training"]
+KINDS = ["inside a save", "during start-up", "during training"]
 
 
 def train_command(run_dir: Path, steps: int) -> list[str]:
@@ -51,18 +52,13 @@ def wait_until(condition, proc: subprocess.Popen, timeout: float = 120.0) -> Non
         time.sleep(0.0005)
 
 
-def scratch(root: Path) -> list[str]:
-    return [n for n in os.listdir(root) if SCRATCH.fullmatch(n)] if root.is_dir() else []
-
-
-def save_under_way(root: Path) -> bool:
-    """A save was cut short: a temporary folder or file, or a step folder newer than latest.json."""
-    if scratch(root):
-        return True
-    if not (root / "latest.json").exists():
-        return any(p.name.startswith("step_") for p in root.iterdir()) if root.is_dir() else False
-    newest = read_json(root / "latest.json")["step"]
-    return any(int(p.name[5:]) > newest for p in root.iterdir() if p.name.startswith("step_"))
+def unfinished(root: Path) -> set[str]:
+    """What cut-short saves leave: temporary folders and files, and step folders newer than latest.json."""
+    if not root.is_dir():
+        return set()
+    names = os.listdir(root)
+    newest = read_json(root / "latest.json")["step"] if "latest.json" in names else -1
+    return {n for n in names if SCRATCH.fullmatch(n) or n.startswith("step_") and int(n[5:]) > newest}
 
 
 def newest_checkpoint_reads(root: Path) -> bool | None:
@@ -88,22 +84,29 @@ def same_weights(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def run_attempt(command: list[str], env: dict, log_path: Path, root: Path, kind: str | None,
-                rng: random.Random) -> int:
-    """Start training; SIGKILL it at a moment of the given kind (None: let it finish); its exit status."""
+def wait_for_moment(kind: str, proc: subprocess.Popen, rng: random.Random, root: Path, log_path: Path,
+                    startup: float, max_steps: int) -> None:
+    """Block until a random moment of the given kind in the attempt's life."""
+    if kind == "inside a save":
+        before = unfinished(root)  # left by the previous kill, until this attempt tidies them
+        wait_until(lambda: bool(unfinished(root) - before), proc)
+        time.sleep(rng.uniform(0, 0.003))
+    elif kind == "during start-up":
+        time.sleep(rng.uniform(0, startup))
+    else:
+        steps = rng.randint(1, max_steps)
+        wait_until(lambda: log_path.read_text().count("Batch ") >= steps, proc)
+        time.sleep(rng.uniform(0, 0.03))
+
+
+def start_up_time(command: list[str], env: dict, log_path: Path) -> tuple[int, float]:
+    """Run to the end; its exit status, and the seconds from its start to its first logged step."""
+    started = time.monotonic()
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-        if kind == "inside a save":
-            wait_until(lambda: bool(scratch(root)), proc)
-            time.sleep(rng.uniform(0, 0.003))
-        elif kind == "during training":
-            wait_until(lambda: "Batch " in log_path.read_text(), proc)
-            time.sleep(rng.uniform(0, 1.5))
-        elif kind == "any time":
-            time.sleep(rng.uniform(0, 8.0))
-        if kind is not None and proc.poll() is None:
-            proc.kill()
-        return proc.wait()
+        wait_until(lambda: "Batch " in log_path.read_text(), proc)
+        first_step = time.monotonic() - started
+        return proc.wait(), first_step
 
 
 def main() -> int:
@@ -114,16 +117,17 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="where the runs go (default: a temporary folder)")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lmtrain-crash-"))
+    work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model gains nothing from threads on a shared CPU
 
     print(f"Runs in {work}; {args.steps} steps, saving every 3")
     start = time.monotonic()
-    reference = subprocess.run(train_command(work / "reference", args.steps), env=env, capture_output=True, text=True)
-    if reference.returncode != 0:
-        print(reference.stdout + reference.stderr)
+    rc, startup = start_up_time(train_command(work / "reference", args.steps), env, work / "reference.log")
+    if rc != 0:
+        print((work / "reference.log").read_text())
         return 1
-    print(f"Uninterrupted run: {time.monotonic() - start:.1f} s")
+    print(f"Uninterrupted run: {time.monotonic() - start:.1f} s, {startup:.1f} s of it before the first step")
 
     crashed, root = work / "crashed", work / "crashed" / "checkpoints"
     counts = {kind: 0 for kind in KINDS}
@@ -133,14 +137,24 @@ def main() -> int:
         attempt += 1
         log_path = work / f"attempt_{attempt:02d}.log"
         kind = KINDS[(attempt - 1) % len(KINDS)] if kills < args.kills else None
-        rc = run_attempt(train_command(crashed, args.steps), env, log_path, root, kind, rng)
+        done = read_json(root / "latest.json")["step"] if (root / "latest.json").exists() else 0
+        max_steps = max(1, 2 * (args.steps - done) // (args.kills - kills + 1))  # leave steps for the later kills
+        before = unfinished(root)
+        with open(log_path, "w") as log_file:
+            proc = subprocess.Popen(train_command(crashed, args.steps), env=env, stdout=log_file,
+                                    stderr=subprocess.STDOUT)
+            if kind is not None:
+                wait_for_moment(kind, proc, rng, root, log_path, startup, max_steps)
+                if proc.poll() is None:
+                    proc.kill()
+            rc = proc.wait()
         text = log_path.read_text()
         if re.search(r"Resuming from \S+ at step \d+", text):
             resumed += 1
         if rc == -9:
             kills += 1
             counts[kind] += 1
-            landed_in_save = save_under_way(root)
+            landed_in_save = bool(unfinished(root) - before)
             inside_save += landed_in_save
             reads = newest_checkpoint_reads(root)
             whole += reads is not False
