@@ -14,6 +14,9 @@ import sys
 # command -> (module with a `main` Hydra app, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lmtrain.commands.train", "train a language model (Hydra overrides after the command)"),
+    "generate": ("lmtrain.commands.generate", "continue prompts with a trained model, streaming the text"),
+    "eval": ("lmtrain.commands.eval", "loss, perplexity and bits per byte of a trained model on a data split"),
+    "export": ("lmtrain.commands.export", "write a checkpoint as a Hugging Face transformers model folder"),
 }
 
 USAGE = "usage: lmtrain <command> [hydra overrides | --help | --cfg job | -m ...]"

@@ -8,14 +8,15 @@ checks that involve more than one field.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from lmtrain.errors import ConfigError
 
@@ -151,6 +152,9 @@ class TrainerConfig:
     save_every: int = 200  # optimizer steps between checkpoints in checkpoints/step_N/; 0: only at the end
     keep_last: int = 3  # step checkpoints kept, newest first; older ones are deleted; 0 keeps them all
     resume: str | None = None  # None: start fresh; auto: continue this run dir's latest checkpoint; or a step folder
+    sample_every: int = 0  # optimizer steps between text samples in the log and metrics.jsonl; 0 disables
+    sample_prompts: list[str] = field(default_factory=lambda: [""])  # prompts to continue; "" starts a document
+    sample_tokens: int = 64  # most new tokens per sample
 
 
 @dataclass
@@ -163,24 +167,87 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
+# --- Using a trained model: `lmtrain generate`, `lmtrain eval`, `lmtrain export` ---------------------------
+
+@dataclass
+class GenerateConfig:
+    checkpoint: str = MISSING  # a checkpoint folder, or a run directory: its best, else latest, else final checkpoint
+    prompt: str = ""  # text to continue; "" starts a new document
+    prompt_file: str | None = None  # read the prompt from this file instead
+    interactive: bool = False  # read prompts from stdin, one a line, until end of input
+    max_new_tokens: int = 200  # most tokens to generate per sample (the context limit may stop it sooner)
+    temperature: float = 0.8  # divides the logits; 0: greedy, always the most likely token
+    top_k: int = 0  # draw only from the k most likely tokens; 0: no limit
+    top_p: float = 1.0  # draw only from the smallest set of tokens whose probability reaches top_p; 1: no limit
+    seed: int = 0  # seeds the draws: the same seed and settings give the same text
+    num_samples: int = 1  # samples per prompt
+    device: str = "auto"  # auto: cuda if available, else cpu; or cpu, cuda, cuda:1, ...
+
+
+class EvalSplit(str, Enum):
+    train = "train"
+    val = "val"
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = MISSING  # a checkpoint folder, or a run directory: its best, else latest, else final checkpoint
+    data: DataConfig | None = None  # data=NAME to evaluate on; None: the checkpoint's own training data
+    split: EvalSplit = EvalSplit.val  # which split of the data
+    max_tokens: int | None = None  # score at most this many tokens, from the split's start; None: all
+    batch_size: int = 8  # windows of model.block_size tokens per forward
+    out: str = "eval.json"  # where the results are written as JSON
+    device: str = "auto"  # auto: cuda if available, else cpu; or cpu, cuda, cuda:1, ...
+    precision: Precision = Precision.fp32  # fp32 (the default, exact), bf16 autocast, or auto: bf16 on CUDA
+    progress: bool | None = None  # live progress bar; None: only when stdout is a terminal
+
+
+class ExportFormat(str, Enum):
+    hf = "hf"  # Hugging Face transformers: GPT2LMHeadModel or LlamaForCausalLM, with its tokenizer
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: str = MISSING  # a checkpoint folder, or a run directory: its best, else latest, else final checkpoint
+    format: ExportFormat = ExportFormat.hf
+    out: str = MISSING  # the folder to write
+    overwrite: bool = False  # replace `out` if it exists
+
+
 def register_configs() -> None:
-    """Register the top-level schema; train.yaml lists it first in its defaults."""
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    """Register each command's top-level schema; its YAML lists it first in its defaults."""
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    store.store(name="generate_schema", node=GenerateConfig)
+    store.store(name="eval_schema", node=EvalConfig)
+    store.store(name="export_schema", node=ExportConfig)
 
 
-def to_train_config(cfg: DictConfig) -> TrainConfig:
-    """Convert Hydra's composed config to dataclasses, rejecting keys no schema knows, then check it."""
+Schema = TypeVar("Schema")
+
+
+def to_config(cfg: DictConfig | dict, schema: type[Schema]) -> Schema:
+    """Hydra's composed config (or plain values) as the schema's dataclass, rejecting keys it does not know,
+    then checked by the schema's cross-field checks (CHECKS), if it has any."""
     try:
         # Re-merging the plain values into a fresh schema catches `+optimizer.lrr=1`, which Hydra
         # accepts and OmegaConf.to_object would silently drop.
-        merged = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.to_container(cfg, resolve=False))
-        out: TrainConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+        values = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=False)
+        out = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{e.full_key} is not set: give {e.full_key}=...") from None
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         msg = str(e).splitlines()[0]
         raise ConfigError(f"{key}: {msg}" if key else msg) from None
-    validate(out)
-    return out
+    if schema in CHECKS:
+        CHECKS[schema](out)
+    return out  # type: ignore[return-value]
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    """Convert Hydra's composed config to dataclasses, rejecting keys no schema knows, then check it."""
+    return to_config(cfg, TrainConfig)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -224,14 +291,10 @@ def validate(cfg: TrainConfig) -> None:
                                                      "continue a run, use trainer.resume=auto hydra.run.dir=RUN_DIR")
     if m.init_from is not None:
         _check(Path(m.init_from).expanduser().is_dir(), f"model.init_from={m.init_from}: no such checkpoint folder")
-    _check(t.device == "auto" or t.device == "cpu" or t.device.startswith(("cuda", "mps")),
-           f"trainer.device={t.device!r} must be auto, cpu, cuda or cuda:N")
-    _check(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
-    if d.source == SourceKind.text_files:
-        _check(bool(d.train_files), "data.train_files is empty: give the text files to train on, "
-                                    "e.g. data.train_files=[corpus/*.txt]")
-    if d.source == SourceKind.hf:
-        _check(bool(d.path), "data.path is not set: name a Hugging Face dataset, e.g. data.path=roneneldan/TinyStories")
+    _check_device("trainer.device", t.device)
+    _check(t.sample_every >= 0, f"trainer.sample_every={t.sample_every} must be >= 0 (0 disables samples)")
+    _check(t.sample_tokens > 0, f"trainer.sample_tokens={t.sample_tokens} must be > 0")
+    validate_data(d)
     if tok.kind == TokenizerKind.bpe:
         _check(tok.vocab_size >= 260, f"tokenizer.vocab_size={tok.vocab_size} must be >= 260 "
                                       "(256 byte tokens plus specials)")
@@ -244,3 +307,44 @@ def validate(cfg: TrainConfig) -> None:
 def as_plain_dict(obj: Any) -> Any:
     """A dataclass config as JSON-ready dicts and lists (enums become their values)."""
     return OmegaConf.to_container(OmegaConf.structured(obj), resolve=True, enum_to_str=True)
+
+
+def validate_data(d: DataConfig) -> None:
+    _check(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
+    if d.source == SourceKind.text_files:
+        _check(bool(d.train_files), "data.train_files is empty: give the text files to train on, "
+                                    "e.g. data.train_files=[corpus/*.txt]")
+    if d.source == SourceKind.hf:
+        _check(bool(d.path), "data.path is not set: name a Hugging Face dataset, e.g. data.path=roneneldan/TinyStories")
+
+
+def _check_device(key: str, value: str) -> None:
+    _check(value == "auto" or value == "cpu" or value.startswith(("cuda", "mps")),
+           f"{key}={value!r} must be auto, cpu, cuda or cuda:N")
+
+
+def validate_generate(cfg: GenerateConfig) -> None:
+    _check(cfg.max_new_tokens > 0, f"max_new_tokens={cfg.max_new_tokens} must be > 0")
+    _check(cfg.temperature >= 0, f"temperature={cfg.temperature} must be >= 0 (0: greedy)")
+    _check(cfg.top_k >= 0, f"top_k={cfg.top_k} must be >= 0 (0: no limit)")
+    _check(0 < cfg.top_p <= 1, f"top_p={cfg.top_p} must be in (0, 1] (1: no limit)")
+    _check(cfg.num_samples > 0, f"num_samples={cfg.num_samples} must be > 0")
+    sources = [k for k, given in [("prompt", cfg.prompt != ""), ("prompt_file", cfg.prompt_file is not None),
+                                  ("interactive", cfg.interactive)] if given]
+    _check(len(sources) <= 1, f"{' and '.join(sources)} are set together: give the prompt one way")
+    _check_device("device", cfg.device)
+
+
+def validate_eval(cfg: EvalConfig) -> None:
+    _check(cfg.batch_size > 0, f"batch_size={cfg.batch_size} must be > 0")
+    if cfg.max_tokens is not None:
+        _check(cfg.max_tokens > 0, f"max_tokens={cfg.max_tokens} must be > 0 (or null for the whole split)")
+    _check(bool(cfg.out), "out is empty: name the JSON file to write, e.g. out=eval.json")
+    if cfg.data is not None:
+        validate_data(cfg.data)
+    _check_device("device", cfg.device)
+
+
+# The cross-field checks to_config runs for each schema.
+CHECKS: dict[type, Callable[[Any], None]] = {TrainConfig: validate, DataConfig: validate_data,
+                                            GenerateConfig: validate_generate, EvalConfig: validate_eval}

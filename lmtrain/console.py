@@ -15,6 +15,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)  # for commands whose stdout is their output (generate)
 
 
 class _PlainFormatter(logging.Formatter):
@@ -26,13 +27,17 @@ class _PlainFormatter(logging.Formatter):
         return f"[{self.formatTime(record, '%H:%M:%S')}] {level}{text}"
 
 
-def make_console_handler() -> logging.Handler:
-    """The stdout log handler; Hydra's job_logging config builds it with `(): lmtrain.console.make_console_handler`."""
-    if console.is_terminal:
-        handler: logging.Handler = RichHandler(console=console, show_path=False, markup=False,
+def make_console_handler(stderr: bool = False) -> logging.Handler:
+    """The terminal log handler; Hydra's job_logging config builds it with `(): lmtrain.console.make_console_handler`.
+
+    stderr: log there, leaving stdout to a command's output (`lmtrain generate > out.txt` keeps only the text).
+    """
+    target = err_console if stderr else console
+    if target.is_terminal:
+        handler: logging.Handler = RichHandler(console=target, show_path=False, markup=False,
                                                rich_tracebacks=False, log_time_format="[%X]")
     else:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = logging.StreamHandler(sys.stderr if stderr else sys.stdout)
         handler.setFormatter(_PlainFormatter("%(message)s"))
     # Only rank 0 talks; other ranks of a distributed run report problems only.
     handler.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
@@ -47,9 +52,9 @@ def quiet_libraries() -> None:
         datasets.disable_progress_bars()
 
 
-def wants_progress_bar(setting: bool | None) -> bool:
+def wants_progress_bar(setting: bool | None, target: Console = console) -> bool:
     """A live bar on a terminal, none elsewhere, unless the config forces it."""
-    return console.is_terminal if setting is None else setting
+    return target.is_terminal if setting is None else setting
 
 
 def progress_bar(enabled: bool) -> Progress:
@@ -69,3 +74,10 @@ def progress_bar(enabled: bool) -> Progress:
         disable=not enabled,
         transient=False,
     )
+
+
+def count_bar(enabled: bool) -> Progress:
+    """A plain bar for work counted in items (evaluation windows), on stderr beside the commands' log lines."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console,
+                    disable=not enabled)

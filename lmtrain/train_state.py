@@ -163,6 +163,32 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def step_folders(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) for every step folder under RUN/checkpoints, newest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m[1]), p) for p in root.iterdir() if (m := _STEP_FOLDER.fullmatch(p.name)) and p.is_dir()]
+    return sorted(found, reverse=True)
+
+
+def step_candidates(root: Path) -> list[Path]:
+    """Step folders to try, newest first: the one latest.json names, then older ones."""
+    folders = step_folders(root)
+    pointer = root / LATEST
+    if not pointer.exists():
+        return [f for _, f in folders]
+    try:
+        newest = int(read_json(pointer)["step"])
+    except (CheckpointError, KeyError, TypeError, ValueError) as e:
+        log.warning("Ignoring %s (%s); trying the step folders newest first", pointer, e)
+        return [f for _, f in folders]
+    for step, folder in folders:
+        if step > newest:
+            log.info("Ignoring %s: its save never finished (latest.json names step %d)", folder.name, newest)
+    named = root / f"step_{newest:06d}"
+    return [named] + [f for step, f in folders if step < newest]
+
+
 class Checkpointer:
     """Saves a run's checkpoints under RUN/checkpoints, and restores the one `trainer.resume` names."""
 
@@ -188,7 +214,7 @@ class Checkpointer:
         folder = save_checkpoint(self.root / f"step_{step:06d}", model, self.config, self.tokenizer, extra)
         write_json(self.root / LATEST, {"step": step, "folder": folder.name})
         if self.keep_last > 0:
-            done = [f for s, f in self._step_folders() if s <= step]  # newest first
+            done = [f for s, f in step_folders(self.root) if s <= step]  # newest first
             for old in done[self.keep_last:]:
                 remove_folder(old)
         log.info("Saved checkpoint %s in %.2f s", folder, time.perf_counter() - start)
@@ -233,32 +259,8 @@ class Checkpointer:
         log.info("Resuming from %s at step %d", checkpoint.folder, step)
         return checkpoint.state
 
-    def _step_folders(self) -> list[tuple[int, Path]]:
-        """(step, folder) for every step folder, newest first."""
-        if not self.root.is_dir():
-            return []
-        found = [(int(m[1]), p) for p in self.root.iterdir() if (m := _STEP_FOLDER.fullmatch(p.name)) and p.is_dir()]
-        return sorted(found, reverse=True)
-
-    def _candidates(self) -> list[Path]:
-        """Step folders to try, newest first: the one latest.json names, then older ones."""
-        folders = self._step_folders()
-        pointer = self.root / LATEST
-        if not pointer.exists():
-            return [f for _, f in folders]
-        try:
-            newest = int(read_json(pointer)["step"])
-        except (CheckpointError, KeyError, TypeError, ValueError) as e:
-            log.warning("Ignoring %s (%s); trying the step folders newest first", pointer, e)
-            return [f for _, f in folders]
-        for step, folder in folders:
-            if step > newest:
-                log.info("Ignoring %s: its save never finished (latest.json names step %d)", folder.name, newest)
-        named = self.root / f"step_{newest:06d}"
-        return [named] + [f for step, f in folders if step < newest]
-
     def _newest_readable(self) -> TrainingCheckpoint | None:
-        candidates = self._candidates()
+        candidates = step_candidates(self.root)
         if not candidates:
             log.info("trainer.resume=auto: no checkpoint in %s yet; starting fresh", self.root)
             self._rewind_metrics(0, "by an earlier attempt that saved no checkpoint")

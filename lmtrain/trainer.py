@@ -26,6 +26,7 @@ from lmtrain.data.loader import TrainLoader, eval_batches
 from lmtrain.errors import ConfigError
 from lmtrain.metrics import MetricsLog, Throughput, peak_flops, summary_table
 from lmtrain.model import GPT
+from lmtrain.model.generation import encode_prompt, sample_texts
 from lmtrain.optim import build_optimizer, lr_at, set_lr
 from lmtrain.signals import StopSignals
 from lmtrain.train_state import Checkpointer
@@ -44,12 +45,12 @@ class TrainResult:
     stopped_by: signal.Signals | None = None  # SIGINT or SIGTERM when the run stopped before its last step
 
 
-def pick_device(setting: str) -> torch.device:
+def pick_device(setting: str, key: str = "trainer.device") -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(setting)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={setting} but CUDA is not available here; use trainer.device=auto or cpu")
+        raise ConfigError(f"{key}={setting} but CUDA is not available here; use {key}=auto or cpu")
     return device
 
 
@@ -112,6 +113,7 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token()
         self.peak, self.peak_source = peak_flops(self.device, self.bf16)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.sample_prompts = [encode_prompt(self.tokenizer, p, "trainer.sample_prompts") for p in t.sample_prompts]
         self.step = 0
         self.epoch_loss, self.epoch_steps = torch.zeros((), device=self.device), 0  # sum of this epoch's step losses
         self.val_loss, self.best_val_loss = float("nan"), float("inf")
@@ -169,6 +171,14 @@ class Trainer:
         return TrainResult(self.step, self.step * self.tokens_per_step, float("nan"), self.val_loss, seconds, saved,
                            stopped_by=received)
 
+    def _record_samples(self) -> None:
+        t = self.cfg.trainer
+        with self.autocast():
+            texts = sample_texts(self.model, self.tokenizer, self.sample_prompts, t.sample_tokens, seed=t.seed)
+        for text in texts:
+            log.info("Step %d, sample: %r", self.step, text)
+        self.metrics.write({"step": self.step, "samples": texts})
+
     def _describe(self) -> None:
         m, t = self.model_cfg, self.cfg.trainer
         log.info("Model %s: %s parameters, %d layers, d_model %d, %d heads, block %d, vocab %s",
@@ -221,6 +231,8 @@ class Trainer:
                     self._record_eval()
                 if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
                     self._save()
+                if t.sample_every and self.step % t.sample_every == 0:
+                    self._record_samples()
                 bar.update(task, completed=self.step, **fields)
             if self.step < self.total_steps:
                 return self._stopped(stop.received, time.perf_counter() - start)

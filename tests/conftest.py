@@ -40,7 +40,7 @@ def corpus(tmp_path) -> dict[str, Path]:
     return {"train": train, "val": val, "jsonl": jsonl}
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
-    """Run `lmtrain ARGS` in a fresh process, as a user would; returns the CompletedProcess."""
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600, input: str = ""):
+    """Run `lmtrain ARGS` in a fresh process, as a user would, with `input` on stdin; returns the CompletedProcess."""
     return subprocess.run([sys.executable, "-m", "lmtrain", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+                          timeout=timeout, env={**os.environ, **(env or {})}, input=input)

@@ -48,8 +48,9 @@ class TextTokenizer:
         # encode_batch_fast skips offset tracking, which tokenizing a corpus never needs.
         return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
 
-    def decode(self, ids: Iterable[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        """Text for token ids; skip_special leaves out special tokens such as end-of-text."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special)
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")

@@ -24,6 +24,30 @@ from torch import Tensor
 from lmtrain.config import Mlp, ModelConfig, Norm, PosEmb
 
 
+class KVCache:
+    """Keys and values of the positions already processed, one pair per layer, for generation.
+
+    With a cache, a forward takes only the new tokens (the prompt first, then one token per step): they
+    sit at positions `length` onwards and attend to every earlier position's keys and values kept here.
+    """
+
+    def __init__(self, n_layers: int):
+        self.keys: list[Tensor | None] = [None] * n_layers  # (B, nkv, T_seen, hs) per layer
+        self.values: list[Tensor | None] = [None] * n_layers
+
+    @property
+    def length(self) -> int:
+        """Positions held; read it before a forward, which appends layer by layer."""
+        return 0 if self.keys[-1] is None else self.keys[-1].size(2)
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add one layer's new keys and values (B, nkv, T_new, hs); returns all of them so far."""
+        if self.keys[layer] is not None:
+            k, v = torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
     if cfg.norm == Norm.rmsnorm:
         return nn.RMSNorm(dim, eps=cfg.norm_eps)
@@ -60,7 +84,8 @@ class CausalSelfAttention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, cache: KVCache | None = None,
+                layer: int = 0) -> Tensor:
         B, T, C = x.shape
         hs, nh, nkv = self.head_dim, self.n_heads, self.n_kv_heads
         q, k, v = self.qkv(x).split([nh * hs, nkv * hs, nkv * hs], dim=-1)
@@ -72,12 +97,19 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q.float()).type_as(q), self.k_norm(k.float()).type_as(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.append(layer, k, v)  # (B, nkv, T_seen + T, hs)
         if nkv != nh:
             # Expand k, v to one head per query head. SDPA's enable_gqa=True would avoid the copy, but it
             # needs torch>=2.5 and only the flash kernel supports it; other GPU kernels fall back to math.
             k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, T, hs)
             v = v.repeat_interleave(nh // nkv, dim=1)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        if cache is not None and k.size(2) > T:  # new queries see every cached position, and causally each other
+            mask = None if T == 1 else torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(k.size(2) - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_drop(self.proj(y))
 
@@ -113,8 +145,9 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg, cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), rope)
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, cache: KVCache | None = None,
+                layer: int = 0) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cache, layer)
         x = x + self.mlp(self.mlp_norm(x))
         return x
 
@@ -157,22 +190,25 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         # LayerNorm and RMSNorm already start at weight 1, bias 0
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> Tensor:
+    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
         """Logits (B, T, V) for token ids idx (B, T); or, given targets (B, T), the mean cross-entropy.
 
         targets[b, t] is the token that should follow idx[b, t]: the caller shifts, the model does not.
         Targets equal to -100 are ignored (F.cross_entropy's default ignore_index).
+        With a cache, idx continues the sequence the cache holds: its tokens sit at positions cache.length on.
         """
         B, T = idx.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence length {T} is longer than model.block_size={self.cfg.block_size}")
+        start = cache.length if cache is not None else 0  # position of idx[:, 0]
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence length {start + T} is longer than model.block_size={self.cfg.block_size}")
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(T, device=idx.device))  # (T, C) broadcast over B
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))  # (T, C) broadcast over B
         x = self.drop(x)
-        rope = (self.rope_cos[:T], self.rope_sin[:T]) if self.cfg.pos_emb == PosEmb.rope else None
-        for block in self.blocks:
-            x = block(x, rope)
+        pos = slice(start, start + T)
+        rope = (self.rope_cos[pos], self.rope_sin[pos]) if self.cfg.pos_emb == PosEmb.rope else None
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, cache, i)
         x = self.norm_f(x)
         logits = self.lm_head(x)  # (B, T, V), in the compute dtype
         if targets is None:

@@ -1,0 +1,76 @@
+"""`lmtrain eval`: loss, perplexity and bits per byte of a trained model on a data split, also as JSON."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from lmtrain.config import (
+    DataConfig,
+    EvalConfig,
+    Precision,
+    TokenizerConfig,
+    TokenizerKind,
+    register_configs,
+    to_config,
+)
+from lmtrain.errors import CheckpointError, DataError, reports_user_errors
+
+register_configs()
+log = logging.getLogger(__name__)
+
+
+def checkpoint_data(config: dict) -> DataConfig:
+    """The data a checkpoint was trained on; the token cache is today's (LMTRAIN_CACHE), not the run's."""
+    data = {k: v for k, v in config.get("data", {}).items() if k != "cache_dir"}
+    if not data:
+        raise CheckpointError("the checkpoint's config.json names no training data: give data=NAME")
+    return to_config(data, DataConfig)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://lmtrain.configs", config_name="eval")
+@reports_user_errors
+def main(cfg: DictConfig) -> None:
+    ev = to_config(cfg, EvalConfig)
+    import torch  # imported late: --help and config errors stay fast
+
+    from lmtrain.checkpoint import TOKENIZER
+    from lmtrain.console import count_bar, err_console, wants_progress_bar
+    from lmtrain.data.cache import prepare_tokens
+    from lmtrain.evaluation import evaluate, windows
+    from lmtrain.trained import load_trained
+    from lmtrain.trainer import pick_device
+
+    device = pick_device(ev.device, "device")
+    trained = load_trained(ev.checkpoint, device)
+    data = ev.data or checkpoint_data(trained.config)
+    # the checkpoint's own tokenizer.json, so the tokens are the ones the model was trained on
+    cache = prepare_tokens(data, TokenizerConfig(kind=TokenizerKind.file, path=str(trained.path / TOKENIZER)))
+    tokens = cache.tokens(ev.split.value)
+    if ev.max_tokens is not None:
+        tokens = tokens[: ev.max_tokens + 1]  # +1: the first token is only read, never scored
+    if len(tokens) < 2:
+        raise DataError(f"the {ev.split.value} split of data={data.name} has {len(tokens)} tokens: nothing to score")
+    bf16 = ev.precision == Precision.bf16 or (ev.precision == Precision.auto and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    log.info("Evaluating %s on the %s split of %s: %s tokens in windows of %d", trained.path, ev.split.value,
+             data.name, f"{len(tokens) - 1:,}", trained.model.cfg.block_size)
+    start = time.perf_counter()
+    with count_bar(wants_progress_bar(ev.progress, err_console)) as bar:
+        task = bar.add_task("eval", total=len(windows(len(tokens), trained.model.cfg.block_size)))
+        result = evaluate(trained.model, trained.tokenizer, tokens, ev.batch_size, autocast,
+                          on_batch=lambda n: bar.advance(task, n))
+    report = {"checkpoint": str(trained.path.resolve()), "data": data.name, "split": ev.split.value,
+              "tokens": result.tokens, "bytes": result.bytes, "loss": result.loss, "perplexity": result.perplexity,
+              "bits_per_byte": result.bits_per_byte, "seconds": round(time.perf_counter() - start, 2)}
+    out = Path(ev.out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    log.info("Loss %.4f, perplexity %.2f, bits per byte %.4f over %s tokens (%s bytes); written to %s",
+             result.loss, result.perplexity, result.bits_per_byte, f"{result.tokens:,}", f"{result.bytes:,}", out)
