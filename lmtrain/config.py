@@ -294,6 +294,8 @@ def validate(cfg: TrainConfig) -> None:
     _check_device("trainer.device", t.device)
     _check(t.sample_every >= 0, f"trainer.sample_every={t.sample_every} must be >= 0 (0 disables samples)")
     _check(t.sample_tokens > 0, f"trainer.sample_tokens={t.sample_tokens} must be > 0")
+    _check(t.sample_every == 0 or bool(t.sample_prompts),
+           "trainer.sample_prompts is empty: give prompts to continue ('' starts a document) or trainer.sample_every=0")
     validate_data(d)
     if tok.kind == TokenizerKind.bpe:
         _check(tok.vocab_size >= 260, f"tokenizer.vocab_size={tok.vocab_size} must be >= 260 "
