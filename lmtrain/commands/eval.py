@@ -41,12 +41,13 @@ def main(cfg: DictConfig) -> None:
     import torch  # imported late: --help and config errors stay fast
 
     from lmtrain.checkpoint import TOKENIZER
-    from lmtrain.console import count_bar, err_console, wants_progress_bar
+    from lmtrain.console import count_bar, err_console, quiet_libraries, wants_progress_bar
     from lmtrain.data.cache import prepare_tokens
     from lmtrain.evaluation import evaluate, windows
     from lmtrain.trained import load_trained
     from lmtrain.trainer import pick_device
 
+    quiet_libraries()
     device = pick_device(ev.device, "device")
     trained = load_trained(ev.checkpoint, device)
     data = ev.data or checkpoint_data(trained.config)
