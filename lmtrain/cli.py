@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("lmtrain.commands.generate", "continue prompts with a trained model, streaming the text"),
     "eval": ("lmtrain.commands.eval", "loss, perplexity and bits per byte of a trained model on a data split"),
     "export": ("lmtrain.commands.export", "write a checkpoint as a Hugging Face transformers model folder"),
+    "prepare": ("lmtrain.commands.prepare", "tokenize data into the cache that `train` uses (data=... tokenizer=...)"),
 }
 
 USAGE = "usage: lmtrain <command> [hydra overrides | --help | --cfg job | -m ...]"

@@ -87,26 +87,41 @@ class SchedulerConfig:
 
 class SourceKind(str, Enum):
     pystdlib = "pystdlib"  # the Python standard library's own source files
-    text_files = "text_files"  # local .txt / .jsonl / .parquet files
+    text_files = "text_files"  # local .txt / .md / .jsonl / .parquet files
     hf = "hf"  # a Hugging Face dataset (hub name or local folder)
+    prepared = "prepared"  # a token cache folder that `lmtrain prepare` wrote (data.path)
 
 
 @dataclass
-class DataConfig:
-    name: str = "pystdlib"  # preset name, shown in logs
+class SourceConfig:
+    """One corpus: where its documents come from and how validation is split off."""
+
+    name: str = "pystdlib"  # shown in logs; names each source of a mixture
     source: SourceKind = SourceKind.pystdlib
     train_files: list[str] = field(default_factory=list)  # text_files: paths or globs for training
     val_files: list[str] = field(default_factory=list)  # text_files: paths or globs for validation
-    path: str | None = None  # hf: dataset name on the hub, or a local folder
+    path: str | None = None  # hf: dataset name on the hub, or a local folder; prepared: the cache folder
     config_name: str | None = None  # hf: dataset configuration (subset) name
     split: str = "train"  # hf: split to train on
-    val_split: str | None = None  # hf: split to validate on; None: carve val_fraction out of `split`
+    val_split: str | None = None  # hf: split to validate on; None: the dataset's `validation` split, else val_fraction
     revision: str | None = None  # hf: dataset revision (branch, tag or commit)
-    streaming: bool = False  # hf: read on the fly instead of downloading the whole dataset
+    streaming: bool = False  # hf: read and tokenize on the fly; the raw dataset is never downloaded whole
     text_column: str = "text"  # column that holds the documents
     val_fraction: float = 0.05  # share held out for validation when there is no validation split
     max_documents: int | None = None  # use at most this many documents per split; None: all
-    max_tokens: int | None = None  # stop tokenizing a split after this many tokens; None: all
+    max_tokens: int | None = None  # training tokens to prepare at most (validation: val_fraction of it); None: all
+
+
+@dataclass
+class MixtureSource(SourceConfig):
+    weight: float = 1.0  # share of training sequences drawn from this source; weights are normalized
+
+
+@dataclass
+class DataConfig(SourceConfig):
+    # Several sources sampled by weight, each a source config plus `weight`; when set, the single-source
+    # keys above stay unused (set them per source: data.mixture.1.train_files=[...]).
+    mixture: list[MixtureSource] = field(default_factory=list)
     cache_dir: str = "${oc.env:LMTRAIN_CACHE,'~/.cache/lmtrain'}"  # tokenized data and tokenizers
 
 
@@ -167,6 +182,12 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
 
+@dataclass
+class PrepareConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
 # --- Using a trained model: `lmtrain generate`, `lmtrain eval`, `lmtrain export` ---------------------------
 
 @dataclass
@@ -218,6 +239,7 @@ def register_configs() -> None:
     """Register each command's top-level schema; its YAML lists it first in its defaults."""
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
+    store.store(name="prepare_schema", node=PrepareConfig)
     store.store(name="generate_schema", node=GenerateConfig)
     store.store(name="eval_schema", node=EvalConfig)
     store.store(name="export_schema", node=ExportConfig)
@@ -297,6 +319,44 @@ def validate(cfg: TrainConfig) -> None:
     _check(t.sample_every == 0 or bool(t.sample_prompts),
            "trainer.sample_prompts is empty: give prompts to continue ('' starts a document) or trainer.sample_every=0")
     validate_data(d)
+    validate_tokenizer(tok)
+
+
+def as_plain_dict(obj: Any) -> Any:
+    """A dataclass config as JSON-ready dicts and lists (enums become their values)."""
+    return OmegaConf.to_container(OmegaConf.structured(obj), resolve=True, enum_to_str=True)
+
+
+def validate_data(d: DataConfig) -> None:
+    if d.mixture:
+        _check(not (d.train_files or d.val_files or d.path),
+               "data.mixture is set: give files and paths per source (data.mixture.0.train_files=[...]), "
+               "not as data.train_files, data.val_files or data.path")
+        names = [s.name for s in d.mixture]
+        _check(len(set(names)) == len(names), f"data.mixture names {names} must differ: they name each source "
+                                              "in the logs (data.mixture.1.name=prose)")
+        for i, s in enumerate(d.mixture):
+            _check(s.weight > 0, f"data.mixture.{i}.weight={s.weight} must be > 0")
+            _validate_source(s, f"data.mixture.{i}")
+    else:
+        _validate_source(d, "data")
+
+
+def _validate_source(s: SourceConfig, key: str) -> None:
+    _check(0 < s.val_fraction < 1, f"{key}.val_fraction={s.val_fraction} must be in (0, 1)")
+    if s.max_tokens is not None:
+        _check(s.max_tokens > 0, f"{key}.max_tokens={s.max_tokens} must be > 0 (or null for all)")
+    if s.source == SourceKind.text_files:
+        _check(bool(s.train_files), f"{key}.train_files is empty: give the text files to train on, "
+                                    f"e.g. {key}.train_files=[corpus/*.txt]")
+    if s.source == SourceKind.hf:
+        _check(bool(s.path), f"{key}.path is not set: name a Hugging Face dataset, "
+                             f"e.g. {key}.path=roneneldan/TinyStories")
+    if s.source == SourceKind.prepared:
+        _check(bool(s.path), f"{key}.path is not set: give the folder `lmtrain prepare` printed")
+
+
+def validate_tokenizer(tok: TokenizerConfig) -> None:
     if tok.kind == TokenizerKind.bpe:
         _check(tok.vocab_size >= 260, f"tokenizer.vocab_size={tok.vocab_size} must be >= 260 "
                                       "(256 byte tokens plus specials)")
@@ -306,18 +366,9 @@ def validate(cfg: TrainConfig) -> None:
         _check(bool(tok.name), "tokenizer.name is not set: give a hub name, e.g. tokenizer.name=gpt2")
 
 
-def as_plain_dict(obj: Any) -> Any:
-    """A dataclass config as JSON-ready dicts and lists (enums become their values)."""
-    return OmegaConf.to_container(OmegaConf.structured(obj), resolve=True, enum_to_str=True)
-
-
-def validate_data(d: DataConfig) -> None:
-    _check(0 < d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in (0, 1)")
-    if d.source == SourceKind.text_files:
-        _check(bool(d.train_files), "data.train_files is empty: give the text files to train on, "
-                                    "e.g. data.train_files=[corpus/*.txt]")
-    if d.source == SourceKind.hf:
-        _check(bool(d.path), "data.path is not set: name a Hugging Face dataset, e.g. data.path=roneneldan/TinyStories")
+def validate_prepare(cfg: PrepareConfig) -> None:
+    validate_data(cfg.data)
+    validate_tokenizer(cfg.tokenizer)
 
 
 def _check_device(key: str, value: str) -> None:
@@ -348,5 +399,6 @@ def validate_eval(cfg: EvalConfig) -> None:
 
 
 # The cross-field checks to_config runs for each schema.
-CHECKS: dict[type, Callable[[Any], None]] = {TrainConfig: validate, DataConfig: validate_data,
-                                            GenerateConfig: validate_generate, EvalConfig: validate_eval}
+CHECKS: dict[type, Callable[[Any], None]] = {TrainConfig: validate, PrepareConfig: validate_prepare,
+                                            DataConfig: validate_data, GenerateConfig: validate_generate,
+                                            EvalConfig: validate_eval}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -81,3 +82,47 @@ def count_bar(enabled: bool) -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                     TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console,
                     disable=not enabled)
+
+
+class PreparationProgress:
+    """Tokenization progress, one bar per source and split; with no bar, a log line every `log_every` seconds.
+
+    Called with each `lmtrain.data.cache.Progress` report.
+    """
+
+    def __init__(self, enabled: bool, target: Console = console, log_every: float = 30.0):
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[documents]} documents"),
+            TextColumn("{task.fields[tokens]} tokens"),
+            TextColumn("{task.fields[speed]} tok/s"),
+            TimeElapsedColumn(),
+            console=target,
+            disable=not enabled,
+        )
+        self.enabled, self.log_every = enabled, log_every
+        self.tasks: dict[str, tuple[int, float, int]] = {}  # description -> (task id, start time, tokens then)
+        self.last_log = time.perf_counter()
+
+    def __enter__(self) -> PreparationProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+    def __call__(self, p) -> None:
+        name = f"{p.source} {p.split}"
+        now = time.perf_counter()
+        if name not in self.tasks:
+            total = p.max_tokens or p.total_documents  # None: a stream of unknown length
+            self.tasks[name] = (self.bar.add_task(name, total=total, documents=0, tokens=0, speed="-"), now, p.tokens)
+        task, start, tokens_then = self.tasks[name]
+        speed = (p.tokens - tokens_then) / max(now - start, 1e-9)
+        self.bar.update(task, completed=p.tokens if p.max_tokens else p.documents, documents=f"{p.documents:,}",
+                        tokens=f"{p.tokens:,}", speed=f"{speed:,.0f}")
+        if not self.enabled and now - self.last_log >= self.log_every:
+            self.last_log = now
+            logging.getLogger("lmtrain").info("Tokenizing %s: %s documents, %s tokens, %s tokens/s",
+                                              name, f"{p.documents:,}", f"{p.tokens:,}", f"{speed:,.0f}")

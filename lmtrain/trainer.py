@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from lmtrain.config import Precision, TrainConfig, as_plain_dict
-from lmtrain.console import console, progress_bar, wants_progress_bar
-from lmtrain.data.cache import TokenCache, prepare_tokens
-from lmtrain.data.loader import TrainLoader, eval_batches
+from lmtrain.console import PreparationProgress, console, progress_bar, wants_progress_bar
+from lmtrain.data.loader import train_loader, val_batches
+from lmtrain.data.prepare import prepare_data
 from lmtrain.errors import ConfigError
 from lmtrain.metrics import MetricsLog, Throughput, peak_flops, summary_table
 from lmtrain.model import GPT
@@ -92,7 +92,8 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         seed_everything(t.seed)
 
-        self.data: TokenCache = prepare_tokens(cfg.data, cfg.tokenizer)
+        with PreparationProgress(wants_progress_bar(t.progress)) as progress:
+            self.data = prepare_data(cfg.data, cfg.tokenizer, progress)
         self.tokenizer = self.data.tokenizer
         vocab = cfg.model.vocab_size or self.tokenizer.vocab_size
         if vocab < self.tokenizer.vocab_size:
@@ -104,9 +105,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
 
         block = self.model_cfg.block_size
-        self.train_loader = TrainLoader(self.data.tokens("train"), block, t.batch_size, t.seed, t.num_workers,
-                                        pin_memory=self.device.type == "cuda")
-        self.val_batches = eval_batches(self.data.tokens("val"), block, t.batch_size, t.eval_batches)
+        self.train_loader = train_loader(self.data, block, t.batch_size, t.seed, t.num_workers,
+                                         pin_memory=self.device.type == "cuda")
+        self.val_batches = val_batches(self.data, block, t.batch_size, t.eval_batches)
         per_epoch = max(1, self.train_loader.batches_per_epoch // t.grad_accum_steps)
         self.total_steps = t.max_steps or t.epochs * per_epoch
         self.tokens_per_step = t.batch_size * t.grad_accum_steps * block
@@ -268,5 +269,5 @@ class Trainer:
                 ("wall time", f"{r.seconds:.1f} s"), ("throughput", f"{r.tokens / r.seconds:,.0f} tokens/s"),
                 ("MFU", f"{100 * r.tokens / r.seconds * self.flops_per_token / self.peak:.1f}% of {self.peak_source} "
                         f"({self.peak / 1e12:.2f} TFLOP/s)"),
-                ("checkpoint", str(r.checkpoint))]
+                *self.train_loader.summary_rows(), ("checkpoint", str(r.checkpoint))]
         console.print(summary_table(rows))

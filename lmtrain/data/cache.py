@@ -1,35 +1,56 @@
-"""The token cache: each split tokenized once into a flat array on disk, read back with np.memmap.
+"""The token cache: each split of a source tokenized once into shard files, read back with np.memmap.
 
-Layout: `<cache_dir>/data/<fingerprint>/{train.bin, val.bin, tokenizer.json, manifest.json}`. The
-fingerprint covers the source, the tokenizer and the token limit, so any change builds a new cache
-and an unchanged config finds the old one. A cache is built in a temporary folder and renamed into
-place with its manifest already inside: a crash mid-way never leaves a folder that looks complete.
+Layout of `<cache_dir>/data/<key>/`, where the key covers the source, the tokenizer and the token limit:
+  tokenizer.json           the tokenizer that made the ids (written first)
+  train-00000.bin, ...     flat token ids (uint16, or uint32 above 65,536 tokens), each document closed by
+  val-00000.bin, ...       end-of-text; a shard is closed once it holds SHARD_TOKENS, and a new one begun
+  progress.json            while building: the shards finished so far and the documents they used
+  manifest.json            written last: it, and only it, marks the cache complete
+
+A crash mid-way leaves no manifest, so nothing ever takes the folder for complete. The next run keeps
+the finished shards, overwrites the unfinished one and goes on from the document where progress.json
+says the last finished shard ended: a terabyte preparation interrupted at 90% does not start over. A
+lock file makes a second process wait for the first instead of building the same cache twice.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
 import logging
 import os
-import shutil
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import numpy as np
+from filelock import FileLock
 
-from lmtrain.config import DataConfig, TokenizerConfig, TokenizerKind
-from lmtrain.data.sources import Splits, load_splits, source_fingerprint
-from lmtrain.data.tokenizer import TextTokenizer, get_tokenizer, tokenizer_fingerprint
+from lmtrain.config import SourceConfig, as_plain_dict
+from lmtrain.data.sources import Splits
+from lmtrain.data.tokenizer import TextTokenizer
 from lmtrain.errors import DataError
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the on-disk layout changes, so old caches are not misread
-BATCH_DOCUMENTS = 1000  # documents handed to the tokenizer at once: its threads share the batch
+CACHE_FORMAT = 2  # bump when the on-disk layout changes, so old caches are not misread
+BATCH_DOCUMENTS = 128  # documents read at a time; the unit of resuming
+TOKENIZE_CHARS = 1_000_000  # text handed to the tokenizer at once (its threads share it): bounds memory
+SHARD_TOKENS = 100_000_000  # a shard is closed at the first batch boundary past this many tokens
+MANIFEST, PROGRESS, TOKENIZER = "manifest.json", "progress.json", "tokenizer.json"
+
+
+@dataclass
+class Progress:
+    """How far the tokenization of one split has come, for a progress bar."""
+
+    source: str
+    split: str
+    documents: int
+    tokens: int
+    total_documents: int | None  # None: not known in advance (a streaming source)
+    max_tokens: int | None  # the split's token limit, if any
 
 
 @dataclass
@@ -38,122 +59,191 @@ class TokenCache:
     manifest: dict
     tokenizer: TextTokenizer
 
-    def tokens(self, split: str) -> np.memmap:
-        """A split's token ids, read lazily from disk."""
-        return np.memmap(self.path / f"{split}.bin", dtype=np.dtype(self.manifest["dtype"]), mode="r")
+    def shards(self, split: str) -> list[np.memmap]:
+        """A split's token ids, one lazily read array per shard (a range of one, for a held-out tail)."""
+        dtype = np.dtype(self.manifest["dtype"])
+        return [np.memmap(self.path / s["file"], dtype=dtype, mode="r", offset=s["start"] * dtype.itemsize,
+                          shape=(s["tokens"],)) for s in self.manifest["splits"][split]["shards"]]
 
-
-def cache_root(cfg: DataConfig) -> Path:
-    return Path(os.path.expanduser(cfg.cache_dir))
+    def num_tokens(self, split: str) -> int:
+        return self.manifest["splits"][split]["tokens"]
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
 
 
-def prepare_tokens(data_cfg: DataConfig, tok_cfg: TokenizerConfig,
-                   on_progress: Callable[[str, int, int], None] | None = None) -> TokenCache:
-    """Find the token cache for this data and tokenizer, or build it. Loads nothing when it exists.
+def open_cache(folder: Path) -> TokenCache | None:
+    """The complete cache in `folder`, or None when there is none (or only an unfinished one)."""
+    if not (folder / MANIFEST).is_file():
+        return None
+    manifest = json.loads((folder / MANIFEST).read_text())
+    if manifest.get("format") != CACHE_FORMAT:
+        return None
+    return TokenCache(folder, manifest, TextTokenizer.load(folder / TOKENIZER))
 
-    on_progress(split, documents, tokens) is called as tokenization advances.
+
+def build_cache(folder: Path, source: SourceConfig, key: str, load: Callable[[], Splits],
+                tokenizer: Callable[[], TextTokenizer], tokenizer_record: dict,
+                on_progress: Callable[[Progress], None] | None = None) -> TokenCache:
+    """Tokenize a source's splits into `folder` (resuming an interrupted build), unless it is complete already.
+
+    `key` is where the source sits in the config (data, or data.mixture.N), for error messages.
     """
-    root = cache_root(data_cfg)
-    data_fp = source_fingerprint(data_cfg)
-    tok_fp = tokenizer_fingerprint(tok_cfg, data_fp)
-    fingerprint = hashlib.sha256(json.dumps([CACHE_FORMAT, data_fp, tok_fp, data_cfg.max_tokens]).encode())
-    final = root / "data" / fingerprint.hexdigest()[:16]
-    if (final / "manifest.json").is_file():
-        manifest = json.loads((final / "manifest.json").read_text())
-        log.info("Using tokenized data from %s (%s train tokens)", final, f"{manifest['splits']['train']['tokens']:,}")
-        return TokenCache(final, manifest, TextTokenizer.load(final / "tokenizer.json"))
-
-    splits = load_splits(data_cfg)
-    tokenizer = get_tokenizer(tok_cfg, tok_fp, root, lambda: _training_texts(splits, tok_cfg))
-    log.info("Tokenizing %s with a %s tokenizer of %s tokens into %s",
-             data_cfg.name, tok_cfg.kind.value, f"{tokenizer.vocab_size:,}", final)
-    tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _build(tmp, splits, tokenizer, data_cfg, tok_cfg, on_progress)
-        os.replace(tmp, final)
-    except OSError:
-        if not (final / "manifest.json").is_file():
-            raise
-        # another process finished the same cache first; theirs is as good as ours
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return TokenCache(final, json.loads((final / "manifest.json").read_text()), TextTokenizer.load(
-        final / "tokenizer.json"))
-
-
-def _build(folder: Path, splits: Splits, tokenizer: TextTokenizer, data_cfg: DataConfig, tok_cfg: TokenizerConfig,
-           on_progress: Callable[[str, int, int], None] | None) -> None:
-    """Write each split's tokens, the tokenizer, and last the manifest that marks the cache complete."""
-    dtype = token_dtype(tokenizer.vocab_size)
-    start = time.perf_counter()
-    stats = {}
-    for split, ds in [("train", splits.train), ("val", splits.val)]:
-        if ds is None:
-            continue
-        report = (lambda d, t, s=split: on_progress(s, d, t)) if on_progress else (lambda d, t: None)
-        stats[split] = _write_split(ds, splits.text_column, tokenizer, dtype, folder / f"{split}.bin",
-                                    data_cfg.max_tokens, report)
-        if stats[split]["tokens"] <= 1:
-            raise DataError(f"the {split} split of data={data_cfg.name} has no text to train on")
-    if splits.val is None:  # one long text (or a few): the last val_fraction of its tokens validate
-        stats["train"], stats["val"] = _split_tail(folder, dtype, data_cfg.val_fraction, stats["train"])
-    tokenizer.save(folder / "tokenizer.json")
-    manifest = {
-        "format": CACHE_FORMAT, "dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
-        "source": data_cfg.name, "tokenizer": tok_cfg.kind.value, "splits": stats,
-        "seconds": round(time.perf_counter() - start, 2),
-    }
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(folder / ".lock"):
+        done = open_cache(folder)  # another process may have finished it while we waited for the lock
+        if done is not None:
+            return done
+        splits = load()
+        if (folder / TOKENIZER).is_file():  # an interrupted build: its shards hold this tokenizer's ids
+            tok = TextTokenizer.load(folder / TOKENIZER)
+        else:
+            tok = tokenizer()
+            tok.save(folder / TOKENIZER)
+        progress = _read_json(folder / PROGRESS) or {}
+        log.info("%s %s into %s", "Resuming the tokenization of" if progress else "Tokenizing", source.name, folder)
+        dtype = token_dtype(tok.vocab_size)
+        stats = {}
+        cap = source.max_tokens
+        limits = {"train": cap, "val": None if cap is None else max(1, round(cap * source.val_fraction))}
+        report = on_progress or (lambda p: None)
+        for split, ds in [("train", splits.train), ("val", splits.val)]:
+            if ds is None:
+                continue
+            total = len(ds) if isinstance(ds, datasets.Dataset) else None
+            writer = _SplitWriter(folder, split, dtype, progress, limits[split])
+            stats[split] = writer.run(ds, splits.text_column, tok, lambda d, t, s=split, n=total: report(
+                Progress(source.name, s, d, t, n, limits[s])))
+            if stats[split]["tokens"] <= 1:
+                raise DataError(f"{key}: the {split} split has no text "
+                                f"({stats[split]['documents']:,} non-empty documents)")
+        if splits.val is None:  # one long text (or a few): the last val_fraction of its tokens validate
+            stats["train"], stats["val"] = _split_tail(stats["train"], source.val_fraction)
+        source_record = {k: v for k, v in as_plain_dict(source).items() if k != "weight"}  # weights: not the data
+        _write_json(folder / MANIFEST, {"format": CACHE_FORMAT, "dtype": dtype.name, "vocab_size": tok.vocab_size,
+                                        "eot_id": tok.eot_id, "source": source_record, "tokenizer": tokenizer_record,
+                                        "splits": stats})
+        (folder / PROGRESS).unlink(missing_ok=True)
+    return open_cache(folder)
 
 
-def _training_texts(splits: Splits, cfg: TokenizerConfig) -> Iterator[str]:
-    """Texts a trained tokenizer learns from: the first tokenizer.train_documents training documents."""
-    column = splits.text_column
-    texts = (row[column] for row in splits.train)
-    if cfg.kind == TokenizerKind.char:  # every character must be seen, so read everything
-        return texts
-    return itertools.islice(texts, cfg.train_documents)
+@dataclass
+class _SplitWriter:
+    """Appends a split's tokens to shard files; after each finished shard, records how far it got."""
 
+    folder: Path
+    split: str
+    dtype: np.dtype
+    progress: dict  # progress.json's content, shared by the splits; updated in place
+    max_tokens: int | None
+    state: dict = field(init=False)
 
-def _write_split(ds, column: str, tokenizer: TextTokenizer, dtype: np.dtype, path: Path,
-                 max_tokens: int | None, on_progress: Callable[[int, int], None]) -> dict:
-    """Tokenize batch by batch and append to one flat file: memory stays bounded by one batch."""
-    documents = tokens = nbytes = 0
-    eot = np.array([tokenizer.eot_id], dtype=dtype)
-    with open(path, "wb") as out:
+    def __post_init__(self):
+        fresh = {"shards": [], "records": 0, "documents": 0, "tokens": 0, "text_bytes": 0, "seconds": 0.0,
+                 "done": False}
+        self.state = self.progress.setdefault(self.split, fresh)
+
+    def run(self, ds, column: str, tok: TextTokenizer, on_progress: Callable[[int, int], None]) -> dict:
+        s = self.state
+        if not s["done"]:
+            kept = {shard["file"] for shard in s["shards"]}
+            for stale in self.folder.glob(f"{self.split}-*.bin"):  # the unfinished shard of a crashed run
+                if stale.name not in kept:
+                    stale.unlink()
+            self._tokenize(ds.skip(s["records"]) if s["records"] else ds, column, tok, on_progress)
+        return {k: s[k] for k in ("shards", "documents", "tokens", "text_bytes", "seconds")}
+
+    def _tokenize(self, ds, column: str, tok: TextTokenizer, on_progress: Callable[[int, int], None]) -> None:
+        s, start = self.state, time.perf_counter()
+        pending = {"records": 0, "documents": 0, "tokens": 0, "text_bytes": 0}  # of the shard being written
+        out = None
+        on_progress(s["documents"], s["tokens"])
         for batch in ds.iter(batch_size=BATCH_DOCUMENTS):
-            texts = [t for t in batch[column] if t]
-            pieces = []
-            for ids in tokenizer.encode_batch(texts):
-                pieces += [np.asarray(ids, dtype=dtype), eot]  # end-of-text closes every document
-            flat = np.concatenate(pieces) if pieces else eot[:0]
-            if max_tokens is not None and tokens + len(flat) > max_tokens:
-                flat = flat[: max_tokens - tokens]
+            records = batch[column]
+            texts = [t for t in records if t]
+            flat = _encode_documents(texts, tok, self.dtype)
+            if self.max_tokens is not None:
+                flat = flat[: self.max_tokens - s["tokens"] - pending["tokens"]]
+            if out is None:
+                out = open(self.folder / f"{self.split}-{len(s['shards']):05d}.bin", "wb")
             out.write(flat.tobytes())
-            documents += len(texts)
-            tokens += len(flat)
-            nbytes += sum(len(t.encode("utf-8")) for t in texts)
-            on_progress(documents, tokens)
-            if max_tokens is not None and tokens >= max_tokens:
+            for key, value in [("records", len(records)), ("documents", len(texts)), ("tokens", len(flat)),
+                               ("text_bytes", sum(len(t.encode("utf-8")) for t in texts))]:
+                pending[key] += value
+            on_progress(s["documents"] + pending["documents"], s["tokens"] + pending["tokens"])
+            full = self.max_tokens is not None and s["tokens"] + pending["tokens"] >= self.max_tokens
+            if pending["tokens"] >= SHARD_TOKENS or full:
+                self._finish_shard(out, pending, start)
+                out, pending, start = None, dict.fromkeys(pending, 0), time.perf_counter()
+            if full:
                 break
-    return {"documents": documents, "tokens": tokens, "text_bytes": nbytes}
+        if out is not None:
+            self._finish_shard(out, pending, start)
+        s["done"] = True
+        _write_json(self.folder / PROGRESS, self.progress)
+
+    def _finish_shard(self, out, pending: dict, start: float) -> None:
+        """Make the shard durable, then record it: a crash between the two only costs redoing this shard."""
+        out.flush()
+        os.fsync(out.fileno())
+        out.close()
+        s = self.state
+        name = Path(out.name).name
+        if pending["tokens"]:
+            s["shards"].append({"file": name, "start": 0, "tokens": pending["tokens"]})
+        else:
+            os.unlink(out.name)  # np.memmap cannot map an empty file
+        for key in pending:
+            s[key] += pending[key]
+        s["seconds"] = round(s["seconds"] + time.perf_counter() - start, 3)
+        _write_json(self.folder / PROGRESS, self.progress)
 
 
-def _split_tail(folder: Path, dtype: np.dtype, val_fraction: float, train_stats: dict) -> tuple[dict, dict]:
-    """Move the last val_fraction of train.bin's tokens into val.bin (nanoGPT's split of one long text)."""
-    train_path = folder / "train.bin"
-    n = train_stats["tokens"]
+def _encode_documents(texts: list[str], tok: TextTokenizer, dtype: np.dtype) -> np.ndarray:
+    """The documents' ids, each closed by end-of-text. The tokenizer sees at most TOKENIZE_CHARS of text at a
+    time (or one longer document): its per-token Encoding objects, not the text, are what takes memory."""
+    eot = np.array([tok.eot_id], dtype=dtype)
+    pieces, start, chars = [eot[:0]], 0, 0
+    for end, text in enumerate(texts, 1):
+        chars += len(text)
+        if chars >= TOKENIZE_CHARS or end == len(texts):
+            for ids in tok.encode_batch(texts[start:end]):
+                pieces += [np.asarray(ids, dtype=dtype), eot]  # end-of-text closes every document
+            start, chars = end, 0
+    return np.concatenate(pieces)
+
+
+def _split_tail(train: dict, val_fraction: float) -> tuple[dict, dict]:
+    """Hold out the last val_fraction of the training tokens (nanoGPT's split of one long text).
+
+    Nothing is copied: the manifest points validation at the tail ranges of the train shards.
+    """
+    n = train["tokens"]
     cut = n - max(1, int(n * val_fraction))
-    tail = np.fromfile(train_path, dtype=dtype, offset=cut * dtype.itemsize)
-    tail.tofile(folder / "val.bin")
-    with open(train_path, "r+b") as f:
-        f.truncate(cut * dtype.itemsize)
+    train_shards, val_shards, offset = [], [], 0
+    for shard in train["shards"]:
+        keep = min(shard["tokens"], max(0, cut - offset))
+        if keep:
+            train_shards.append({**shard, "tokens": keep})
+        if keep < shard["tokens"]:
+            val_shards.append({**shard, "start": shard["start"] + keep, "tokens": shard["tokens"] - keep})
+        offset += shard["tokens"]
     share = cut / n  # documents and bytes are counted in proportion: the cut falls inside a document
-    return ({**train_stats, "tokens": cut, "text_bytes": round(train_stats["text_bytes"] * share)},
-            {"documents": 0, "tokens": len(tail), "text_bytes": round(train_stats["text_bytes"] * (1 - share))})
+    return ({**train, "shards": train_shards, "tokens": cut, "text_bytes": round(train["text_bytes"] * share)},
+            {"shards": val_shards, "documents": 0, "tokens": n - cut, "seconds": 0.0,
+             "text_bytes": round(train["text_bytes"] * (1 - share))})
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    """Write atomically: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=2))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

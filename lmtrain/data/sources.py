@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import datasets
 
-from lmtrain.config import DataConfig, SourceKind
+from lmtrain.config import SourceConfig, SourceKind
 from lmtrain.errors import DataError
 
 # Documents at or above this count are split by document; fewer (one long text, say) by the tail of the tokens.
@@ -37,7 +38,7 @@ class Splits:
     text_column: str
 
 
-def _digest(obj: object) -> str:
+def digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -76,32 +77,39 @@ def expand_files(patterns: list[str], key: str) -> list[Path]:
     return files
 
 
-def source_fingerprint(cfg: DataConfig) -> str:
+def source_fingerprint(cfg: SourceConfig, key: str = "data") -> str:
     """Identifies the documents a config selects, from names, sizes and dates only."""
     common = [cfg.text_column, cfg.val_fraction, cfg.max_documents]
     if cfg.source == SourceKind.pystdlib:
         files = stdlib_files()
-        return _digest(["pystdlib", sys.version, [(str(f), f.stat().st_size) for f in files], common])
+        return digest(["pystdlib", sys.version, [(str(f), f.stat().st_size) for f in files], common])
     if cfg.source == SourceKind.text_files:
-        listed = [[(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in expand_files(p, k)]
-                  for p, k in [(cfg.train_files, "data.train_files"), (cfg.val_files, "data.val_files")] if p]
-        return _digest(["text_files", listed, common])
-    return _digest(["hf", cfg.path, cfg.config_name, cfg.split, cfg.val_split, cfg.revision, common])
+        listed = [[(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in expand_files(p, f"{key}.{k}")]
+                  for p, k in [(cfg.train_files, "train_files"), (cfg.val_files, "val_files")] if p]
+        return digest(["text_files", listed, common])
+    local = Path(os.path.expanduser(cfg.path or ""))
+    files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else []  # a local dataset folder
+    return digest(["hf", cfg.path, cfg.config_name, cfg.split, cfg.val_split, cfg.revision, common,
+                   [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]])
 
 
-def load_splits(cfg: DataConfig) -> Splits:
-    """Load the configured documents, check the text column, and split off validation."""
+def load_splits(cfg: SourceConfig, key: str = "data") -> Splits:
+    """Load the configured documents, check the text column, and split off validation.
+
+    `key` is where the source sits in the config (data, or data.mixture.N), for error messages.
+    """
     if cfg.source == SourceKind.pystdlib:
         return _pystdlib_splits(cfg)
     if cfg.source == SourceKind.text_files:
-        train = _load_files(expand_files(cfg.train_files, "data.train_files"))
-        val = _load_files(expand_files(cfg.val_files, "data.val_files")) if cfg.val_files else None
+        train = _load_files(expand_files(cfg.train_files, f"{key}.train_files"))
+        val = _load_files(expand_files(cfg.val_files, f"{key}.val_files")) if cfg.val_files else None
+        where = {"train": f"{key}.train_files", "validation": f"{key}.val_files"}
     else:
-        train = _load_hf(cfg, cfg.split)
-        val = _load_hf(cfg, cfg.val_split) if cfg.val_split else None
+        train, val = _load_hf(cfg, key)
+        where = {"train": f"{key}.path={cfg.path!r}", "validation": f"{key}.path={cfg.path!r}"}
     for split_name, ds in [("train", train), ("validation", val)]:
         if ds is not None:
-            _check_text_column(ds, cfg.text_column, split_name)
+            _check_documents(ds, cfg.text_column, split_name, where[split_name], key)
     train = _limit(train, cfg.max_documents)
     if val is None:
         train, val = _split_by_document(train, cfg.val_fraction)
@@ -110,7 +118,7 @@ def load_splits(cfg: DataConfig) -> Splits:
     return Splits(train=train, val=val, text_column=cfg.text_column)
 
 
-def _pystdlib_splits(cfg: DataConfig) -> Splits:
+def _pystdlib_splits(cfg: SourceConfig) -> Splits:
     root = Path(sysconfig.get_paths()["stdlib"])
     records: dict[bool, dict[str, list[str]]] = {False: {"text": [], "path": []}, True: {"text": [], "path": []}}
     for f in stdlib_files()[: cfg.max_documents]:
@@ -118,38 +126,57 @@ def _pystdlib_splits(cfg: DataConfig) -> Splits:
         side = records[_in_val(rel, cfg.val_fraction)]
         side["text"].append(f.read_text(encoding="utf-8", errors="replace"))
         side["path"].append(rel)
+    if not records[True]["text"]:  # a handful of files (data.max_documents), none hashed to validation:
+        return Splits(datasets.Dataset.from_dict(records[False]), None, "text")  # validate on the token tail
     return Splits(datasets.Dataset.from_dict(records[False]), datasets.Dataset.from_dict(records[True]), "text")
 
 
-def _load_files(files: list[Path]) -> datasets.Dataset:
+Loaded = datasets.Dataset | datasets.IterableDataset
+
+
+def _load_files(files: list[Path]) -> datasets.IterableDataset:
+    """Local files, streamed: read in chunks as tokenization goes, never converted to Arrow or held whole."""
     builder = _EXTENSION_BUILDERS[files[0].suffix.lower()]
     kwargs = {"sample_by": "document"} if builder == "text" else {}
-    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
+    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True, **kwargs)
 
 
-def _load_hf(cfg: DataConfig, split: str) -> datasets.Dataset | datasets.IterableDataset:
+def _load_hf(cfg: SourceConfig, key: str) -> tuple[Loaded, Loaded | None]:
+    """The training split and the validation split: data.val_split, else the dataset's own `validation` split."""
     try:
-        return datasets.load_dataset(cfg.path, name=cfg.config_name, split=split, revision=cfg.revision,
-                                     streaming=cfg.streaming)
+        builder = datasets.load_dataset_builder(cfg.path, cfg.config_name, revision=cfg.revision)
+        names = {str(name) for name in [*(builder.config.data_files or {}), *(builder.info.splits or {})]}
+        val_split = cfg.val_split or ("validation" if "validation" in names else None)
+        if cfg.streaming:  # nothing is downloaded or converted: records are read as training needs them
+            get = builder.as_streaming_dataset
+        else:
+            builder.download_and_prepare()
+            get = builder.as_dataset
+        return get(split=cfg.split), get(split=val_split) if val_split else None
+    except StopIteration:  # what `datasets` raises for data files without a single record
+        raise DataError(f"{key}.path={cfg.path!r}: the dataset is empty, its data files hold no records") from None
     except Exception as e:  # the hub client raises many types (connection, not found, gated, offline)
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        offline = any(os.environ.get(v, "0") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
         raise DataError(
-            f"data.path={cfg.path!r} (split {split!r}) could not be loaded: {first_line}. "
-            "If this machine is offline, download the dataset elsewhere and point data.path at the local folder."
+            f"{key}.path={cfg.path!r} could not be loaded: {first_line}. "
+            + ("This process is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE). " if offline else "")
+            + f"Without the network, download the dataset elsewhere and point {key}.path at the local folder."
         ) from None
 
 
-def _check_text_column(ds: datasets.Dataset | datasets.IterableDataset, column: str, split: str) -> None:
+def _check_documents(ds: Loaded, column: str, split: str, where: str, key: str) -> None:
+    """The split has records, and the text column among its columns."""
     columns = ds.column_names
-    if columns is None:  # a streaming dataset learns its columns from the first record
+    if isinstance(ds, datasets.IterableDataset):  # a stream learns its columns from the first record
         first = next(iter(ds), None)
         if first is None:
-            raise DataError(f"the {split} split is empty")
-        columns = list(first)
+            raise DataError(f"{where}: the {split} split is empty")
+        columns = columns or list(first)
+    elif len(ds) == 0:
+        raise DataError(f"{where}: the {split} split is empty")
     if column not in columns:
-        raise DataError(f"data.text_column={column!r} is not a column of the {split} split; its columns are {columns}")
-    if isinstance(ds, datasets.Dataset) and len(ds) == 0:
-        raise DataError(f"the {split} split is empty")
+        raise DataError(f"{key}.text_column={column!r} is not a column of the {split} split; its columns are {columns}")
 
 
 def _limit(ds, max_documents: int | None):
@@ -159,9 +186,11 @@ def _limit(ds, max_documents: int | None):
         range(min(max_documents, len(ds))))
 
 
-def _split_by_document(ds, val_fraction: float):
+def _split_by_document(ds: Loaded, val_fraction: float) -> tuple[Loaded, Loaded | None]:
     """Hold out whole documents when there are many; otherwise (val None) the tail of the tokens."""
     if isinstance(ds, datasets.IterableDataset):
+        if sum(1 for _ in itertools.islice(ds, MIN_DOCS_FOR_DOCUMENT_SPLIT)) < MIN_DOCS_FOR_DOCUMENT_SPLIT:
+            return ds, None  # the stream ended early: only its first records were read to know
         every = max(2, round(1 / val_fraction))  # every k-th document: deterministic and needs no length
         return (ds.filter(lambda _, i: i % every != 0, with_indices=True),
                 ds.filter(lambda _, i: i % every == 0, with_indices=True))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -17,6 +18,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 
 from lmtrain.config import TokenizerConfig, TokenizerKind
 from lmtrain.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 END_OF_TEXT = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -65,17 +68,29 @@ class TextTokenizer:
             raise DataError(f"cannot read tokenizer {path}: {e}") from None
 
 
+def tokenizer_settings(cfg: TokenizerConfig) -> dict:
+    """What identifies a configured tokenizer, apart from the data a trained one learns from."""
+    if cfg.kind == TokenizerKind.file:
+        return {"kind": "file", "sha256": hashlib.sha256(_read_file(cfg.path)).hexdigest()}
+    if cfg.kind == TokenizerKind.pretrained:
+        return {"kind": "pretrained", "name": cfg.name}
+    if cfg.kind == TokenizerKind.char:  # learns every character of the training text: no settings
+        return {"kind": "char"}
+    return {"kind": "bpe", "vocab_size": cfg.vocab_size, "min_frequency": cfg.min_frequency,
+            "train_documents": cfg.train_documents}
+
+
 def tokenizer_fingerprint(cfg: TokenizerConfig, data_fingerprint: str) -> str:
     """Trained tokenizers depend on the data; file and hub tokenizers only on what they name."""
-    if cfg.kind == TokenizerKind.file:
-        key = ["file", hashlib.sha256(_read_file(cfg.path)).hexdigest()]
-    elif cfg.kind == TokenizerKind.pretrained:
-        key = ["pretrained", cfg.name]
-    elif cfg.kind == TokenizerKind.char:
-        key = ["char", data_fingerprint, cfg.train_documents]
-    else:
-        key = ["bpe", data_fingerprint, cfg.vocab_size, cfg.min_frequency, cfg.train_documents]
+    key = [tokenizer_settings(cfg)]
+    if cfg.kind in (TokenizerKind.bpe, TokenizerKind.char):
+        key.append(data_fingerprint)
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def same_tokenizer(a: TextTokenizer, b: TextTokenizer) -> bool:
+    """Whether two tokenizers map text to the same ids (their whole definitions are equal)."""
+    return a.tokenizer.to_str() == b.tokenizer.to_str()
 
 
 def _read_file(path: str | None) -> bytes:
@@ -96,8 +111,11 @@ def get_tokenizer(cfg: TokenizerConfig, fingerprint: str, cache_root: Path,
     elif cfg.kind == TokenizerKind.pretrained:
         tokenizer = TextTokenizer(_from_hub(cfg.name))
     elif cfg.kind == TokenizerKind.char:
+        log.info("Collecting the characters of the training text for a char tokenizer")
         tokenizer = TextTokenizer(train_char(train_texts()))
     else:
+        log.info("Training a byte-level BPE tokenizer of %s tokens on up to %s documents", f"{cfg.vocab_size:,}",
+                 "all" if cfg.train_documents is None else f"{cfg.train_documents:,}")
         tokenizer = TextTokenizer(train_bpe(train_texts(), cfg.vocab_size, cfg.min_frequency))
     path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(path)
