@@ -90,6 +90,28 @@ def text_bytes(tokenizer: TextTokenizer, ids: np.ndarray, piece: int = 1 << 16) 
     return total
 
 
+def first_tokens(shards: list[np.ndarray], max_scored: int | None) -> list[np.ndarray]:
+    """The shards cut so that at most max_scored tokens are scored (a shard's first token is only read)."""
+    if max_scored is None:
+        return shards
+    out = []
+    for shard in shards:
+        if max_scored <= 0:
+            break
+        out.append(shard[: max_scored + 1])
+        max_scored -= len(out[-1]) - 1
+    return out
+
+
+def evaluate_shards(model: GPT, tokenizer: TextTokenizer, shards: list[np.ndarray], batch_size: int,
+                    autocast: Callable = contextlib.nullcontext,
+                    on_batch: Callable[[int], None] | None = None) -> EvalResult:
+    """`evaluate` over each shard of a split, summed: windows never cross a shard, as in training."""
+    parts = [evaluate(model, tokenizer, s, batch_size, autocast, on_batch) for s in shards if len(s) >= 2]
+    return EvalResult(tokens=sum(p.tokens for p in parts), bytes=sum(p.bytes for p in parts),
+                      nll=sum(p.nll for p in parts))
+
+
 def evaluate(model: GPT, tokenizer: TextTokenizer, tokens: np.ndarray, batch_size: int,
              autocast: Callable = contextlib.nullcontext, on_batch: Callable[[int], None] | None = None) -> EvalResult:
     """Score every token of `tokens` but the first; see the module's docstring."""

@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lmtrain.checkpoint import (
+    TOKENIZER,
     WEIGHTS,
     apply_weights,
     load_weights,
@@ -44,8 +45,8 @@ from lmtrain.checkpoint import (
     write_json,
 )
 from lmtrain.data.loader import TrainLoader
-from lmtrain.data.tokenizer import TextTokenizer
-from lmtrain.errors import CheckpointError
+from lmtrain.data.tokenizer import TextTokenizer, same_tokenizer
+from lmtrain.errors import CheckpointError, DataError
 from lmtrain.metrics import rewind
 
 log = logging.getLogger(__name__)
@@ -243,6 +244,7 @@ class Checkpointer:
             checkpoint = None
         if checkpoint is None:
             if init_from is not None:
+                self._check_tokenizer(Path(init_from).expanduser(), f"model.init_from={init_from}")
                 try:
                     load_weights(Path(init_from).expanduser(), model)
                 except CheckpointError as e:
@@ -250,6 +252,7 @@ class Checkpointer:
                 log.info("Initialized the weights from %s (model.init_from); the optimizer starts fresh", init_from)
             return None
         self._warn_about_changes(checkpoint.config)
+        self._check_tokenizer(checkpoint.folder, f"trainer.resume={resume}")
         checkpoint.apply(model, optimizer, loader)
         step = checkpoint.state["step"]
         if checkpoint.folder.resolve().parent == self.root.resolve():  # this run's own checkpoint
@@ -258,6 +261,14 @@ class Checkpointer:
             log.info("model.init_from is not used: the weights come from the checkpoint being resumed")
         log.info("Resuming from %s at step %d", checkpoint.folder, step)
         return checkpoint.state
+
+    def _check_tokenizer(self, folder: Path, key: str) -> None:
+        """The checkpoint's model must have learned the ids of the tokenizer that made this run's token cache."""
+        saved = folder / TOKENIZER
+        if not same_tokenizer(TextTokenizer.load(saved), self.tokenizer):
+            raise DataError(f"{key}: its model was trained with another tokenizer than the one this run's data was "
+                            f"tokenized with ({self.tokenizer.vocab_size:,} tokens); tokenize with the checkpoint's "
+                            f"own: tokenizer=file tokenizer.path={saved}")
 
     def _newest_readable(self) -> TrainingCheckpoint | None:
         candidates = step_candidates(self.root)

@@ -10,7 +10,7 @@ import torch
 
 from lmtrain.config import ModelConfig
 from lmtrain.data.tokenizer import TextTokenizer, train_bpe, train_char
-from lmtrain.evaluation import EvalResult, evaluate, text_bytes, windows
+from lmtrain.evaluation import EvalResult, evaluate, evaluate_shards, first_tokens, text_bytes, windows
 from lmtrain.model import GPT
 
 
@@ -79,3 +79,15 @@ def test_result_arithmetic():
     r = EvalResult(tokens=4, bytes=8, nll=4 * math.log(2))
     assert r.loss == pytest.approx(math.log(2)) and r.perplexity == pytest.approx(2.0)
     assert r.bits_per_byte == pytest.approx(0.5)
+
+
+def test_shards_are_scored_each_on_their_own_and_summed():
+    tokenizer = TextTokenizer(train_char(iter(["aé€"])))
+    model = fixed_distribution_model([0.1, 0.1, 0.1, 0.3, 0.2, 0.2])
+    a, b = np.array([3, 4, 5, 0, 3]), np.array([5, 5, 4, 0])
+    both = evaluate_shards(model, tokenizer, [a, b], batch_size=2)
+    one, other = evaluate(model, tokenizer, a, 2), evaluate(model, tokenizer, b, 2)
+    assert both.tokens == 4 + 3 and both.bytes == one.bytes + other.bytes
+    assert both.nll == pytest.approx(one.nll + other.nll)
+    assert [len(s) for s in first_tokens([a, b], 5)] == [5, 2]  # 4 scored in a, then 1 in b
+    assert [len(s) for s in first_tokens([a, b], 3)] == [4]

@@ -14,7 +14,7 @@ from lmtrain.checkpoint import recover, save_checkpoint
 from lmtrain.config import ModelConfig, OptimizerConfig
 from lmtrain.data.loader import TrainLoader
 from lmtrain.data.tokenizer import TextTokenizer, train_char
-from lmtrain.errors import CheckpointError
+from lmtrain.errors import CheckpointError, DataError
 from lmtrain.metrics import rewind
 from lmtrain.model import GPT
 from lmtrain.optim import build_optimizer
@@ -29,7 +29,7 @@ class Parts:
         self.model = GPT(ModelConfig(vocab_size=20, d_model=d_model, n_heads=2, n_layers=2, d_ff=32, block_size=8,
                                      dropout=0.1))
         self.optimizer = build_optimizer(self.model, OptimizerConfig(lr=1e-2), "cpu")
-        self.loader = TrainLoader(np.arange(2000) % 20, block_size=8, batch_size=4, seed=1)
+        self.loader = TrainLoader([np.arange(2000) % 20], block_size=8, batch_size=4, seed=1)
         self.batches = iter(self.loader)
 
     def train(self, steps: int) -> None:
@@ -238,3 +238,14 @@ def test_rewind_cuts_metrics_back_to_a_saved_length(tmp_path):
     assert rewind(path, len('{"step": 1}\n')) == 2
     assert path.read_text() == '{"step": 1}\n'
     assert rewind(path, 100) == 0 and rewind(tmp_path / "absent.jsonl", 0) == 0
+
+
+def test_a_checkpoint_trained_with_another_tokenizer_is_refused(run, tmp_path):
+    final = save_checkpoint(tmp_path / "final", Parts().model, {}, run.tokenizer)
+    other = TextTokenizer(train_char(iter(["uvwxyz"])))  # what this run's data was tokenized with
+    with pytest.raises(DataError, match=r"model.init_from=.*final: its model was trained with another tokenizer than "
+                                        r"the one this run's data was tokenized with .*; tokenize with the "
+                                        r"checkpoint's own: tokenizer=file tokenizer.path=.*final/tokenizer.json"):
+        Parts().restore(Checkpointer(tmp_path / "new_run", 0, {}, other), None, str(final))
+    with pytest.raises(DataError, match=r"trainer.resume=auto: its model was trained with another tokenizer"):
+        Parts().restore(Checkpointer(run.root.parent, 0, {}, other), "auto")

@@ -42,8 +42,8 @@ def main(cfg: DictConfig) -> None:
 
     from lmtrain.checkpoint import TOKENIZER
     from lmtrain.console import count_bar, err_console, quiet_libraries, wants_progress_bar
-    from lmtrain.data.cache import prepare_tokens
-    from lmtrain.evaluation import evaluate, windows
+    from lmtrain.data.prepare import prepare_data
+    from lmtrain.evaluation import evaluate_shards, first_tokens, windows
     from lmtrain.trained import load_trained
     from lmtrain.trainer import pick_device
 
@@ -52,21 +52,22 @@ def main(cfg: DictConfig) -> None:
     trained = load_trained(ev.checkpoint, device)
     data = ev.data or checkpoint_data(trained.config)
     # the checkpoint's own tokenizer.json, so the tokens are the ones the model was trained on
-    cache = prepare_tokens(data, TokenizerConfig(kind=TokenizerKind.file, path=str(trained.path / TOKENIZER)))
-    tokens = cache.tokens(ev.split.value)
-    if ev.max_tokens is not None:
-        tokens = tokens[: ev.max_tokens + 1]  # +1: the first token is only read, never scored
-    if len(tokens) < 2:
-        raise DataError(f"the {ev.split.value} split of data={data.name} has {len(tokens)} tokens: nothing to score")
+    prepared = prepare_data(data, TokenizerConfig(kind=TokenizerKind.file, path=str(trained.path / TOKENIZER)))
+    shards = [s for cache in prepared.caches.values() for s in cache.shards(ev.split.value)]  # every source's
+    shards = first_tokens(shards, ev.max_tokens)
+    scored = sum(max(0, len(s) - 1) for s in shards)
+    if scored < 1:
+        raise DataError(f"the {ev.split.value} split of data={data.name} has no two tokens in a row: nothing to score")
     bf16 = ev.precision == Precision.bf16 or (ev.precision == Precision.auto and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    block = trained.model.cfg.block_size
     log.info("Evaluating %s on the %s split of %s: %s tokens in windows of %d", trained.path, ev.split.value,
-             data.name, f"{len(tokens) - 1:,}", trained.model.cfg.block_size)
+             data.name, f"{scored:,}", block)
     start = time.perf_counter()
     with count_bar(wants_progress_bar(ev.progress, err_console)) as bar:
-        task = bar.add_task("eval", total=len(windows(len(tokens), trained.model.cfg.block_size)))
-        result = evaluate(trained.model, trained.tokenizer, tokens, ev.batch_size, autocast,
-                          on_batch=lambda n: bar.advance(task, n))
+        task = bar.add_task("eval", total=sum(len(windows(len(s), block)) for s in shards))
+        result = evaluate_shards(trained.model, trained.tokenizer, shards, ev.batch_size, autocast,
+                                 on_batch=lambda n: bar.advance(task, n))
     report = {"checkpoint": str(trained.path.resolve()), "data": data.name, "split": ev.split.value,
               "tokens": result.tokens, "bytes": result.bytes, "loss": result.loss, "perplexity": result.perplexity,
               "bits_per_byte": result.bits_per_byte, "seconds": round(time.perf_counter() - start, 2)}

@@ -46,10 +46,13 @@ def main(cfg: DictConfig) -> None:
     keep_heap_flat()
     with PreparationProgress(wants_progress_bar(None)) as progress:
         data = prepare_data(prepare_cfg.data, prepare_cfg.tokenizer, progress)
-    console.print(report(data))
+    table, lines = report(data)
+    console.print(table)
+    for line in lines:
+        console.print(line, soft_wrap=True, highlight=False, markup=False)  # a path stays on one line
 
 
-def report(data: PreparedData) -> Table:
+def report(data: PreparedData) -> tuple[Table, list[str]]:
     """Per source and split: documents, tokens, tokenization speed and bytes on disk; then where each cache is."""
     table = Table(title="Prepared data", title_justify="left")
     for column in ("source", "split", "documents", "tokens", "tokens/s", "on disk"):
@@ -61,11 +64,9 @@ def report(data: PreparedData) -> Table:
             table.add_row(name, split, f"{s['documents']:,}", f"{s['tokens']:,}", speed,
                           _size(s["tokens"] * itemsize))
     tok = data.tokenizer
-    table.caption = "\n".join([f"tokenizer: {tok.vocab_size:,} tokens, end-of-text {tok.eot_token!r}"] + [
+    return table, [f"tokenizer: {tok.vocab_size:,} tokens, end-of-text {tok.eot_token!r}"] + [
         f"cache of {name}: {cache.path} ({_size(sum(f.stat().st_size for f in cache.path.iterdir()))})"
-        for name, cache in data.caches.items()])
-    table.caption_justify = "left"
-    return table
+        for name, cache in data.caches.items()]
 
 
 def _size(n: float) -> str:

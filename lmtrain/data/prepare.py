@@ -50,7 +50,7 @@ def prepare_data(cfg: DataConfig, tok_cfg: TokenizerConfig,
     root = cache_root(cfg)
     sources = [(f"data.mixture.{i}", s) for i, s in enumerate(cfg.mixture)] or [("data", cfg)]
     settings = tokenizer_settings(tok_cfg)
-    caches = {key: _open_prepared(key, s, settings) for key, s in sources if s.source == SourceKind.prepared}
+    caches = {key: _open_prepared(key, s, tok_cfg) for key, s in sources if s.source == SourceKind.prepared}
     raw = [(key, s) for key, s in sources if key not in caches]
     loaded: dict[str, Splits] = {}
 
@@ -100,15 +100,20 @@ def prepare_data(cfg: DataConfig, tok_cfg: TokenizerConfig,
     return PreparedData(first.tokenizer, by_name, weights)
 
 
-def _open_prepared(key: str, s: SourceConfig, settings: dict) -> TokenCache:
-    """A cache folder named by path: complete, and made with the tokenizer this run asks for."""
+def _open_prepared(key: str, s: SourceConfig, tok_cfg: TokenizerConfig) -> TokenCache:
+    """A cache folder named by path: complete, and made with the tokenizer this run asks for: the same
+    tokenizer.json for tokenizer=file, else the same settings."""
     path = Path(os.path.expanduser(s.path or ""))
     cache = open_cache(path)
     if cache is None:
         raise DataError(f"{key}.path={s.path!r} is not a complete token cache (no current {path / 'manifest.json'}); "
                         "give a folder that `lmtrain prepare` printed, or prepare it again")
-    made_with = cache.manifest["tokenizer"]
-    if made_with != settings:
+    made_with, settings = cache.manifest["tokenizer"], tokenizer_settings(tok_cfg)
+    if tok_cfg.kind == TokenizerKind.file:
+        matches = same_tokenizer(TextTokenizer.load(Path(os.path.expanduser(tok_cfg.path))), cache.tokenizer)
+    else:
+        matches = made_with == settings
+    if not matches:
         raise DataError(f"{key}.path={s.path!r} was built with another tokenizer ({_describe(made_with)}) than this "
                         f"run's ({_describe(settings)}); set the same tokenizer keys, e.g. "
                         f"tokenizer={made_with['kind']}, or prepare the data again with this tokenizer")
