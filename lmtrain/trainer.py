@@ -114,7 +114,9 @@ class Trainer:
         self.flops_per_token = self.model.flops_per_token()
         self.peak, self.peak_source = peak_flops(self.device, self.bf16)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
-        self.sample_prompts = [encode_prompt(self.tokenizer, p, "trainer.sample_prompts") for p in t.sample_prompts]
+        # Encoded only when sampling is on: a char tokenizer may lack the default prompts' characters.
+        self.sample_prompts = [encode_prompt(self.tokenizer, p, "trainer.sample_prompts")
+                               for p in (t.sample_prompts if t.sample_every else [])]
         self.step = 0
         self.epoch_loss, self.epoch_steps = torch.zeros((), device=self.device), 0  # sum of this epoch's step losses
         self.val_loss, self.best_val_loss = float("nan"), float("inf")

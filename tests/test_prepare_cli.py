@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 # FAST_TRAIN without its data keys, which would change which cache a run uses.
 SHORT_RUN = [*TINY_MODEL, *[a for a in FAST_TRAIN if not a.startswith("data.")], "trainer.max_steps=4",
-             "trainer.eval_every=2", "trainer.sample_every=0", "trainer.sample_prompts=[]"]
+             "trainer.eval_every=2", "trainer.sample_every=0"]
 
 
 def test_prepare_then_train_reuses_the_cache_and_another_tokenizer_rebuilds(tmp_path, corpus):

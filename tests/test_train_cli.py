@@ -80,3 +80,15 @@ def test_multirun_sweep_makes_one_run_dir_per_job(tmp_path):
         assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
         assert lr_line in (sweep / job / ".hydra/config.yaml").read_text()
         assert (sweep / job / "checkpoints/final/model.safetensors").is_file()
+
+
+def test_sample_prompts_are_checked_only_when_sampling(tmp_path):
+    text = tmp_path / "abc.txt"
+    text.write_text("abc cab bca " * 2000)  # no d, e or f: the default prompt "def " cannot be encoded
+    common = [*TINY_MODEL, *FAST_TRAIN, "data=text_files", f"data.train_files=[{text}]", "tokenizer=char",
+              "trainer.max_steps=2"]
+    plain = run_cli("train", *common, "trainer.sample_every=0", f"hydra.run.dir={tmp_path}/plain")
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    sampling = run_cli("train", *common, "trainer.sample_every=1", f"hydra.run.dir={tmp_path}/sampling")
+    assert sampling.returncode == 2 and "trainer.sample_prompts" in sampling.stdout + sampling.stderr
+    assert "Traceback" not in sampling.stdout + sampling.stderr
