@@ -161,6 +161,7 @@ class TrainerConfig:
     device: str = "auto"  # auto: cuda if available, else cpu; or cpu, cuda, cuda:1, ...
     precision: Precision = Precision.auto
     compile: bool | None = None  # torch.compile the model; None: on for CUDA, off on CPU
+    activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, more compute
     seed: int = 1337  # seeds data order, initialisation and dropout
     num_workers: int = 0  # data loader worker processes; 0 loads in the training process
     progress: bool | None = None  # live progress bar; None: only when stdout is a terminal

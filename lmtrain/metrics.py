@@ -33,14 +33,20 @@ GPU_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
 
 
 class MetricsLog:
-    """Appends one JSON object per line to metrics.jsonl, flushed at once so a crash loses nothing logged."""
+    """Appends one JSON object per line to metrics.jsonl, flushed at once so a crash loses nothing logged.
+
+    Every record gets `elapsed_s`: wall-clock seconds since the log was opened, which the trainer does
+    just before its first step. Time-to-target figures (a speedrun) are read from it.
+    """
 
     def __init__(self, path: Path, enabled: bool = True):
         self.path, self.enabled = path, enabled
         self._file = open(path, "a", encoding="utf-8") if enabled else None
+        self._start = time.perf_counter()
 
     def write(self, record: dict) -> None:
         if self._file is not None:
+            record = {**record, "elapsed_s": round(time.perf_counter() - self._start, 3)}
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
 

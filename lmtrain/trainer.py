@@ -100,6 +100,7 @@ class Trainer:
             raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {self.tokenizer.vocab_size}")
         self.model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
         self.model = GPT(self.model_cfg).to(self.device)
+        self.model.activation_checkpointing = t.activation_checkpointing
         compile_model = t.compile if t.compile is not None else self.device.type == "cuda"
         self.forward = torch.compile(self.model) if compile_model else self.model  # self.model stays unwrapped
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)

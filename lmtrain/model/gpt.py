@@ -20,8 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from lmtrain.config import Mlp, ModelConfig, Norm, PosEmb
+from lmtrain.model.loss import cross_entropy
 
 
 class KVCache:
@@ -69,6 +71,15 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout: float) -> Tensor:
+    """softmax(q k^T / sqrt(hs) + causal mask) v through SDPA: flash or memory-efficient kernels on CUDA."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # On CPU, SDPA's bf16 backward is several times slower than its fp32 one (torch 2.13): attend in fp32.
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, dropout_p=dropout)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -108,8 +119,7 @@ class CausalSelfAttention(nn.Module):
             mask = None if T == 1 else torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(k.size(2) - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               dropout_p=self.dropout if self.training else 0.0)
+            y = causal_attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_drop(self.proj(y))
 
@@ -158,6 +168,9 @@ class GPT(nn.Module):
         if cfg.vocab_size is None:
             raise ValueError("model.vocab_size is not set: take it from the tokenizer before building the model")
         self.cfg = cfg
+        # Recompute each block's activations in the backward pass instead of keeping them: less memory, ~1/3
+        # more compute. A training setting (trainer.activation_checkpointing), so not part of ModelConfig.
+        self.activation_checkpointing = False
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_emb == PosEmb.learned else None
         self.drop = nn.Dropout(cfg.dropout)
@@ -208,13 +221,15 @@ class GPT(nn.Module):
         pos = slice(start, start + T)
         rope = (self.rope_cos[pos], self.rope_sin[pos]) if self.cfg.pos_emb == PosEmb.rope else None
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, cache, i)
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, rope, cache, i, use_reentrant=False)
+            else:
+                x = block(x, rope, cache, i)
         x = self.norm_f(x)
         logits = self.lm_head(x)  # (B, T, V), in the compute dtype
         if targets is None:
             return logits
-        # Softmax over a large vocabulary in float32; a no-op when logits already are (autocast upcasts too).
-        return F.cross_entropy(logits.view(B * T, -1).float(), targets.reshape(B * T))
+        return cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))  # softmax in float32, in chunks
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count, tied weights once. non_embedding leaves out the token and position tables
