@@ -69,7 +69,7 @@ class OptimizerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
     eps: float = 1e-8  # AdamW epsilon
     weight_decay: float = 0.01  # decoupled weight decay; never applied to biases, norms, embeddings
-    fused: bool | None = None  # fused AdamW kernel; None: on for CUDA, off otherwise
+    fused: bool | None = None  # fused AdamW kernel; None: on for CUDA and CPU, off otherwise
 
 
 class SchedulerName(str, Enum):

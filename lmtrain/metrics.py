@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -73,7 +75,7 @@ def rewind(path: Path, size: int) -> int:
 
 
 class Throughput:
-    """Tokens per second over the steps since the last call to `rate`."""
+    """Training tokens per second over the steps since the last call to `rate`."""
 
     def __init__(self):
         self._tokens, self._start = 0, time.perf_counter()
@@ -86,6 +88,13 @@ class Throughput:
         rate = self._tokens / max(now - self._start, 1e-9)
         self._tokens, self._start = 0, now
         return rate
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (an evaluation, say) does not count as training time."""
+        start = time.perf_counter()
+        yield
+        self._start += time.perf_counter() - start
 
 
 def gpu_peak_flops(device_name: str, bf16: bool) -> float | None:

@@ -231,12 +231,13 @@ class Trainer:
                 if logging_step:
                     train_loss = step_loss.item()
                     fields = self._log_step(train_loss, lr, float(grad_norm), throughput.rate())
-                if self.step % t.eval_every == 0 and self.step < self.total_steps:
-                    self._record_eval()
-                if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
-                    self._save()
-                if t.sample_every and self.step % t.sample_every == 0:
-                    self._record_samples()
+                with throughput.paused():  # evaluating, saving and sampling are not training time
+                    if self.step % t.eval_every == 0 and self.step < self.total_steps:
+                        self._record_eval()
+                    if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
+                        self._save()
+                    if t.sample_every and self.step % t.sample_every == 0:
+                        self._record_samples()
                 bar.update(task, completed=self.step, **fields)
             if self.step < self.total_steps:
                 return self._stopped(stop.received, time.perf_counter() - start)

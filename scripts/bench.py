@@ -7,7 +7,7 @@
 A case is a model preset from configs/model/ with overrides of its keys, plus `batch=` (sequences per
 step). Each case trains a fresh model on random tokens with the step `lmtrain train` takes: forward and
 backward under the trainer's autocast, gradient clipping, AdamW. The first --warmup steps (which include
-compilation) are not timed; tokens/s is measured over the next --steps. MFU is the model's FLOPs per token
+compilation) are not timed; tokens/s is measured over the next --seconds. MFU is the model's FLOPs per token
 (6N plus attention) times tokens/s, over the device's peak: a data sheet for known GPUs, a measured matmul
 elsewhere. On a shared machine wrap it in `flock /tmp/lmtrain-bench.lock` and compare within one run.
 """
@@ -70,17 +70,18 @@ def sync(device: torch.device) -> None:
 
 
 def bench_case(cfg: ModelConfig, batch: int, device: torch.device, bf16: bool, compile_model: bool, warmup: int,
-               steps: int) -> dict:
+               seconds: float, min_steps: int = 3) -> dict:
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
     forward = torch.compile(model) if compile_model else model
     optimizer = build_optimizer(model, OptimizerConfig(), device.type)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    tokens = torch.randint(0, cfg.vocab_size, (warmup + steps, batch, cfg.block_size + 1), device=device)
+    tokens = torch.randint(0, cfg.vocab_size, (8, batch, cfg.block_size + 1), device=device)  # reused in turn
     params = list(model.parameters())
 
     def step(i: int) -> None:
-        accumulate_gradients(forward, [(tokens[i, :, :-1], tokens[i, :, 1:])], device, autocast)
+        window = tokens[i % len(tokens)]
+        accumulate_gradients(forward, [(window[:, :-1], window[:, 1:])], device, autocast)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -90,15 +91,17 @@ def bench_case(cfg: ModelConfig, batch: int, device: torch.device, bf16: bool, c
         step(i)
     sync(device)
     timed = time.perf_counter()
-    for i in range(warmup, warmup + steps):
-        step(i)
-    sync(device)
+    steps = 0
+    while steps < min_steps or time.perf_counter() - timed < seconds:
+        step(steps)
+        steps += 1
+    sync(device)  # the GPU may still be working through queued steps
     seconds = time.perf_counter() - timed
     tokens_per_s = steps * batch * cfg.block_size / seconds
     peak, source = peak_flops(device, bf16)
     return {"model": cfg.name, "params": model.num_params(), "layers": cfg.n_layers, "d_model": cfg.d_model,
             "block_size": cfg.block_size, "batch": batch, "precision": "bf16" if bf16 else "fp32",
-            "compile": compile_model, "tokens_per_s": tokens_per_s, "step_ms": 1000 * seconds / steps,
+            "compile": compile_model, "steps": steps, "tokens_per_s": tokens_per_s, "step_ms": 1000 * seconds / steps,
             "flops_per_token": model.flops_per_token(), "mfu": tokens_per_s * model.flops_per_token() / peak,
             "peak_flops": peak, "peak_source": source, "warmup_s": timed - start}
 
@@ -122,7 +125,7 @@ def main() -> None:
     parser.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off", "on"])
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default: 3 eager, 5 compiled)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per case")
+    parser.add_argument("--seconds", type=float, default=4.0, help="time each case for this long (at least 3 steps)")
     parser.add_argument("--json", type=Path, help="write the results to this JSON file")
     args = parser.parse_args()
 
@@ -141,11 +144,11 @@ def main() -> None:
                 on = compiled == "on"
                 warmup = args.warmup if args.warmup is not None else (5 if on else 3)
                 console.log(f"{spec} {precision} compile {compiled}")
-                row = bench_case(cfg, batch, device, precision == "bf16", on, warmup, args.steps)
+                row = bench_case(cfg, batch, device, precision == "bf16", on, warmup, args.seconds)
                 rows.append({"case": spec, **row})
     console.print(results_table(rows, device_name))
     if args.json:
-        report = {"device": device_name, "torch": torch.__version__, "steps": args.steps, "results": rows}
+        report = {"device": device_name, "torch": torch.__version__, "results": rows}
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         console.print(f"wrote {args.json}")
 

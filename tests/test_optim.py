@@ -50,3 +50,20 @@ def test_decay_shapes_end_at_min_lr():
     assert lr_at(int(midpoint), 100, 2.0, cos) == pytest.approx(0.2 + 0.9 * (1 + math.cos(math.pi * 44 / 89)), rel=1e-6)
     assert lr_at(99, 100, 2.0, lin) == pytest.approx(0.0)
     assert lr_at(99, 100, 2.0, const) == 2.0
+
+
+def test_fused_adamw_is_the_cpu_default_and_matches_the_loop():
+    torch.manual_seed(0)
+    model, twin = nn.Linear(8, 8), nn.Linear(8, 8)
+    twin.load_state_dict(model.state_dict())
+    fused = build_optimizer(model, OptimizerConfig(lr=1e-2, weight_decay=0.1), "cpu")
+    loop = build_optimizer(twin, OptimizerConfig(lr=1e-2, weight_decay=0.1, fused=False), "cpu")
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    for _ in range(5):
+        x = torch.randn(4, 8)
+        for m, opt in [(model, fused), (twin, loop)]:
+            m(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

@@ -72,11 +72,15 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout: float) -> Tensor:
-    """softmax(q k^T / sqrt(hs) + causal mask) v through SDPA: flash or memory-efficient kernels on CUDA."""
-    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        # On CPU, SDPA's bf16 backward is several times slower than its fp32 one (torch 2.13): attend in fp32.
-        with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, dropout_p=dropout)
+    """softmax(q k^T / sqrt(hs) + causal mask) v for q, k, v (B, nh, T, hs): SDPA (flash kernels on CUDA),
+    except in bf16 on a CPU, where SDPA's backward is several times slower than plain bf16 matmuls
+    around a float32 softmax (torch 2.13; measured in scripts/bench.py)."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        T = q.shape[-2]
+        mask = torch.full((T, T), float("-inf"), device=q.device).triu(1)  # -inf above the diagonal: the future
+        scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5 + mask  # (B, nh, T, T)
+        weights = F.dropout(scores.softmax(dim=-1), p=dropout).to(q.dtype)
+        return weights @ v  # (B, nh, T, hs)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
 
 
