@@ -37,8 +37,9 @@ GPU_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
 class MetricsLog:
     """Appends one JSON object per line to metrics.jsonl, flushed at once so a crash loses nothing logged.
 
-    Every record gets `elapsed_s`: wall-clock seconds since the log was opened, which the trainer does
-    just before its first step. Time-to-target figures (a speedrun) are read from it.
+    Every record gets `elapsed_s`: wall-clock seconds since the log was opened, which the trainer does as
+    its setup ends, just before the first step (a resumed run counts from its restart). Time-to-target
+    figures, such as a speedrun's, are read from it.
     """
 
     def __init__(self, path: Path, enabled: bool = True):

@@ -50,7 +50,7 @@ def read_until(proc: subprocess.Popen, *fragments: str) -> str:
 
 def logged(run: Path) -> list[dict]:
     """metrics.jsonl without the timing fields, which differ between any two runs."""
-    timing = ("tokens_per_s", "mfu")
+    timing = ("tokens_per_s", "mfu", "elapsed_s")
     return [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(run / "metrics.jsonl")]
 
 
