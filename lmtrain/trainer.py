@@ -203,6 +203,7 @@ class Trainer:
         throughput = Throughput()
         train_loss = float("nan")
         fields = {"loss": "-", "lr": "-", "speed": "-", "mfu": "-"}
+        first_step = self.step  # above 0 after a resume: throughput counts only this process's steps
         finished = self.step >= self.total_steps  # resumed from the checkpoint a complete run saved last
         with progress_bar(wants_progress_bar(t.progress)) as bar, StopSignals() as stop:
             task = bar.add_task("train", total=self.total_steps, completed=self.step, **fields)
@@ -250,7 +251,7 @@ class Trainer:
         self.metrics.close()
         result = TrainResult(self.step, self.step * self.tokens_per_step, train_loss, self.val_loss,
                              time.perf_counter() - start, self.checkpoints.root / "final")
-        self._summarize(result)
+        self._summarize(result, (self.step - first_step) * self.tokens_per_step)
         return result
 
     def _log_step(self, loss: float, lr: float, grad_norm: float, tokens_per_s: float) -> dict:
@@ -266,12 +267,13 @@ class Trainer:
         """The resolved run config as saved with checkpoints: vocab_size filled in from the tokenizer."""
         return as_plain_dict(dataclasses.replace(self.cfg, model=self.model_cfg))
 
-    def _summarize(self, r: TrainResult) -> None:
+    def _summarize(self, r: TrainResult, tokens_this_run: int) -> None:
+        rate = tokens_this_run / r.seconds
         rows = [("parameters", f"{self.model.num_params():,}"), ("steps", f"{r.steps:,}"),
                 ("tokens seen", f"{r.tokens:,}"), ("final train loss", f"{r.train_loss:.4f}"),
                 ("final validation loss", f"{r.val_loss:.4f} (perplexity {math.exp(min(r.val_loss, 50)):.2f})"),
-                ("wall time", f"{r.seconds:.1f} s"), ("throughput", f"{r.tokens / r.seconds:,.0f} tokens/s"),
-                ("MFU", f"{100 * r.tokens / r.seconds * self.flops_per_token / self.peak:.1f}% of {self.peak_source} "
+                ("wall time", f"{r.seconds:.1f} s"), ("throughput", f"{rate:,.0f} tokens/s"),
+                ("MFU", f"{100 * rate * self.flops_per_token / self.peak:.1f}% of {self.peak_source} "
                         f"({self.peak / 1e12:.2f} TFLOP/s)"),
                 *self.train_loader.summary_rows(), ("checkpoint", str(r.checkpoint))]
         console.print(summary_table(rows))
