@@ -1,0 +1,64 @@
+"""Every configuration schema, registered in Hydra's ConfigStore, plus the cross-field checks.
+
+YAML files under configs/ hold values only; the types, defaults and meanings live in this package, one
+module per concern: model, data (and tokenizer), train (optimizer, scheduler, trainer), use (generate,
+eval, export). Hydra checks each composed config against these schemas (unknown keys, wrong types, bad
+enum values); `to_config` converts the result to plain dataclasses once, at the command's entry, and
+runs the checks that involve more than one field.
+"""
+
+from hydra.core.config_store import ConfigStore
+
+from lmtrain.config.base import CHECKS, as_plain_dict, check, check_device, to_config
+from lmtrain.config.data import (
+    DataConfig,
+    MixtureSource,
+    PrepareConfig,
+    SourceConfig,
+    SourceKind,
+    TokenizerConfig,
+    TokenizerKind,
+    validate_data,
+    validate_prepare,
+    validate_tokenizer,
+)
+from lmtrain.config.model import Mlp, ModelConfig, Norm, PosEmb
+from lmtrain.config.train import (
+    OptimizerConfig,
+    OptimizerName,
+    Precision,
+    SchedulerConfig,
+    SchedulerName,
+    TrainConfig,
+    TrainerConfig,
+    to_train_config,
+    validate,
+)
+from lmtrain.config.use import (
+    EvalConfig,
+    EvalSplit,
+    ExportConfig,
+    ExportFormat,
+    GenerateConfig,
+    validate_eval,
+    validate_generate,
+)
+
+__all__ = [
+    "CHECKS", "DataConfig", "EvalConfig", "EvalSplit", "ExportConfig", "ExportFormat", "GenerateConfig", "Mlp",
+    "MixtureSource", "ModelConfig", "Norm", "OptimizerConfig", "OptimizerName", "PosEmb", "Precision",
+    "PrepareConfig", "SchedulerConfig", "SchedulerName", "SourceConfig", "SourceKind", "TokenizerConfig",
+    "TokenizerKind", "TrainConfig", "TrainerConfig", "as_plain_dict", "check", "check_device", "register_configs",
+    "to_config", "to_train_config", "validate", "validate_data", "validate_eval", "validate_generate",
+    "validate_prepare", "validate_tokenizer",
+]
+
+
+def register_configs() -> None:
+    """Register each command's top-level schema; its YAML lists it first in its defaults."""
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    store.store(name="prepare_schema", node=PrepareConfig)
+    store.store(name="generate_schema", node=GenerateConfig)
+    store.store(name="eval_schema", node=EvalConfig)
+    store.store(name="export_schema", node=ExportConfig)

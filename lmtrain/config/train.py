@@ -1,0 +1,136 @@
+"""`lmtrain train`'s schema: optimizer, scheduler and trainer, composed with model, data and tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from lmtrain.config.base import CHECKS, check, check_device, to_config
+from lmtrain.config.data import DataConfig, TokenizerConfig, validate_data, validate_tokenizer
+from lmtrain.config.model import ModelConfig, PosEmb
+
+
+class OptimizerName(str, Enum):
+    adamw = "adamw"
+
+
+@dataclass
+class OptimizerConfig:
+    name: OptimizerName = OptimizerName.adamw
+    lr: float = 3e-4  # peak learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.01  # decoupled weight decay; never applied to biases, norms, embeddings
+    fused: bool | None = None  # fused AdamW kernel; None: on for CUDA and CPU, off otherwise
+
+
+class SchedulerName(str, Enum):
+    cosine = "cosine"
+    constant = "constant"
+    linear = "linear"
+
+
+@dataclass
+class SchedulerConfig:
+    name: SchedulerName = SchedulerName.cosine
+    warmup_steps: int = 100  # linear warm-up from 0 to optimizer.lr, in optimizer steps
+    min_lr_ratio: float = 0.1  # final LR as a fraction of optimizer.lr (cosine, linear)
+
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 autocast on CUDA, fp32 on CPU
+    fp32 = "fp32"
+    bf16 = "bf16"  # bf16 autocast; weights and optimizer state stay fp32
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 600  # optimizer steps; 0: train for `epochs` instead
+    epochs: int = 0  # full passes over the training tokens; used when max_steps is 0
+    batch_size: int = 32  # sequences per micro-batch
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    log_every: int = 10  # optimizer steps between log lines
+    eval_every: int = 100  # optimizer steps between validation passes (and one at the end)
+    eval_batches: int = 20  # micro-batches per validation pass
+    device: str = "auto"  # auto: cuda if available, else cpu; or cpu, cuda, cuda:1, ...
+    precision: Precision = Precision.auto
+    compile: bool | None = None  # torch.compile the model; None: on for CUDA, off on CPU
+    activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, more compute
+    seed: int = 1337  # seeds data order, initialisation and dropout
+    num_workers: int = 0  # data loader worker processes; 0 loads in the training process
+    progress: bool | None = None  # live progress bar; None: only when stdout is a terminal
+    save_every: int = 200  # optimizer steps between checkpoints in checkpoints/step_N/; 0: only at the end
+    keep_last: int = 3  # step checkpoints kept, newest first; older ones are deleted; 0 keeps them all
+    resume: str | None = None  # None: start fresh; auto: continue this run dir's latest checkpoint; or a step folder
+    sample_every: int = 0  # optimizer steps between text samples in the log and metrics.jsonl; 0 disables
+    sample_prompts: list[str] = field(default_factory=lambda: [""])  # prompts to continue; "" starts a document
+    sample_tokens: int = 64  # most new tokens per sample
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    """Convert Hydra's composed config to dataclasses, rejecting keys no schema knows, then check it."""
+    return to_config(cfg, TrainConfig)
+
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks that span fields or need arithmetic; messages name the command-line key."""
+    m, t, o, s, d, tok = cfg.model, cfg.trainer, cfg.optimizer, cfg.scheduler, cfg.data, cfg.tokenizer
+    for key, value in [("model.d_model", m.d_model), ("model.n_heads", m.n_heads), ("model.n_layers", m.n_layers),
+                       ("model.d_ff", m.d_ff), ("model.block_size", m.block_size),
+                       ("trainer.batch_size", t.batch_size), ("trainer.grad_accum_steps", t.grad_accum_steps),
+                       ("trainer.log_every", t.log_every), ("trainer.eval_every", t.eval_every),
+                       ("trainer.eval_batches", t.eval_batches)]:
+        check(value > 0, f"{key}={value} must be > 0")
+    check(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
+    head_dim = m.d_model // m.n_heads
+    if m.n_kv_heads is not None:
+        check(m.n_kv_heads > 0 and m.n_heads % m.n_kv_heads == 0,
+               f"model.n_kv_heads={m.n_kv_heads} must be > 0 and divide model.n_heads={m.n_heads}")
+    if m.pos_emb == PosEmb.rope:
+        check(head_dim % 2 == 0, f"model.pos_emb=rope needs an even head size, got d_model/n_heads={head_dim}")
+    if m.vocab_size is not None:
+        check(m.vocab_size > 0, f"model.vocab_size={m.vocab_size} must be > 0 (or null for the tokenizer's size)")
+    check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+    check(o.lr > 0, f"optimizer.lr={o.lr} must be > 0")
+    check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+           f"optimizer.betas={o.betas} must be two numbers in [0, 1)")
+    check(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
+    check(s.warmup_steps >= 0, f"scheduler.warmup_steps={s.warmup_steps} must be >= 0")
+    check(0 <= s.min_lr_ratio <= 1, f"scheduler.min_lr_ratio={s.min_lr_ratio} must be in [0, 1]")
+    check(t.max_steps >= 0 and t.epochs >= 0, "trainer.max_steps and trainer.epochs must be >= 0")
+    check(t.max_steps > 0 or t.epochs > 0, "set trainer.max_steps > 0 or trainer.epochs > 0 to say how long to train")
+    check(t.grad_clip >= 0, f"trainer.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    check(t.num_workers >= 0, f"trainer.num_workers={t.num_workers} must be >= 0")
+    check(t.save_every >= 0, f"trainer.save_every={t.save_every} must be >= 0 (0: save only at the end)")
+    check(t.keep_last >= 0, f"trainer.keep_last={t.keep_last} must be >= 0 (0 keeps every checkpoint)")
+    if t.resume not in (None, "auto"):
+        check(Path(t.resume).expanduser().is_dir(), f"trainer.resume={t.resume}: no such checkpoint folder; to "
+                                                     "continue a run, use trainer.resume=auto hydra.run.dir=RUN_DIR")
+    if m.init_from is not None:
+        check(Path(m.init_from).expanduser().is_dir(), f"model.init_from={m.init_from}: no such checkpoint folder")
+    check_device("trainer.device", t.device)
+    check(t.sample_every >= 0, f"trainer.sample_every={t.sample_every} must be >= 0 (0 disables samples)")
+    check(t.sample_tokens > 0, f"trainer.sample_tokens={t.sample_tokens} must be > 0")
+    check(t.sample_every == 0 or bool(t.sample_prompts),
+           "trainer.sample_prompts is empty: give prompts to continue ('' starts a document) or trainer.sample_every=0")
+    validate_data(d)
+    validate_tokenizer(tok)
+
+
+CHECKS[TrainConfig] = validate
