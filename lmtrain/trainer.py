@@ -140,13 +140,15 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean loss over the fixed validation batches."""
         self.model.eval()
-        total = torch.zeros((), device=self.device)
+        total, rows = torch.zeros((), device=self.device), 0
         for i in range(len(self.val_batches)):
-            x, y = (t.to(self.device) for t in self.val_batches[i])
-            with self.autocast():
-                total += self.forward(x, y).float()
+            for x, y in self.micro.split([self.val_batches[i]]):  # what fits with gradients fits without
+                x, y = x.to(self.device), y.to(self.device)
+                with self.autocast():
+                    total += self.forward(x, y).float() * x.shape[0]
+                rows += x.shape[0]
         self.model.train()
-        return (total / len(self.val_batches)).item()
+        return (total / rows).item()
 
     def _record_eval(self) -> float:
         val_loss = self.val_loss = self.evaluate()

@@ -15,6 +15,8 @@ from lmtrain.metrics import read_metrics
 from lmtrain.model import GPT
 from lmtrain.model.gpt import causal_attention
 
+from conftest import run_cli
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -81,3 +83,15 @@ def test_cuda_out_of_memory_is_caught_and_halved(tmp_path: Path):
     trainer.forward = forward
     trainer.fit()
     assert trainer.micro.size == 4
+
+
+@pytest.mark.slow
+def test_gpt2_124m_recipe_composes_as_documented(tmp_path):
+    result = run_cli("train", "experiment=gpt2_124m", "--cfg", "job", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for line in ("n_layers: 12", "d_model: 768", "block_size: 1024", "vocab_multiple: 64", "kind: pretrained",
+                 "name: gpt2", "path: HuggingFaceFW/fineweb-edu", "lr: 0.0006", "- 0.95", "weight_decay: 0.1",
+                 "warmup_steps: 700", "batch_size: 64", "grad_accum_steps: 8", "micro_batch_size: auto"):
+        assert f"  {line}\n" in result.stdout, line
+    # the global batch: 64 sequences x 8 accumulation x 1024 tokens, ~0.5M tokens as GPT-2's recipe
+    assert 64 * 8 * 1024 == 524_288

@@ -95,7 +95,7 @@ def test_batches_reach_the_device_contiguous_and_auto_means_the_batch_on_cpu(tmp
     trainer.model.register_forward_pre_hook(lambda module, args: seen.append([a.is_contiguous() for a in args]))
     trainer.micro.size = 4  # micro-batches are row slices of the loaded batch
     trainer.fit()
-    assert len(seen) == 3 * 2 + 2 * 2  # 3 steps of 2 micro-batches, 2 evaluations of 2 batches
+    assert len(seen) == 3 * 2 + 2 * 2 * 2  # 3 steps, 2 evaluations of 2 batches; 2 micro-batches each
     assert all(all(flags) and len(flags) == 2 for flags in seen)
 
 
