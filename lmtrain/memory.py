@@ -110,12 +110,14 @@ class MicroBatches:
 def trial_step(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], model: torch.nn.Module,
                vocab_size: int, block_size: int, device: torch.device, autocast: Callable) -> Callable[[int], None]:
     """A forward and backward of `size` random sequences, gradients then dropped: what `fit` tries. Its
-    random ids come from a generator of its own, so the run's random numbers are the same as without it."""
+    random ids come from a generator of its own, so the run's random numbers are the same as without it.
+    Compiled blocks run eagerly here: each size tried would otherwise be compiled, and the training graph
+    would turn shape-generic; eager needs at least the memory compiled code does, so what fits stays fitting."""
 
     def trial(size: int) -> None:
         generator = torch.Generator(device).manual_seed(0)
         x = torch.randint(vocab_size, (size, block_size), device=device, generator=generator)  # (size, T)
-        with autocast():
+        with torch.compiler.set_stance("force_eager"), autocast():
             loss = forward(x, x)
         loss.backward()
         model.zero_grad(set_to_none=True)

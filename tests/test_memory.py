@@ -112,3 +112,16 @@ def test_per_block_compilation_has_one_graph_for_training_and_one_for_evaluation
     assert len([r for r in read_metrics(tmp_path / "metrics.jsonl") if "val_loss" in r]) == 2
     # both blocks share one frame; compiled twice: training (grad mode) and evaluation (no_grad, eval mode)
     assert counters["frames"]["total"] == 2 and counters["stats"]["unique_graphs"] == 2, dict(counters["frames"])
+
+
+def test_auto_search_keeps_the_largest_size_that_fits():
+    batcher = MicroBatches(batch_size=24, size=24, device=torch.device("cpu"))
+    tried = []
+
+    def trial(size):
+        tried.append(size)
+        if size > 5:
+            raise torch.OutOfMemoryError("simulated")
+
+    batcher.fit(trial)
+    assert tried == [24, 12, 6, 3] and batcher.size == 3
