@@ -106,7 +106,7 @@ class Trainer:
         self.compiled = t.compile if t.compile is not None else self.device.type == "cuda"
         if self.compiled:
             self.model.compile_blocks()
-        self.forward = self.model
+        self.forward = self.model  # the call the loop makes; compilation, if on, is inside, per block
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
 
         block = self.model_cfg.block_size
