@@ -101,6 +101,9 @@ def hf_model(trained: TrainedModel):
     common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=tokenizer.eot_id,
                   eos_token_id=tokenizer.eot_id, pad_token_id=pad_id)
     weights = {k: v.float() for k, v in model_tensors(trained.model).items()}
+    for name in ("tok_emb.weight", "lm_head.weight"):  # without the model.vocab_multiple padding rows
+        if name in weights:
+            weights[name] = weights[name][:cfg.vocab_size]
     if arch == "gpt2":
         config = transformers.GPT2Config(
             n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_ff,

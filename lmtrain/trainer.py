@@ -24,6 +24,7 @@ from lmtrain.console import PreparationProgress, console, progress_bar, wants_pr
 from lmtrain.data.loader import train_loader, val_batches
 from lmtrain.data.prepare import prepare_data
 from lmtrain.errors import ConfigError
+from lmtrain.memory import format_bytes, micro_batches, peak_memory, trial_step
 from lmtrain.metrics import MetricsLog, Throughput, peak_flops, summary_table
 from lmtrain.model import GPT
 from lmtrain.model.generation import encode_prompt, sample_texts
@@ -98,11 +99,14 @@ class Trainer:
         vocab = cfg.model.vocab_size or self.tokenizer.vocab_size
         if vocab < self.tokenizer.vocab_size:
             raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {self.tokenizer.vocab_size}")
-        self.model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab)
+        vocab_multiple = cfg.model.vocab_multiple or (64 if self.device.type == "cuda" else 1)
+        self.model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab, vocab_multiple=vocab_multiple)
         self.model = GPT(self.model_cfg).to(self.device)
         self.model.activation_checkpointing = t.activation_checkpointing
-        compile_model = t.compile if t.compile is not None else self.device.type == "cuda"
-        self.forward = torch.compile(self.model) if compile_model else self.model  # self.model stays unwrapped
+        self.compiled = t.compile if t.compile is not None else self.device.type == "cuda"
+        if self.compiled:
+            self.model.compile_blocks()
+        self.forward = self.model  # the call the loop makes; compilation, if on, is inside, per block
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
 
         block = self.model_cfg.block_size
@@ -126,6 +130,8 @@ class Trainer:
         resumed = self.checkpoints.start(t.resume, cfg.model.init_from, self.model, self.optimizer, self.train_loader)
         if resumed is not None:
             self._restore(resumed)
+        self.micro = micro_batches(t.micro_batch_size, t.batch_size, self.device, trial_step(
+            self.forward, self.model, self.tokenizer.vocab_size, block, self.device, self.autocast))
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
@@ -134,13 +140,15 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean loss over the fixed validation batches."""
         self.model.eval()
-        total = torch.zeros((), device=self.device)
+        total, rows = torch.zeros((), device=self.device), 0
         for i in range(len(self.val_batches)):
-            x, y = (t.to(self.device) for t in self.val_batches[i])
-            with self.autocast():
-                total += self.forward(x, y).float()
+            for x, y in self.micro.split([self.val_batches[i]]):  # what fits with gradients fits without
+                x, y = x.to(self.device), y.to(self.device)
+                with self.autocast():
+                    total += self.forward(x, y).float() * x.shape[0]
+                rows += x.shape[0]
         self.model.train()
-        return (total / len(self.val_batches)).item()
+        return (total / rows).item()
 
     def _record_eval(self) -> float:
         val_loss = self.val_loss = self.evaluate()
@@ -188,10 +196,10 @@ class Trainer:
         log.info("Model %s: %s parameters, %d layers, d_model %d, %d heads, block %d, vocab %s",
                  m.name, f"{self.model.num_params():,}", m.n_layers, m.d_model, m.n_heads, m.block_size,
                  f"{m.vocab_size:,}")
-        log.info("Training %d steps of %s tokens (batch %d x accumulation %d x block %d) on %s, %s%s",
+        log.info("Training %d steps of %s tokens (batch %d x accumulation %d x block %d; micro-batch %d) on %s, %s%s",
                  self.total_steps, f"{self.tokens_per_step:,}", t.batch_size, t.grad_accum_steps, m.block_size,
-                 self.device, "bf16 autocast" if self.bf16 else "fp32",
-                 ", compiled" if self.forward is not self.model else "")
+                 self.micro.size, self.device, "bf16 autocast" if self.bf16 else "fp32",
+                 ", compiled per block" if self.compiled else "")
         log.info("Run directory: %s", self.run_dir)
 
     def fit(self) -> TrainResult:
@@ -211,8 +219,9 @@ class Trainer:
                 lr = lr_at(self.step, self.total_steps, self.cfg.optimizer.lr, self.cfg.scheduler)
                 set_lr(self.optimizer, lr)
                 completed_epochs = self.train_loader.completed_epochs
-                micro_batches = [next(batches) for _ in range(t.grad_accum_steps)]
-                step_loss = accumulate_gradients(self.forward, micro_batches, self.device, self.autocast)
+                loaded = [next(batches) for _ in range(t.grad_accum_steps)]
+                accumulate = lambda micro: accumulate_gradients(self.forward, micro, self.device, self.autocast)
+                step_loss = self.micro.run(accumulate, loaded, self.optimizer, self.step)  # halves on out-of-memory
                 self.epoch_loss, self.epoch_steps = self.epoch_loss + step_loss, self.epoch_steps + 1
                 if self.train_loader.completed_epochs > completed_epochs:
                     avg = (self.epoch_loss / self.epoch_steps).item()
@@ -257,10 +266,13 @@ class Trainer:
     def _log_step(self, loss: float, lr: float, grad_norm: float, tokens_per_s: float) -> dict:
         loader = self.train_loader.state
         mfu = tokens_per_s * self.flops_per_token / self.peak
-        log.info("Epoch %d, Batch %d, Loss: %.4f, LR: %.2e, Tokens/s: %s, MFU: %.1f%%",
-                 loader.epoch, loader.batch, loss, lr, f"{tokens_per_s:,.0f}", 100 * mfu)
+        peak = peak_memory(self.device)
+        log.info("Epoch %d, Batch %d, Loss: %.4f, LR: %.2e, Tokens/s: %s, MFU: %.1f%%%s",
+                 loader.epoch, loader.batch, loss, lr, f"{tokens_per_s:,.0f}", 100 * mfu,
+                 "" if peak is None else f", Peak memory: {format_bytes(peak)}")
         self.metrics.write({"step": self.step, "epoch": loader.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                            "tokens_per_s": tokens_per_s, "mfu": mfu, "tokens": self.step * self.tokens_per_step})
+                            "tokens_per_s": tokens_per_s, "mfu": mfu, "tokens": self.step * self.tokens_per_step,
+                            "micro_batch_size": self.micro.size, **({} if peak is None else {"peak_memory": peak})})
         return {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "speed": f"{tokens_per_s:,.0f}", "mfu": f"{100 * mfu:.1f}%"}
 
     def checkpoint_config(self) -> dict:
@@ -275,5 +287,5 @@ class Trainer:
                 ("wall time", f"{r.seconds:.1f} s"), ("throughput", f"{rate:,.0f} tokens/s"),
                 ("MFU", f"{100 * rate * self.flops_per_token / self.peak:.1f}% of {self.peak_source} "
                         f"({self.peak / 1e12:.2f} TFLOP/s)"),
-                *self.train_loader.summary_rows(), ("checkpoint", str(r.checkpoint))]
+                *self.train_loader.summary_rows(), *self.micro.summary_rows(), ("checkpoint", str(r.checkpoint))]
         console.print(summary_table(rows))

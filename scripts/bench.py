@@ -73,7 +73,11 @@ def bench_case(cfg: ModelConfig, batch: int, device: torch.device, bf16: bool, c
                seconds: float, min_steps: int = 3) -> dict:
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
-    forward = torch.compile(model) if compile_model else model
+    if compile_model:
+        model.compile_blocks()  # as the trainer compiles: per block
+    forward = model
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     optimizer = build_optimizer(model, OptimizerConfig(), device.type)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     tokens = torch.randint(0, cfg.vocab_size, (8, batch, cfg.block_size + 1), device=device)  # reused in turn
@@ -103,7 +107,8 @@ def bench_case(cfg: ModelConfig, batch: int, device: torch.device, bf16: bool, c
             "block_size": cfg.block_size, "batch": batch, "precision": "bf16" if bf16 else "fp32",
             "compile": compile_model, "steps": steps, "tokens_per_s": tokens_per_s, "step_ms": 1000 * seconds / steps,
             "flops_per_token": model.flops_per_token(), "mfu": tokens_per_s * model.flops_per_token() / peak,
-            "peak_flops": peak, "peak_source": source, "warmup_s": timed - start}
+            "peak_flops": peak, "peak_source": source, "warmup_s": timed - start,
+            "peak_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
 
 
 def results_table(rows: list[dict], device_name: str) -> Table:

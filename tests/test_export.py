@@ -18,8 +18,9 @@ transformers = pytest.importorskip("transformers")
 
 TEXT = "def main(argv):\n    return sum(x * 2 for x in argv)  # héllo wörld\n"
 GPT2_CASES = {"gpt2-tied": dict(),
-              "gpt2-untied-no-bias": dict(tie_embeddings=False, bias=False)}
-LLAMA = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", n_kv_heads=2, bias=False, tie_embeddings=False)
+              "gpt2-untied-no-bias-padded": dict(tie_embeddings=False, bias=False, vocab_multiple=64)}
+LLAMA = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", n_kv_heads=2, bias=False, tie_embeddings=False,
+             vocab_multiple=64)
 LLAMA_CASES = {"llama-gqa": LLAMA,
                "llama-tied-bias-theta": {**LLAMA, "n_kv_heads": None, "bias": True, "tie_embeddings": True,
                                          "rope_theta": 500.0, "norm_eps": 1e-6}}

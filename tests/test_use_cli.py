@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+from safetensors.torch import load_file
 
 from lmtrain.metrics import read_metrics
 
@@ -28,6 +29,7 @@ def run(tmp_path_factory):
                      f"data.val_files=[{root / 'val.txt'}]", "tokenizer=char", "trainer.max_steps=40",
                      "optimizer.lr=3e-3", "scheduler.warmup_steps=5", "trainer.eval_every=20",
                      "trainer.sample_every=20", "trainer.sample_prompts=['the ','']", "trainer.sample_tokens=12",
+                     "model.vocab_multiple=64",  # generate, eval and export all meet vocabulary padding
                      f"hydra.run.dir={root / 'run'}")
     assert result.returncode == 0, result.stdout + result.stderr
     return root / "run"
@@ -118,6 +120,8 @@ def test_export_loads_in_transformers_and_continues_text_as_lmtrain_does(run, tm
     assert "GPT2LMHeadModel" in result.stderr
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    saved = load_file(str(run / "checkpoints/final/model.safetensors"))["tok_emb.weight"]
+    assert saved.shape[0] == 64 and model.config.vocab_size == len(tokenizer) < 64  # the padding stays behind
     ids = tokenizer("the lazy", return_tensors="pt")["input_ids"]
     theirs = tokenizer.decode(model.generate(ids, max_new_tokens=6, do_sample=False)[0], skip_special_tokens=True)
     ours = run_cli("generate", f"checkpoint={run}", "prompt=the lazy", "temperature=0", "max_new_tokens=6")

@@ -40,5 +40,6 @@ class ModelConfig:
     mlp: Mlp = Mlp.gelu  # gelu (GPT-2) or swiglu (Llama)
     qk_norm: bool = False  # normalize queries and keys per head before attention
     norm_eps: float = 1e-5  # epsilon of every norm layer
+    vocab_multiple: int | None = None  # pad embedding and LM head rows to a multiple of this; None: 64 on CUDA, else 1
     init_from: str | None = None  # checkpoint folder whose weights start the run (fresh optimizer, step 0)
 

@@ -70,6 +70,9 @@ class TrainerConfig:
     sample_every: int = 0  # optimizer steps between text samples in the log and metrics.jsonl; 0 disables
     sample_prompts: list[str] = field(default_factory=lambda: [""])  # prompts to continue; "" starts a document
     sample_tokens: int = 64  # most new tokens per sample
+    # sequences per forward pass: a divisor of batch_size; auto: the largest that fits (searched on CUDA);
+    # None: batch_size. A step that runs out of memory halves it, keeping the global batch.
+    micro_batch_size: str | None = None
 
 
 @dataclass
@@ -129,6 +132,13 @@ def validate(cfg: TrainConfig) -> None:
     check(t.sample_tokens > 0, f"trainer.sample_tokens={t.sample_tokens} must be > 0")
     check(t.sample_every == 0 or bool(t.sample_prompts),
            "trainer.sample_prompts is empty: give prompts to continue ('' starts a document) or trainer.sample_every=0")
+    if t.micro_batch_size not in (None, "auto"):
+        mb = t.micro_batch_size
+        ok = mb.isdigit() and int(mb) > 0 and t.batch_size % int(mb) == 0
+        check(ok, f"trainer.micro_batch_size={t.micro_batch_size} must be auto or a number of sequences that divides "
+                  f"trainer.batch_size={t.batch_size}")
+    if m.vocab_multiple is not None:
+        check(m.vocab_multiple > 0, f"model.vocab_multiple={m.vocab_multiple} must be > 0 (1: no padding)")
     validate_data(d)
     validate_tokenizer(tok)
 

@@ -26,8 +26,11 @@ if TYPE_CHECKING:
 
 
 def shift(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token prediction's one shift: input = window[:-1], target = window[1:] (along the last dim)."""
-    return windows[..., :-1], windows[..., 1:]
+    """Next-token prediction's one shift: input = window[:-1], target = window[1:] (along the last dim).
+
+    Both are contiguous copies, not views: pinning keeps a tensor's strides, and a non-contiguous pinned
+    tensor copies to the GPU through a pageable temporary, so `non_blocking=True` would not overlap."""
+    return windows[..., :-1].contiguous(), windows[..., 1:].contiguous()
 
 
 class Blocks:

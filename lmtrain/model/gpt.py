@@ -10,6 +10,9 @@ Weight layouts are chosen so an export to Hugging Face needs slicing, never perm
 - RoPE uses the "rotate-half" convention of HF Llama (`rotate_half`, `apply_rotary_pos_emb`): feature i
   pairs with feature i + hs/2, not with its neighbour i + 1 as in Meta's original complex-number code.
 - Query head h attends with key/value head h // (n_heads / n_kv_heads), as HF's `repeat_kv`.
+- With model.vocab_multiple, the embedding and LM head have rows up to the next multiple (matmul widths
+  that are multiples of 64 run faster on GPUs); the padding rows are never read, and the logits the model
+  returns, and its loss, cover the real vocabulary only.
 """
 
 from __future__ import annotations
@@ -50,6 +53,12 @@ class KVCache:
         return k, v
 
 
+def padded_vocab(cfg: ModelConfig) -> int:
+    """Rows of the embedding and LM head: vocab_size rounded up to model.vocab_multiple (None: no padding)."""
+    multiple = cfg.vocab_multiple or 1
+    return -(-cfg.vocab_size // multiple) * multiple
+
+
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
     if cfg.norm == Norm.rmsnorm:
         return nn.RMSNorm(dim, eps=cfg.norm_eps)
@@ -71,17 +80,31 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+def grouped_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """k and v as SDPA should get them for q (B, nh, T, hs), and its enable_gqa flag. With fewer key/value
+    heads, SDPA's grouped heads avoid copying k and v, but its docs list only the flash kernel (CUDA,
+    fp16/bf16) and the math one as taking them; elsewhere k and v are repeated to one head per query head."""
+    groups = q.shape[1] // k.shape[1]
+    if groups == 1:
+        return k, v, False
+    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+        return k, v, True
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), False  # (B, nh, T, hs)
+
+
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout: float) -> Tensor:
-    """softmax(q k^T / sqrt(hs) + causal mask) v for q, k, v (B, nh, T, hs): SDPA (flash kernels on CUDA),
-    except in bf16 on a CPU, where SDPA's backward is several times slower than plain bf16 matmuls
-    around a float32 softmax (torch 2.13; measured in scripts/bench.py)."""
+    """softmax(q k^T / sqrt(hs) + causal mask) v for q (B, nh, T, hs) and k, v (B, nkv, T, hs), where query
+    head h reads key/value head h // (nh / nkv): SDPA's grouped heads (flash kernels on CUDA, no copies of
+    k and v), except in bf16 on a CPU, where SDPA's backward is several times slower than plain bf16
+    matmuls around a float32 softmax (torch 2.13; measured in scripts/bench.py)."""
+    k, v, grouped = grouped_heads(q, k, v)
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         T = q.shape[-2]
         mask = torch.full((T, T), float("-inf"), device=q.device).triu(1)  # -inf above the diagonal: the future
         scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5 + mask  # (B, nh, T, T)
         weights = F.dropout(scores.softmax(dim=-1), p=dropout).to(q.dtype)
         return weights @ v  # (B, nh, T, hs)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=grouped)
 
 
 class CausalSelfAttention(nn.Module):
@@ -114,14 +137,10 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, nkv, T_seen + T, hs)
-        if nkv != nh:
-            # Expand k, v to one head per query head. SDPA's enable_gqa=True would avoid the copy, but it
-            # needs torch>=2.5 and only the flash kernel supports it; other GPU kernels fall back to math.
-            k = k.repeat_interleave(nh // nkv, dim=1)  # (B, nh, T, hs)
-            v = v.repeat_interleave(nh // nkv, dim=1)  # (B, nh, T, hs)
         if cache is not None and k.size(2) > T:  # new queries see every cached position, and causally each other
             mask = None if T == 1 else torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(k.size(2) - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            k, v, grouped = grouped_heads(q, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=grouped)
         else:
             y = causal_attention(q, k, v, self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
@@ -175,12 +194,14 @@ class GPT(nn.Module):
         # Recompute each block's activations in the backward pass instead of keeping them: less memory, ~1/3
         # more compute. A training setting (trainer.activation_checkpointing), so not part of ModelConfig.
         self.activation_checkpointing = False
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.compiled_blocks: list[nn.Module] | None = None  # set by compile_blocks: the blocks under torch.compile
+        rows = padded_vocab(cfg)  # vocab_size rounded up to model.vocab_multiple
+        self.tok_emb = nn.Embedding(rows, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_emb == PosEmb.learned else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
         self.norm_f = make_norm(cfg, cfg.d_model)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.d_model, rows, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight  # one (V, C) matrix: reads tokens in, scores them out
 
@@ -224,16 +245,25 @@ class GPT(nn.Module):
         x = self.drop(x)
         pos = slice(start, start + T)
         rope = (self.rope_cos[pos], self.rope_sin[pos]) if self.cfg.pos_emb == PosEmb.rope else None
-        for i, block in enumerate(self.blocks):
+        # compiled blocks for whole sequences (training, evaluation); generation's cached steps stay eager
+        blocks = self.compiled_blocks if self.compiled_blocks is not None and cache is None else self.blocks
+        for i, block in enumerate(blocks):
             if self.activation_checkpointing and self.training:
                 x = checkpoint(block, x, rope, cache, i, use_reentrant=False)
             else:
                 x = block(x, rope, cache, i)
         x = self.norm_f(x)
-        logits = self.lm_head(x)  # (B, T, V), in the compute dtype
+        logits = self.lm_head(x)  # (B, T, V_padded), in the compute dtype
         if targets is None:
-            return logits
-        return cross_entropy(logits.view(B * T, -1), targets.reshape(B * T))  # softmax in float32, in chunks
+            return logits[..., :self.cfg.vocab_size]  # (B, T, V): the padding's scores are never seen
+        # softmax in float32, in chunks, over the real vocabulary only
+        return cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), vocab_size=self.cfg.vocab_size)
+
+    def compile_blocks(self) -> None:
+        """Regional compilation: each block goes through torch.compile on its own. The blocks share their
+        code and shapes, so they share one compiled graph (per mode: training, evaluation), and a deep model
+        compiles as fast as a shallow one. The modules and their state_dict keys stay as they are."""
+        self.compiled_blocks = [torch.compile(block) for block in self.blocks]
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count, tied weights once. non_embedding leaves out the token and position tables

@@ -21,17 +21,19 @@ IGNORE_INDEX = -100  # targets equal to this are left out of the loss (F.cross_e
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 256 MB in float32, a dozen chunks for GPT-2 at batch 16 x 1024
 
 
-def _summed_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(logits.float(), targets, reduction="sum", ignore_index=IGNORE_INDEX)
+def _summed_cross_entropy(logits: Tensor, targets: Tensor, vocab_size: int | None) -> Tensor:
+    return F.cross_entropy(logits[:, :vocab_size].float(), targets, reduction="sum", ignore_index=IGNORE_INDEX)
 
 
-def cross_entropy(logits: Tensor, targets: Tensor, chunk_elements: int | None = None) -> Tensor:
-    """Mean cross-entropy of logits (N, V) against targets (N,), in float32 whatever the logits' dtype.
+def cross_entropy(logits: Tensor, targets: Tensor, chunk_elements: int | None = None,
+                  vocab_size: int | None = None) -> Tensor:
+    """Mean cross-entropy of logits (N, V_padded) against targets (N,), in float32 whatever the logits' dtype,
+    over the first vocab_size columns (None: all; the rest is vocabulary padding).
     chunk_elements: logits per chunk; None: CHUNK_ELEMENTS."""
     rows = max(1, (chunk_elements or CHUNK_ELEMENTS) // logits.shape[-1])
     if logits.shape[0] <= rows:  # one chunk: the saved log-softmax is no larger than a chunk
-        return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(logits[:, :vocab_size].float(), targets, ignore_index=IGNORE_INDEX)
     total = torch.zeros((), device=logits.device, dtype=torch.float32)
     for chunk, chunk_targets in zip(logits.split(rows), targets.split(rows), strict=True):
-        total = total + checkpoint(_summed_cross_entropy, chunk, chunk_targets, use_reentrant=False)
+        total = total + checkpoint(_summed_cross_entropy, chunk, chunk_targets, vocab_size, use_reentrant=False)
     return total / (targets != IGNORE_INDEX).sum()
