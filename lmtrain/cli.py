@@ -41,6 +41,21 @@ def _absolute_config_dirs(argv: list[str]) -> list[str]:
     return out
 
 
+def _check_keys(command: str, argv: list[str]) -> None:
+    """An unknown key is one line naming the nearest existing key, before Hydra suggests `+key=...`."""
+    if "COMP_LINE" in os.environ or any(a in ("-sc", "--shell-completion") for a in argv):
+        return
+    from lmtrain.config import SCHEMAS
+    from lmtrain.config.overrides import check_overrides
+    from lmtrain.errors import USER_ERROR_EXIT, ConfigError
+
+    try:
+        check_overrides(SCHEMAS[command], argv)
+    except ConfigError as e:
+        print(f"lmtrain {command}: {e}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
+
+
 def main() -> None:
     argv = sys.argv[1:]
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -60,5 +75,9 @@ def main() -> None:
         if len(words) > 1 and words[1] == command:
             os.environ["COMP_LINE"] = " ".join(words[:1] + words[2:])
     module = importlib.import_module(COMMANDS[command][0])
+    _check_keys(command, argv[1:])
+    from lmtrain.run_dir import note_existing
+
+    note_existing(argv[1:])  # before Hydra creates the run folder: one the user had is never removed
     sys.argv = [f"{os.path.basename(sys.argv[0])} {command}"] + _absolute_config_dirs(argv[1:])
     module.main()

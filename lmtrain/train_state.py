@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from lmtrain.checkpoint import (
@@ -42,6 +41,7 @@ from lmtrain.checkpoint import (
     recover,
     remove_folder,
     save_checkpoint,
+    save_tensors,
     write_json,
 )
 from lmtrain.data.loader import TrainLoader
@@ -207,9 +207,9 @@ class Checkpointer:
 
         def extra(folder: Path) -> None:
             opt_tensors, opt_meta = optimizer_state(optimizer)
-            save_file(opt_tensors, str(folder / OPTIMIZER), metadata={"format": "pt", **opt_meta})
+            save_tensors(opt_tensors, folder / OPTIMIZER, {"format": "pt", **opt_meta})
             rng_tensors, rng_meta = rng_state()
-            save_file(rng_tensors, str(folder / RNG), metadata={"format": "pt", **rng_meta})
+            save_tensors(rng_tensors, folder / RNG, {"format": "pt", **rng_meta})
             (folder / STATE).write_text(json.dumps(state, indent=2))
 
         folder = save_checkpoint(self.root / f"step_{step:06d}", model, self.config, self.tokenizer, extra)
@@ -288,6 +288,10 @@ class Checkpointer:
                 log.warning("Falling back to %s, the newest checkpoint that reads whole", folder.name)
             return checkpoint
         raise CheckpointError(f"trainer.resume=auto: no checkpoint in {self.root} can be read: " + "; ".join(problems))
+
+    def rewind_metrics(self, state: dict) -> None:
+        """Cut metrics.jsonl back to where it was when the checkpoint with this training state was saved."""
+        self._rewind_metrics(state["metrics_bytes"], f"after step {state['step']}")
 
     def _rewind_metrics(self, size: int, when: str) -> None:
         """Drop metrics.jsonl records that the checkpoint does not account for, so the file reads as one run."""

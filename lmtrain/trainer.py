@@ -23,6 +23,7 @@ from lmtrain.config import Precision, TrainConfig, as_plain_dict
 from lmtrain.console import PreparationProgress, console, progress_bar, wants_progress_bar
 from lmtrain.data.loader import train_loader, val_batches
 from lmtrain.data.prepare import prepare_data
+from lmtrain.divergence import DivergenceGuard
 from lmtrain.errors import ConfigError
 from lmtrain.memory import format_bytes, micro_batches, peak_memory, trial_step
 from lmtrain.metrics import MetricsLog, Throughput, peak_flops, summary_table
@@ -52,6 +53,11 @@ def pick_device(setting: str, key: str = "trainer.device") -> torch.device:
     device = torch.device(setting)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{key}={setting} but CUDA is not available here; use {key}=auto or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"{key}={setting}: this machine has {torch.cuda.device_count()} CUDA devices (0 to "
+                          f"{torch.cuda.device_count() - 1})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{key}={setting} but Apple's MPS is not available here; use {key}=auto or cpu")
     return device
 
 
@@ -126,10 +132,12 @@ class Trainer:
         self.epoch_loss, self.epoch_steps = torch.zeros((), device=self.device), 0  # sum of this epoch's step losses
         self.val_loss, self.best_val_loss = float("nan"), float("inf")
         self.saved: tuple[int, Path | None] = (-1, None)  # the step and folder of the last step checkpoint
+        self.divergence = DivergenceGuard(t, self.device)
         self.checkpoints = Checkpointer(self.run_dir, t.keep_last, self.checkpoint_config(), self.tokenizer)
         resumed = self.checkpoints.start(t.resume, cfg.model.init_from, self.model, self.optimizer, self.train_loader)
         if resumed is not None:
             self._restore(resumed)
+            self.divergence.load_state_dict(resumed)
         self.micro = micro_batches(t.micro_batch_size, t.batch_size, self.device, trial_step(
             self.forward, self.model, self.tokenizer.vocab_size, block, self.device, self.autocast))
 
@@ -164,7 +172,7 @@ class Trainer:
         state = {"step": self.step, "total_steps": self.total_steps, "epoch": self.train_loader.state.epoch,
                  "tokens": self.step * self.tokens_per_step, "epoch_loss_sum": self.epoch_loss.item(),
                  "epoch_steps": self.epoch_steps, "val_loss": _finite_or_none(self.val_loss),
-                 "best_val_loss": _finite_or_none(self.best_val_loss)}
+                 "best_val_loss": _finite_or_none(self.best_val_loss), **self.divergence.state_dict()}
         folder = self.checkpoints.save(self.model, self.optimizer, self.train_loader, state)
         self.saved = (self.step, folder)
         return folder
@@ -175,7 +183,24 @@ class Trainer:
         self.val_loss = float("nan") if state.get("val_loss") is None else state["val_loss"]
         self.best_val_loss = float("inf") if state.get("best_val_loss") is None else state["best_val_loss"]
 
+    def _roll_back(self) -> None:
+        """Back to the newest finite checkpoint after a divergence (or raise TrainingDiverged)."""
+        diverged_at = self.divergence.found()
+        checkpoint = self.divergence.roll_back(self.checkpoints.root, self.model, self.optimizer, self.train_loader)
+        self._restore(checkpoint.state)
+        self.saved = (self.step, checkpoint.folder)
+        self.checkpoints.rewind_metrics(checkpoint.state)
+        self.metrics.write({"step": self.step, "rolled_back_from": diverged_at, **self.divergence.state_dict()})
+
+    def _reads_weights(self, logging_step: bool) -> bool:
+        """Whether this step logs, evaluates, saves or samples: the divergence check must come first."""
+        t, s = self.cfg.trainer, self.step
+        return (logging_step or s % t.eval_every == 0 or bool(t.save_every and s % t.save_every == 0)
+                or bool(t.sample_every and s % t.sample_every == 0))
+
     def _stopped(self, received: signal.Signals, seconds: float) -> TrainResult:
+        if self.divergence.found() is not None:  # never save the diverged weights
+            self._roll_back()
         saved = self.saved[1] if self.saved[0] == self.step else self._save()
         log.warning("Stopped by %s at step %d of %d after %.1f s; %s holds all that resuming needs",
                     received.name, self.step, self.total_steps, seconds, saved)
@@ -216,7 +241,8 @@ class Trainer:
         with progress_bar(wants_progress_bar(t.progress)) as bar, StopSignals() as stop:
             task = bar.add_task("train", total=self.total_steps, completed=self.step, **fields)
             while self.step < self.total_steps and not stop.received:
-                lr = lr_at(self.step, self.total_steps, self.cfg.optimizer.lr, self.cfg.scheduler)
+                lr = lr_at(self.step, self.total_steps, self.cfg.optimizer.lr * self.divergence.lr_factor,
+                           self.cfg.scheduler)
                 set_lr(self.optimizer, lr)
                 completed_epochs = self.train_loader.completed_epochs
                 loaded = [next(batches) for _ in range(t.grad_accum_steps)]
@@ -229,14 +255,20 @@ class Trainer:
                     self.metrics.write({"step": self.step + 1, "epoch": completed_epochs, "epoch_avg_loss": avg})
                     self.epoch_loss, self.epoch_steps = torch.zeros((), device=self.device), 0
                 logging_step = (self.step + 1) % t.log_every == 0 or self.step + 1 == self.total_steps
+                grad_norm = None
                 if t.grad_clip > 0:
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
                 elif logging_step:  # clipping is off, but the norm is still worth logging
                     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                self.divergence.observe(self.step + 1, step_loss, grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 throughput.add(self.tokens_per_step)
+                if self._reads_weights(logging_step) and self.divergence.found() is not None:
+                    self._roll_back()
+                    batches = iter(self.train_loader)
+                    continue
 
                 if logging_step:
                     train_loss = step_loss.item()

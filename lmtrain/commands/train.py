@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from lmtrain.config import register_configs, to_train_config
 from lmtrain.console import quiet_libraries
 from lmtrain.errors import reports_user_errors
+from lmtrain.run_dir import open_run_dir
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -40,17 +41,26 @@ def resume_command(run_dir: Path) -> str:
 @hydra.main(version_base="1.3", config_path="pkg://lmtrain.configs", config_name="train")
 @reports_user_errors
 def main(cfg: DictConfig) -> float:
-    train_cfg = to_train_config(cfg)  # every check runs here, before any data is touched
-    quiet_libraries()
-    from lmtrain.trainer import Trainer  # imported late: --help and config errors stay fast
-
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        result = Trainer(train_cfg, run_dir).fit()
-    except KeyboardInterrupt:
-        log.error("Interrupted. Continue from the last checkpoint saved with:\n  %s", resume_command(run_dir))
-        sys.exit(INTERRUPTED_EXIT)
+    with open_run_dir(run_dir) as run:  # a start that fails removes the folder it created
+        train_cfg = to_train_config(cfg)  # every check runs here, before any data is touched
+        run.claim(train_cfg.trainer.resume, train_cfg.trainer.overwrite)
+        quiet_libraries()
+        from lmtrain.trainer import Trainer  # imported late: --help and config errors stay fast
+
+        try:
+            result = Trainer(train_cfg, run_dir).fit()
+        except KeyboardInterrupt:
+            log.error("Interrupted. %s", _continue_hint(run_dir))
+            sys.exit(INTERRUPTED_EXIT)
     if result.stopped_by is not None:
-        log.info("Continue this run with:\n  %s", resume_command(run_dir))
+        log.info("%s", _continue_hint(run_dir))
         sys.exit(128 + result.stopped_by)
     return result.val_loss  # what a sweeper minimizes
+
+
+def _continue_hint(run_dir: Path) -> str:
+    """How to continue: only when a checkpoint exists to continue from."""
+    if not (run_dir / "checkpoints" / "latest.json").is_file():
+        return "No checkpoint was saved yet, so there is nothing to continue; start the run again."
+    return f"Continue this run with:\n  {resume_command(run_dir)}"

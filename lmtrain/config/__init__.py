@@ -24,6 +24,7 @@ from lmtrain.config.data import (
 )
 from lmtrain.config.model import Mlp, ModelConfig, Norm, PosEmb
 from lmtrain.config.train import (
+    DivergenceAction,
     OptimizerConfig,
     OptimizerName,
     Precision,
@@ -45,13 +46,19 @@ from lmtrain.config.use import (
 )
 
 __all__ = [
-    "CHECKS", "DataConfig", "EvalConfig", "EvalSplit", "ExportConfig", "ExportFormat", "GenerateConfig", "Mlp",
+    "CHECKS", "DataConfig", "DivergenceAction", "EvalConfig", "EvalSplit", "ExportConfig", "ExportFormat",
+    "GenerateConfig", "Mlp",
     "MixtureSource", "ModelConfig", "Norm", "OptimizerConfig", "OptimizerName", "PosEmb", "Precision",
-    "PrepareConfig", "SchedulerConfig", "SchedulerName", "SourceConfig", "SourceKind", "TokenizerConfig",
+    "PrepareConfig", "SCHEMAS", "SchedulerConfig", "SchedulerName", "SourceConfig", "SourceKind", "TokenizerConfig",
     "TokenizerKind", "TrainConfig", "TrainerConfig", "as_plain_dict", "check", "check_device", "register_configs",
     "to_config", "to_train_config", "validate", "validate_data", "validate_eval", "validate_generate",
     "validate_prepare", "validate_tokenizer",
 ]
+
+
+# Each command's top-level schema, by command name (`lmtrain train` -> TrainConfig).
+SCHEMAS: dict[str, type] = {"train": TrainConfig, "prepare": PrepareConfig, "generate": GenerateConfig,
+                            "eval": EvalConfig, "export": ExportConfig}
 
 
 def register_configs() -> None:

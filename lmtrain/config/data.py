@@ -89,6 +89,8 @@ def validate_data(d: DataConfig) -> None:
 
 def _validate_source(s: SourceConfig, key: str) -> None:
     check(0 < s.val_fraction < 1, f"{key}.val_fraction={s.val_fraction} must be in (0, 1)")
+    if s.max_documents is not None:
+        check(s.max_documents > 0, f"{key}.max_documents={s.max_documents} must be > 0 (or null for all)")
     if s.max_tokens is not None:
         check(s.max_tokens > 0, f"{key}.max_tokens={s.max_tokens} must be > 0 (or null for all)")
     if s.source == SourceKind.text_files:

@@ -47,6 +47,11 @@ class Precision(str, Enum):
     bf16 = "bf16"  # bf16 autocast; weights and optimizer state stay fp32
 
 
+class DivergenceAction(str, Enum):
+    rollback = "rollback"  # restore the newest finite checkpoint, skip the diverged batches, go on
+    stop = "stop"  # stop with exit code 3
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int = 600  # optimizer steps; 0: train for `epochs` instead
@@ -73,6 +78,10 @@ class TrainerConfig:
     # sequences per forward pass: a divisor of batch_size; auto: the largest that fits (searched on CUDA);
     # None: batch_size. A step that runs out of memory halves it, keeping the global batch.
     micro_batch_size: str | None = None
+    on_divergence: DivergenceAction = DivergenceAction.rollback  # on a non-finite loss or gradient norm
+    max_rollbacks: int = 3  # rollbacks before a diverging run stops with exit code 3
+    rollback_lr_scale: float = 1.0  # factor on the learning rate after each rollback; 1 keeps it
+    overwrite: bool = False  # a fresh run may replace the checkpoints and metrics of an earlier run in its folder
 
 
 @dataclass
@@ -113,6 +122,9 @@ def validate(cfg: TrainConfig) -> None:
     check(o.lr > 0, f"optimizer.lr={o.lr} must be > 0")
     check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
            f"optimizer.betas={o.betas} must be two numbers in [0, 1)")
+    check(o.eps > 0, f"optimizer.eps={o.eps} must be > 0")
+    check(m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be > 0")
+    check(m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be > 0")
     check(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
     check(s.warmup_steps >= 0, f"scheduler.warmup_steps={s.warmup_steps} must be >= 0")
     check(0 <= s.min_lr_ratio <= 1, f"scheduler.min_lr_ratio={s.min_lr_ratio} must be in [0, 1]")
@@ -128,6 +140,8 @@ def validate(cfg: TrainConfig) -> None:
     if m.init_from is not None:
         check(Path(m.init_from).expanduser().is_dir(), f"model.init_from={m.init_from}: no such checkpoint folder")
     check_device("trainer.device", t.device)
+    check(t.max_rollbacks >= 0, f"trainer.max_rollbacks={t.max_rollbacks} must be >= 0")
+    check(0 < t.rollback_lr_scale <= 1, f"trainer.rollback_lr_scale={t.rollback_lr_scale} must be in (0, 1]")
     check(t.sample_every >= 0, f"trainer.sample_every={t.sample_every} must be >= 0 (0 disables samples)")
     check(t.sample_tokens > 0, f"trainer.sample_tokens={t.sample_tokens} must be > 0")
     check(t.sample_every == 0 or bool(t.sample_prompts),
