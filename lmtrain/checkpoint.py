@@ -110,7 +110,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[st
     try:
         save_file(tensors, str(file), metadata=metadata)
     except SafetensorError as e:
-        code = re.search(r"code: (\d+)", str(e))
+        code = re.search(r"(?:code: |os error )(\d+)", str(e))
         number = int(code[1]) if code else errno.EIO
         raise OSError(number, os.strerror(number), str(file)) from e
 

@@ -133,6 +133,7 @@ class Trainer:
         self.val_loss, self.best_val_loss = float("nan"), float("inf")
         self.saved: tuple[int, Path | None] = (-1, None)  # the step and folder of the last step checkpoint
         self.divergence = DivergenceGuard(t, self.device)
+        self.stop: StopSignals | None = None  # set while fit() runs: an evaluation stops at its next batch
         self.checkpoints = Checkpointer(self.run_dir, t.keep_last, self.checkpoint_config(), self.tokenizer)
         resumed = self.checkpoints.start(t.resume, cfg.model.init_from, self.model, self.optimizer, self.train_loader)
         if resumed is not None:
@@ -145,11 +146,14 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over the fixed validation batches."""
+    def evaluate(self) -> float | None:
+        """Mean loss over the fixed validation batches; None when a stop signal cut the pass short."""
         self.model.eval()
         total, rows = torch.zeros((), device=self.device), 0
         for i in range(len(self.val_batches)):
+            if self.stop is not None and self.stop.received:
+                self.model.train()
+                return None
             for x, y in self.micro.split([self.val_batches[i]]):  # what fits with gradients fits without
                 x, y = x.to(self.device), y.to(self.device)
                 with self.autocast():
@@ -158,14 +162,16 @@ class Trainer:
         self.model.train()
         return (total / rows).item()
 
-    def _record_eval(self) -> float:
-        val_loss = self.val_loss = self.evaluate()
+    def _record_eval(self) -> None:
+        val_loss = self.evaluate()
+        if val_loss is None:
+            return
+        self.val_loss = val_loss
         self.metrics.write({"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
         log.info("Step %d, validation loss: %.4f, perplexity: %.2f", self.step, val_loss, math.exp(min(val_loss, 50)))
         if val_loss < self.best_val_loss:
             self.best_val_loss = val_loss
             self.checkpoints.save_best(self.model, self.step, val_loss)
-        return val_loss
 
     def _save(self) -> Path:
         """A step checkpoint of everything a resume needs, the loop's own counters included."""
@@ -239,6 +245,7 @@ class Trainer:
         first_step = self.step  # above 0 after a resume: throughput counts only this process's steps
         finished = self.step >= self.total_steps  # resumed from the checkpoint a complete run saved last
         with progress_bar(wants_progress_bar(t.progress)) as bar, StopSignals() as stop:
+            self.stop = stop
             task = bar.add_task("train", total=self.total_steps, completed=self.step, **fields)
             while self.step < self.total_steps and not stop.received:
                 lr = lr_at(self.step, self.total_steps, self.cfg.optimizer.lr * self.divergence.lr_factor,

@@ -12,6 +12,7 @@ from hydra.core.config_store import ConfigStore
 from lmtrain.config.base import CHECKS, as_plain_dict, check, check_device, to_config
 from lmtrain.config.data import (
     DataConfig,
+    EncodingErrors,
     MixtureSource,
     PrepareConfig,
     SourceConfig,
@@ -46,8 +47,8 @@ from lmtrain.config.use import (
 )
 
 __all__ = [
-    "CHECKS", "DataConfig", "DivergenceAction", "EvalConfig", "EvalSplit", "ExportConfig", "ExportFormat",
-    "GenerateConfig", "Mlp",
+    "CHECKS", "DataConfig", "DivergenceAction", "EncodingErrors", "EvalConfig", "EvalSplit", "ExportConfig",
+    "ExportFormat", "GenerateConfig", "Mlp",
     "MixtureSource", "ModelConfig", "Norm", "OptimizerConfig", "OptimizerName", "PosEmb", "Precision",
     "PrepareConfig", "SCHEMAS", "SchedulerConfig", "SchedulerName", "SourceConfig", "SourceKind", "TokenizerConfig",
     "TokenizerKind", "TrainConfig", "TrainerConfig", "as_plain_dict", "check", "check_device", "register_configs",

@@ -161,14 +161,15 @@ class _SplitWriter:
         on_progress(s["documents"], s["tokens"])
         for batch in ds.iter(batch_size=BATCH_DOCUMENTS):
             records = batch[column]
-            texts = [t for t in records if t]
-            flat = _encode_documents(texts, tok, self.dtype)
+            ends = [not c for c in batch["_continues"]] if "_continues" in batch else [True] * len(records)
+            texts, ends = [t for t in records if t], [e for t, e in zip(records, ends, strict=True) if t]
+            flat = _encode_documents(texts, ends, tok, self.dtype)
             if self.max_tokens is not None:
                 flat = flat[: self.max_tokens - s["tokens"] - pending["tokens"]]
             if out is None:
                 out = open(self.folder / f"{self.split}-{len(s['shards']):05d}.bin", "wb")
             out.write(flat.tobytes())
-            for key, value in [("records", len(records)), ("documents", len(texts)), ("tokens", len(flat)),
+            for key, value in [("records", len(records)), ("documents", sum(ends)), ("tokens", len(flat)),
                                ("text_bytes", sum(len(t.encode("utf-8")) for t in texts))]:
                 pending[key] += value
             on_progress(s["documents"] + pending["documents"], s["tokens"] + pending["tokens"])
@@ -200,16 +201,17 @@ class _SplitWriter:
         _write_json(self.folder / PROGRESS, self.progress)
 
 
-def _encode_documents(texts: list[str], tok: TextTokenizer, dtype: np.dtype) -> np.ndarray:
-    """The documents' ids, each closed by end-of-text. The tokenizer sees at most TOKENIZE_CHARS of text at a
-    time (or one longer document): its per-token Encoding objects, not the text, are what takes memory."""
+def _encode_documents(texts: list[str], ends: list[bool], tok: TextTokenizer, dtype: np.dtype) -> np.ndarray:
+    """The texts' ids, end-of-text after each that ends a document (a long file comes as several pieces). The
+    tokenizer sees at most TOKENIZE_CHARS of text at a time (or one longer text): its per-token Encoding
+    objects, not the text, are what takes memory."""
     eot = np.array([tok.eot_id], dtype=dtype)
     pieces, start, chars = [eot[:0]], 0, 0
     for end, text in enumerate(texts, 1):
         chars += len(text)
         if chars >= TOKENIZE_CHARS or end == len(texts):
-            for ids in tok.encode_batch(texts[start:end]):
-                pieces += [np.asarray(ids, dtype=dtype), eot]  # end-of-text closes every document
+            for ids, last in zip(tok.encode_batch(texts[start:end]), ends[start:end], strict=True):
+                pieces += [np.asarray(ids, dtype=dtype), eot] if last else [np.asarray(ids, dtype=dtype)]
             start, chars = end, 0
     return np.concatenate(pieces)
 
