@@ -9,12 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST_TRAIN, TINY_MODEL, run_cli
 from lmtrain.checkpoint import save_checkpoint
 from lmtrain.config import DivergenceAction, TrainerConfig
 from lmtrain.divergence import DivergenceGuard
 from lmtrain.errors import CheckpointError, TrainingDiverged
 from lmtrain.metrics import read_metrics
+
+from conftest import FAST_TRAIN, TINY_MODEL, run_cli
 
 
 def test_the_guard_names_the_first_non_finite_step_and_stop_raises(tmp_path):

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST_TRAIN, TINY_MODEL, run_cli
 from lmtrain import run_dir
 from lmtrain.errors import ConfigError
 from lmtrain.run_dir import LOCK, RunLock, note_existing, open_run_dir
+
+from conftest import FAST_TRAIN, TINY_MODEL, run_cli
 
 
 def hydra_scaffolding(folder: Path, log_text: str = "") -> Path:
