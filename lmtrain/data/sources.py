@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +126,14 @@ def load_splits(cfg: SourceConfig, key: str = "data") -> Splits:
     elif not limited:
         val = _limit(val, cfg.max_documents)
     return Splits(train=train, val=val, text_column=cfg.text_column)
+
+
+def source_texts(cfg) -> Iterator[str]:
+    """Every document of a data config (each source of a mixture), training and validation alike."""
+    for key, source in [(f"data.mixture.{i}", s) for i, s in enumerate(cfg.mixture)] or [("data", cfg)]:
+        splits = load_splits(source, key)
+        for ds in (splits.train, splits.val):
+            yield from (row[splits.text_column] for row in ds or [])
 
 
 def _pystdlib_splits(cfg: SourceConfig) -> Splits:
