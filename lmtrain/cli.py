@@ -42,14 +42,16 @@ def _absolute_config_dirs(argv: list[str]) -> list[str]:
 
 
 def _check_keys(command: str, argv: list[str]) -> None:
-    """An unknown key is one line naming the nearest existing key, before Hydra suggests `+key=...`."""
+    """Mistakes Hydra would report at length, as one line each: an unknown key (naming the nearest existing
+    one, where Hydra suggests `+key=...`) and a YAML syntax error in a --config-dir file."""
     if "COMP_LINE" in os.environ or any(a in ("-sc", "--shell-completion") for a in argv):
         return
     from lmtrain.config import SCHEMAS
-    from lmtrain.config.overrides import check_overrides
+    from lmtrain.config.overrides import check_config_dirs, check_overrides
     from lmtrain.errors import USER_ERROR_EXIT, ConfigError
 
     try:
+        check_config_dirs(argv)
         check_overrides(SCHEMAS[command], argv)
     except ConfigError as e:
         print(f"lmtrain {command}: {e}", file=sys.stderr)

@@ -53,3 +53,20 @@ def test_cli_unknown_key_is_one_line_without_the_plus_hint(tmp_path):
     assert result.stderr.strip() == ("lmtrain train: optimizer.lrr: unknown key 'lrr' in optimizer; "
                                      "did you mean optimizer.lr?")
     assert "+optimizer" not in result.stdout + result.stderr and not (tmp_path / "outputs").exists()
+
+
+def test_a_yaml_syntax_error_in_a_config_dir_is_one_line(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "mine.yaml").write_text("name: mine\nd_model: [1, 2\nn_layers: 2\n")
+    result = run_cli("train", "--config-dir", str(tmp_path), "model=mine", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"lmtrain train: {tmp_path}/model/mine.yaml, line 3, column 9: "
+                                                  "expected ',' or ']', but got ':'; fix the YAML syntax there"]
+
+
+def test_a_run_folder_given_as_a_checkpoint_says_what_to_pass(tmp_path):
+    (tmp_path / "checkpoints" / "best").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=f"is a run folder, not a checkpoint: give .*{tmp_path}/checkpoints/best"):
+        to_train_config({"model": {"init_from": str(tmp_path)}})
+    with pytest.raises(ConfigError, match=f"continue it with trainer.resume=auto hydra.run.dir={tmp_path}"):
+        to_train_config({"trainer": {"resume": str(tmp_path)}})

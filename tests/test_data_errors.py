@@ -116,3 +116,10 @@ def test_a_damaged_prepared_cache_names_the_folder(tmp_path, corpus):
     cfg = DataConfig(name="given", source=SourceKind.prepared, path=str(built.path), cache_dir=str(tmp_path / "c"))
     with pytest.raises(DataError, match=f"damaged token cache .*delete {built.path}"):
         prepare_data(cfg, CHAR)
+
+
+def test_a_folder_in_train_files_suggests_its_files(tmp_path):
+    from lmtrain.data.sources import expand_files
+
+    with pytest.raises(DataError, match=rf"data.train_files: '{tmp_path}' is a folder; .*\[{tmp_path}/\*.txt\]"):
+        expand_files([str(tmp_path)], "data.train_files")

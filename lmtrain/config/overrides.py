@@ -63,14 +63,35 @@ def unknown_key(schema: type, key: str) -> str | None:
     return None
 
 
+def _config_dirs(argv: list[str]) -> list[str]:
+    dirs = [os.path.expanduser(argv[i + 1]) for i, a in enumerate(argv[:-1]) if a in ("--config-dir", "-cd")]
+    return dirs + [os.path.expanduser(a.split("=", 1)[1]) for a in argv if a.startswith("--config-dir=")]
+
+
+def check_config_dirs(argv: list[str]) -> None:
+    """Every YAML file of a user's --config-dir parses: a syntax error is one line naming the file and line,
+    not the long traceback Hydra shows when it meets the file."""
+    import yaml
+
+    for folder in _config_dirs(argv):
+        for file in sorted(Path(folder).rglob("*.yaml")):
+            try:
+                yaml.safe_load(file.read_text(encoding="utf-8"))
+            except yaml.MarkedYAMLError as e:
+                mark = e.problem_mark or e.context_mark
+                where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                raise ConfigError(f"{file}{where}: {e.problem or e.context}; fix the YAML syntax there") from None
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{file}: not readable YAML ({str(e).splitlines()[0]})") from None
+
+
 def check_overrides(schema: type, argv: list[str]) -> None:
     """Raise ConfigError for the first `key=value` override whose key the schema does not have.
 
     `+key=value` (Hydra's explicit addition), `~key` (deletion), hydra.* and config group choices pass
     through: Hydra and the schema check at conversion handle them.
     """
-    config_dirs = [os.path.expanduser(argv[i + 1]) for i, a in enumerate(argv[:-1]) if a in ("--config-dir", "-cd")]
-    config_dirs += [a.split("=", 1)[1] for a in argv if a.startswith("--config-dir=")]
+    config_dirs = _config_dirs(argv)
     groups = None
     for arg in argv:
         if arg.startswith(("-", "+", "~")) or "=" not in arg:

@@ -135,10 +135,18 @@ def validate(cfg: TrainConfig) -> None:
     check(t.save_every >= 0, f"trainer.save_every={t.save_every} must be >= 0 (0: save only at the end)")
     check(t.keep_last >= 0, f"trainer.keep_last={t.keep_last} must be >= 0 (0 keeps every checkpoint)")
     if t.resume not in (None, "auto"):
-        check(Path(t.resume).expanduser().is_dir(), f"trainer.resume={t.resume}: no such checkpoint folder; to "
-                                                     "continue a run, use trainer.resume=auto hydra.run.dir=RUN_DIR")
+        resume = Path(t.resume).expanduser()
+        check(resume.is_dir(), f"trainer.resume={t.resume}: no such checkpoint folder; to "
+                               "continue a run, use trainer.resume=auto hydra.run.dir=RUN_DIR")
+        check(not (resume / "checkpoints").is_dir(), f"trainer.resume={t.resume} is a run folder, not a checkpoint: "
+                                                     f"continue it with trainer.resume=auto hydra.run.dir={t.resume}, "
+                                                     f"or give one of its step folders ({t.resume}/checkpoints/step_N)")
     if m.init_from is not None:
-        check(Path(m.init_from).expanduser().is_dir(), f"model.init_from={m.init_from}: no such checkpoint folder")
+        init = Path(m.init_from).expanduser()
+        check(init.is_dir(), f"model.init_from={m.init_from}: no such checkpoint folder")
+        check(not (init / "checkpoints").is_dir(), f"model.init_from={m.init_from} is a run folder, not a checkpoint: "
+                                                   f"give one of its checkpoints, e.g. {m.init_from}/checkpoints/best "
+                                                   "or .../final")
     check_device("trainer.device", t.device)
     check(t.max_rollbacks >= 0, f"trainer.max_rollbacks={t.max_rollbacks} must be >= 0")
     check(0 < t.rollback_lr_scale <= 1, f"trainer.rollback_lr_scale={t.rollback_lr_scale} must be in (0, 1]")

@@ -66,6 +66,9 @@ def expand_files(patterns: list[str], key: str) -> list[Path]:
     files: list[Path] = []
     for pattern in patterns:
         expanded = os.path.expanduser(pattern)
+        if os.path.isdir(expanded):
+            raise DataError(f"{key}: {pattern!r} is a folder; give the files in it, e.g. "
+                            f"{key}=[{pattern.rstrip('/')}/*.txt] (or **/*.txt to include subfolders)")
         matches = sorted(glob.glob(expanded, recursive=True)) if glob.has_magic(expanded) else [expanded]
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
