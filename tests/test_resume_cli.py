@@ -89,7 +89,7 @@ def test_sigterm_finishes_the_step_saves_and_prints_a_resume_command_that_works(
     proc.send_signal(signal.SIGTERM)
     output = proc.stdout.read()
     assert proc.wait() == 128 + signal.SIGTERM, output
-    assert "SIGTERM received: finishing the current step, then saving a checkpoint" in output
+    assert "SIGTERM received: stopping after this step, then saving a checkpoint" in output
     assert "Stopped by SIGTERM at step" in output and "Traceback" not in output
     command = output.split("Continue this run with:\n", 1)[1].splitlines()[0].strip()
     args = shlex.split(command)
@@ -109,7 +109,7 @@ def test_ctrl_c_stops_after_saving_with_exit_status_130(tmp_path):
     proc.send_signal(signal.SIGINT)
     output = proc.stdout.read()
     assert proc.wait() == 130, output
-    assert "SIGINT received: finishing the current step, then saving a checkpoint (Ctrl-C again to abort at once)" \
+    assert "SIGINT received: stopping after this step, then saving a checkpoint (Ctrl-C again to abort once" \
         in output
     step = read_metrics(run / "metrics.jsonl")[-1]["step"]
     assert f"Stopped by SIGINT at step {step} of 100000" in output
