@@ -41,18 +41,21 @@ def _absolute_config_dirs(argv: list[str]) -> list[str]:
     return out
 
 
-def _check_keys(command: str, argv: list[str]) -> None:
+def _check_command_line(command: str, argv: list[str]) -> None:
     """Mistakes Hydra would report at length, as one line each: an unknown key (naming the nearest existing
-    one, where Hydra suggests `+key=...`) and a YAML syntax error in a --config-dir file."""
+    one, where Hydra suggests `+key=...`), a YAML syntax error in a --config-dir file, a run folder that cannot
+    be created. An existing run folder is noted: a failed start never removes one the user had."""
     if "COMP_LINE" in os.environ or any(a in ("-sc", "--shell-completion") for a in argv):
         return
     from lmtrain.config import SCHEMAS
     from lmtrain.config.overrides import check_config_dirs, check_overrides
     from lmtrain.errors import USER_ERROR_EXIT, ConfigError
+    from lmtrain.run_dir import note_existing
 
     try:
         check_config_dirs(argv)
         check_overrides(SCHEMAS[command], argv)
+        note_existing(argv)
     except ConfigError as e:
         print(f"lmtrain {command}: {e}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
@@ -77,9 +80,6 @@ def main() -> None:
         if len(words) > 1 and words[1] == command:
             os.environ["COMP_LINE"] = " ".join(words[:1] + words[2:])
     module = importlib.import_module(COMMANDS[command][0])
-    _check_keys(command, argv[1:])
-    from lmtrain.run_dir import note_existing
-
-    note_existing(argv[1:])  # before Hydra creates the run folder: one the user had is never removed
+    _check_command_line(command, argv[1:])
     sys.argv = [f"{os.path.basename(sys.argv[0])} {command}"] + _absolute_config_dirs(argv[1:])
     module.main()

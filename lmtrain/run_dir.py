@@ -33,12 +33,22 @@ _EXISTED: set[Path] = set()
 
 
 def note_existing(argv: list[str]) -> None:
-    """Remember a `hydra.run.dir=` that already exists, before Hydra creates it: such a folder is the user's,
-    even when it was empty, and a failed start must not remove it."""
+    """Before Hydra creates the `hydra.run.dir=` folder: refuse one that cannot be created (a file in the way, a
+    read-only parent) in one line, and remember one that exists already: such a folder is the user's, even when
+    it is empty, and a failed start must not remove it."""
     for arg in argv:
         key, _, value = arg.partition("=")
-        if key.lstrip("+") == "hydra.run.dir" and value and os.path.isdir(os.path.expanduser(value)):
-            _EXISTED.add(Path(os.path.expanduser(value)).resolve())
+        if key.lstrip("+") != "hydra.run.dir" or not value or "${" in value:
+            continue
+        folder = Path(os.path.expanduser(value)).absolute()
+        if folder.is_dir():
+            _EXISTED.add(folder.resolve())
+            continue
+        existing = next(p for p in [folder, *folder.parents] if p.exists())
+        if not existing.is_dir():
+            raise ConfigError(f"hydra.run.dir={value}: {existing} is a file, not a folder; choose another run folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"hydra.run.dir={value}: {existing} is not writable; choose a run folder you can write")
 
 
 def holds_run(folder: Path) -> bool:

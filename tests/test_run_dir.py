@@ -96,3 +96,12 @@ def test_cli_failed_starts_leave_no_folder_and_finished_runs_are_not_replaced(tm
     assert (run / "checkpoints" / "final" / "model.safetensors").read_bytes() == final
     assert (run / "metrics.jsonl").read_text() == metrics
     assert run.is_dir(), "the refused start removed the user's run"
+
+
+def test_a_run_folder_that_cannot_be_created_is_refused_before_hydra(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_dir, "_EXISTED", set())
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConfigError, match=r"hydra.run.dir=.*/a_file/run: .*a_file is a file, not a folder"):
+        note_existing([f"hydra.run.dir={tmp_path}/a_file/run"])
+    note_existing([f"hydra.run.dir={tmp_path}/new/run"])  # creatable: fine, and not the user's
+    assert run_dir._EXISTED == set()
