@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 LOCK = ".lmtrain.lock"
 _HYDRA_FILES = {"config.yaml", "hydra.yaml", "overrides.yaml"}
 
-# Run folders named on the command line that existed before Hydra created anything (see `note_existing`).
+# Run folders named on the command line (see `note_existing`), and those of them that existed already.
+_NAMED: set[Path] = set()
 _EXISTED: set[Path] = set()
 
 
@@ -41,6 +42,7 @@ def note_existing(argv: list[str]) -> None:
         if key.lstrip("+") != "hydra.run.dir" or not value or "${" in value:
             continue
         folder = Path(os.path.expanduser(value)).absolute()
+        _NAMED.add(folder.resolve())
         if folder.is_dir():
             _EXISTED.add(folder.resolve())
             continue
@@ -120,9 +122,11 @@ def _clear_previous_run(folder: Path) -> None:
 
 
 def _remove_failed_start(folder: Path) -> None:
+    named = folder.resolve() in _NAMED
     shutil.rmtree(folder, ignore_errors=True)
-    with contextlib.suppress(OSError):  # outputs/DATE/ once its last run folder is gone
-        folder.parent.rmdir()
+    if not named:  # Hydra's outputs/DATE/ once its last run folder is gone; a named folder's parent is the user's
+        with contextlib.suppress(OSError):
+            folder.parent.rmdir()
 
 
 @contextlib.contextmanager

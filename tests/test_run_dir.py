@@ -54,6 +54,13 @@ def test_a_fresh_start_refuses_a_folder_holding_a_run(tmp_path):
 
 def test_a_failed_start_removes_only_a_folder_it_created(tmp_path, monkeypatch):
     monkeypatch.setattr(run_dir, "_EXISTED", set())
+    monkeypatch.setattr(run_dir, "_NAMED", set())
+    (tmp_path / "mine").mkdir()  # the user's empty folder, holding a run folder this start named and created
+    note_existing([f"hydra.run.dir={tmp_path}/mine/run"])
+    named_new = hydra_scaffolding(tmp_path / "mine" / "run")
+    with pytest.raises(ConfigError), open_run_dir(named_new):
+        raise ConfigError("a config mistake")
+    assert not named_new.exists() and (tmp_path / "mine").is_dir()
     created = hydra_scaffolding(tmp_path / "outputs" / "2026-01-01" / "10-00-00")
     with pytest.raises(ConfigError), open_run_dir(created):
         (created / "train.log").write_text("ERROR: a config mistake\n")
@@ -100,6 +107,7 @@ def test_cli_failed_starts_leave_no_folder_and_finished_runs_are_not_replaced(tm
 
 def test_a_run_folder_that_cannot_be_created_is_refused_before_hydra(tmp_path, monkeypatch):
     monkeypatch.setattr(run_dir, "_EXISTED", set())
+    monkeypatch.setattr(run_dir, "_NAMED", set())
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(ConfigError, match=r"hydra.run.dir=.*/a_file/run: .*a_file is a file, not a folder"):
         note_existing([f"hydra.run.dir={tmp_path}/a_file/run"])
