@@ -117,8 +117,10 @@ def test_ctrl_c_stops_after_saving_with_exit_status_130(tmp_path):
 
 
 def test_crash_script_survives_two_kills(tmp_path):
+    # The full-disk and two-process cases need root and over a minute more: run by hand (docs/robustness.md).
     result = subprocess.run([sys.executable, str(SCRIPTS / "crash_test.py"), "--kills", "2", "--steps", "30",
-                             "--workdir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                             "--workdir", str(tmp_path), "--no-extra-cases"],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "final weights equal the uninterrupted run's: yes" in result.stdout
     assert "RESULT: PASS" in result.stdout
