@@ -54,6 +54,7 @@ class _StopAfter:
 
 def test_an_evaluation_stops_at_its_next_batch_after_a_signal():
     from lmtrain.config import ModelConfig
+    from lmtrain.memory import MicroBatches
     from lmtrain.model import GPT
     from lmtrain.trainer import Trainer
 
@@ -61,6 +62,7 @@ def test_an_evaluation_stops_at_its_next_batch_after_a_signal():
     trainer.model = trainer.forward = GPT(ModelConfig(vocab_size=10, d_model=8, n_heads=2, n_layers=1, d_ff=16,
                                                       block_size=8))
     trainer.device, trainer.bf16, trainer.stop = torch.device("cpu"), False, StopSignals()
+    trainer.micro = MicroBatches(batch_size=2, size=2, device=trainer.device)
     trainer.val_batches = _StopAfter(trainer.stop, after=3)
     assert trainer.evaluate() is None  # cut short: not a validation loss to record
     assert trainer.val_batches.read == 3 and trainer.model.training
