@@ -49,14 +49,14 @@ def resume_command(run_dir: Path) -> str:
 def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    with recorded_status(run_dir, hydra_cfg.job.get("num") if in_multirun() else None) as facts:
+    with recorded_status(run_dir, hydra_cfg.job.get("num") if in_multirun() else None) as job:
         train_cfg = to_train_config(cfg)  # every check runs here, before any data is touched
         objective = train_cfg.trainer.objective.value
         if train_cfg.trainer.resume == "auto" and in_multirun():
-            done = finished_objective(run_dir, objective)
+            done = finished_objective(run_dir, job.previous, objective)
             if done is not None:  # a rerun sweep: this job finished before, skip it without loading anything
                 log.info("Job already completed (%s %.4f): skipping it", objective, done)
-                facts.update(objective=objective, value=done)
+                job.facts.update(job.previous, objective=objective, value=done)
                 return done
         quiet_libraries()
         from lmtrain.trainer import Trainer  # imported late: --help and config errors stay fast
@@ -72,5 +72,5 @@ def main(cfg: DictConfig) -> float:
         value = objective_value(read_records(run_dir / "metrics.jsonl"), objective)
         if value is None:
             raise Diverged(f"training diverged: the final {objective} is {result.val_loss} (trainer.objective)")
-        facts.update(objective=objective, value=value, steps=result.steps)
+        job.facts.update(objective=objective, value=value, steps=result.steps)
         return value  # what a sweeper minimizes

@@ -9,10 +9,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lmtrain.sweeps.runs import objective_value, read_records
-from lmtrain.sweeps.status import read_status
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._,=+-]+")
-NAME_LIMIT = 100  # characters of overrides kept in a job folder's name
+NAME_LIMIT = 160  # characters of overrides kept in a job folder's name (file names stop at 255 bytes)
 
 
 def job_folder_name(num: int | str, overrides: list[str], exclude_keys: list[str]) -> str:
@@ -36,11 +35,10 @@ def register_job_name_resolver() -> None:
         num, list(overrides), list(exclude)), replace=True)
 
 
-def finished_objective(run_dir: Path, objective: str) -> float | None:
-    """The objective of a job that completed before (status.json says so), else None."""
-    status = read_status(run_dir)
+def finished_objective(run_dir: Path, previous: dict | None, objective: str) -> float | None:
+    """The objective of a job that completed before (`previous`, its status.json, says so), else None."""
     metrics = Path(run_dir) / "metrics.jsonl"
-    if status is None or status.get("status") != "completed" or not metrics.is_file():
+    if previous is None or previous.get("status") != "completed" or not metrics.is_file():
         return None
     return objective_value(read_records(metrics), objective)
 

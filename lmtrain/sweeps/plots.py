@@ -21,11 +21,6 @@ def _pyplot():
     return plt
 
 
-def MaxNLocator(**kwargs):  # noqa: N802 - matplotlib's class, imported late with it
-    from matplotlib.ticker import MaxNLocator
-
-    return MaxNLocator(**kwargs)
-
 
 def _xy(points: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
@@ -41,6 +36,8 @@ def _save(fig, path: Path) -> None:
 def plot_run(run: Run, path: Path) -> None:
     """loss.png: train and validation loss against steps, learning rate on the right-hand axis."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
     if run.train_curve:
         ax.plot(*_xy(run.train_curve), label="train loss", color="tab:blue", linewidth=1)
@@ -76,12 +73,15 @@ def _numeric(values: list[str]) -> list[float] | None:
 def _label(run: Run, keys: list[str]) -> str:
     name = f"job {run.job}" if run.job is not None else run.folder.name
     params = ", ".join(f"{k.rsplit('.', 1)[-1]}={run.overrides.get(k, '')}" for k in keys)
-    return f"{name}: {params}" if params else name
+    label = f"{name}: {params}" if params else name
+    return label if len(label) <= 60 else label[:57] + "..."
 
 
 def plot_runs(runs: list[Run], keys: list[str], objective: str, path: Path) -> None:
     """summary.png: validation curves overlaid; beside them, the objective against the one numeric swept key."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     values = _numeric([r.overrides.get(keys[0], "") for r in runs]) if len(keys) == 1 else None
     fig, axes = plt.subplots(1, 2 if values else 1, figsize=(12 if values else 7, 4.5), layout="constrained",
                              squeeze=False)

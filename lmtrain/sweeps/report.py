@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.console import Console
+
 from lmtrain.sweeps.plots import plot_runs
 from lmtrain.sweeps.runs import Run, find_runs, read_run
 from lmtrain.sweeps.summary import outcome_line, rows, sort_runs, swept_keys, to_table, write_summary
@@ -28,7 +30,8 @@ def summarize(runs: list[Run], folder: Path | None, objective: str, sort: str | 
         plot_runs(runs, swept_keys(runs), objective, folder / "summary.png")
     title = f"Sweep summary, best {objective} first" if not sort else f"Sweep summary by {sort}"
     # Outside a terminal (a log file, CI) the table keeps its natural width rather than the default 80 columns.
-    console.print(to_table(header, body, title), width=None if console.is_terminal else 1000)
-    console.print(outcome_line(runs), markup=False, highlight=False)
+    out = console if console.is_terminal else Console(file=console.file, width=1000, highlight=False)
+    out.print(to_table(header, body, title))
+    out.print(outcome_line(runs), markup=False)
     if folder is not None:
-        console.print(f"Written: {folder / 'summary.csv'}, summary.md, summary.png", markup=False, highlight=False)
+        out.print(f"Written: {folder / 'summary.csv'}, summary.md, summary.png", markup=False)

@@ -11,6 +11,7 @@ import logging
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmtrain.errors import LmtrainError, RunStopped
@@ -37,17 +38,24 @@ def _write(run_dir: Path, status: dict) -> None:
     write_json(Path(run_dir) / STATUS_FILE, status)
 
 
+@dataclass
+class JobRecord:
+    previous: dict | None  # status.json as an earlier attempt left it (a rerun sweep skips completed jobs)
+    facts: dict = field(default_factory=dict)  # what the body learnt: the objective and its value, steps
+
+
 @contextmanager
-def recorded_status(run_dir: Path, job: int | None) -> Iterator[dict]:
-    """Run a job, then record how it ended. The body fills the yielded dict with the completed run's facts."""
+def recorded_status(run_dir: Path, job: int | None) -> Iterator[JobRecord]:
+    """Run a job, then record how it ended; the body adds the completed run's facts to the record."""
     global _sweep_stopped_by
     if _sweep_stopped_by is not None:
         raise RunStopped(_sweep_stopped_by, f"Not started: the sweep was stopped by {_sweep_stopped_by.name}")
     base = {} if job is None else {"job": job}
+    record = JobRecord(previous=read_status(run_dir))
     _write(run_dir, {**base, "status": "running"})
-    facts: dict = {}
+    facts = record.facts
     try:
-        yield facts
+        yield record
     except KeyboardInterrupt:
         _write(run_dir, {**base, "status": "stopped", "signal": "SIGINT"})
         raise
