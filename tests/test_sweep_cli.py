@@ -133,15 +133,19 @@ def test_a_failing_job_leaves_the_others_a_true_summary_and_trackers_and_a_rerun
 @pytest.mark.skipif(not has("hydra_plugins.hydra_optuna_sweeper"), reason="needs lmtrain[optuna]")
 def test_optuna_study_with_a_failing_trial_completes_and_reports_the_best_job(tmp_path):
     sweep = tmp_path / "study"
-    result = run_cli("train", "-m", "hparams_search=lr_optuna", "hydra/sweeper/sampler=grid",
-                     "hydra.sweeper.n_trials=4", "optimizer.lr=choice(0.003,0.01,-1.0,0.001)", *SHORT,
-                     "trainer.max_steps=2", f"hydra.sweep.dir={sweep}")
+    # With this seed the random sampler tries lr 0.01, -1.0 (a config error), 0.001, 0.003: all four, in one batch.
+    result = run_cli("train", "-m", "hparams_search=lr_optuna", "hydra/sweeper/sampler=random",
+                     "hydra.sweeper.sampler.seed=9", "hydra.sweeper.n_trials=4",
+                     "optimizer.lr=choice(0.003,0.01,-1.0,0.001)", *SHORT, "trainer.max_steps=2",
+                     f"hydra.sweep.dir={sweep}")
     out = result.stdout + result.stderr
     assert "4 jobs: 3 completed, 1 failed" in out, out
     results = OmegaConf.load(sweep / "optimization_results.yaml")
     rows = read_summary(sweep)
     assert [r["status"] for r in rows] == ["completed"] * 3 + ["failed"]
-    assert rows[3]["optimizer.lr"] == "-1.0" and "optimizer.lr=-1.0 must be > 0" in rows[3]["error"]
+    assert rows[3]["job"] == "1" and rows[3]["optimizer.lr"] == "-1.0"
+    assert "optimizer.lr=-1.0 must be > 0" in rows[3]["error"]
+    assert sorted(float(r["optimizer.lr"]) for r in rows[:3]) == [0.001, 0.003, 0.01]
     assert results.best_value == pytest.approx(float(rows[0]["val_loss"]), rel=1e-12)
     assert results.best_params["optimizer.lr"] == pytest.approx(float(rows[0]["optimizer.lr"]))
     assert all(math.isfinite(float(r["val_loss"])) for r in rows[:3])
@@ -150,7 +154,7 @@ def test_optuna_study_with_a_failing_trial_completes_and_reports_the_best_job(tm
 @pytest.mark.skipif(not has("hydra_plugins.hydra_joblib_launcher"), reason="needs lmtrain[joblib]")
 def test_joblib_launcher_runs_the_other_jobs_and_tags_their_lines(tmp_path):
     sweep = tmp_path / "parallel"
-    result = run_cli("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SHORT,
+    result = run_cli("train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SHORT, "trainer.max_steps=2",
                      "trainer.batch_size=4,0,8", f"hydra.sweep.dir={sweep}")
     out = result.stdout + result.stderr
     assert result.returncode != 0 and "3 jobs: 2 completed, 1 failed" in out, out

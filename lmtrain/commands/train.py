@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from lmtrain.config import register_configs, to_train_config
 from lmtrain.console import quiet_libraries
 from lmtrain.errors import Diverged, RunStopped, in_multirun, reports_user_errors
+from lmtrain.sweeps.callback import finish_sweep
 from lmtrain.sweeps.jobs import finished_objective, register_job_name_resolver
 from lmtrain.sweeps.runs import objective_value, read_records
 from lmtrain.sweeps.status import recorded_status
@@ -44,9 +45,17 @@ def resume_command(run_dir: Path) -> str:
     return shlex.join(["lmtrain", "train", *options, "trainer.resume=auto", f"hydra.run.dir={run_dir}", *overrides])
 
 
+def main() -> None:
+    """`lmtrain train`: the Hydra app, then the summary of a sweep that a failed job cut short."""
+    try:
+        train()
+    finally:
+        finish_sweep()
+
+
 @hydra.main(version_base="1.3", config_path="pkg://lmtrain.configs", config_name="train")
 @reports_user_errors
-def main(cfg: DictConfig) -> float:
+def train(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     with recorded_status(run_dir, hydra_cfg.job.get("num") if in_multirun() else None) as job:

@@ -1,13 +1,12 @@
 """The Hydra callback that ends every `lmtrain train -m` sweep with its summary (configured in train.yaml).
 
 Hydra calls on_multirun_end only when the sweeper returns. The basic sweeper raises the first failed job's
-error once the whole batch has run, skipping on_multirun_end; the summary is then written as the process
-exits, so every sweep leaves one, whichever way it ended.
+error once the whole batch has run, skipping on_multirun_end; `lmtrain train` then calls `finish_sweep`
+as it unwinds, so every sweep leaves a summary, whichever way it ended.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ from lmtrain.sweeps.report import read_runs, summarize
 
 log = logging.getLogger(__name__)
 
+_pending: SweepSummary | None = None  # a sweep that started and has no summary yet
+
 
 class SweepSummary(Callback):
     def __init__(self, objective: str = "val_loss"):
@@ -29,15 +30,17 @@ class SweepSummary(Callback):
         self.sweep_dir = Path(config.hydra.sweep.dir)
         objective = config.get("trainer", {}).get("objective", self.objective)
         self.objective = getattr(objective, "value", objective)  # the schema makes it an Enum
-        atexit.register(self._finish)  # for a sweep that ends by an exception, which skips on_multirun_end
+        global _pending
+        _pending = self
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        atexit.unregister(self._finish)
         if self._finish() > 0:
             raise SystemExit(1)  # any failed job makes the sweep fail (an Exception would only be a warning)
 
     def _finish(self) -> int:
         """Write and show the summary; returns how many jobs did not complete."""
+        global _pending
+        _pending = None
         if self.sweep_dir is None or not self.sweep_dir.is_dir():
             return 0
         runs = read_runs([self.sweep_dir])
@@ -52,3 +55,9 @@ class SweepSummary(Callback):
             log.error("%d of %d jobs did not complete; see status.json and train.log in their folders",
                       unfinished, len(runs))
         return unfinished
+
+
+def finish_sweep() -> None:
+    """Summarize a sweep that ended by an exception (Hydra skipped on_multirun_end); nothing otherwise."""
+    if _pending is not None:
+        _pending._finish()
