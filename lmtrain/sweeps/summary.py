@@ -33,9 +33,9 @@ def sort_runs(runs: list[Run], key: str) -> list[Run]:
     def value(r: Run):
         v = r.overrides.get(key) if key in r.overrides else getattr(r, key, None)
         try:
-            return (v is None, float(v), "")
+            return (v is None, False, float(v), "")
         except (TypeError, ValueError):
-            return (v is None, 0.0, str(v))
+            return (v is None, True, 0.0, str(v))  # text after numbers
 
     return sorted(runs, key=value)
 
