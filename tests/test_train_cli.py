@@ -75,7 +75,7 @@ def test_multirun_sweep_makes_one_run_dir_per_job(tmp_path):
     result = run_cli("train", "-m", "optimizer.lr=1e-3,3e-4", "trainer.max_steps=5", *TINY_MODEL, *FAST_TRAIN,
                      f"hydra.sweep.dir={sweep}")
     assert result.returncode == 0, result.stdout + result.stderr
-    for name, lr_line in [("0_optimizer.lr=1e-3,", "lr: 0.001\n"), ("1_optimizer.lr=3e-4,", "lr: 0.0003\n")]:
+    for name, lr_line in [("0_optimizer.lr=", "lr: 0.001\n"), ("1_optimizer.lr=", "lr: 0.0003\n")]:
         (job,) = sweep.glob(name + "*")  # named by its number and overrides
         records = read_metrics(job / "metrics.jsonl")
         assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
