@@ -37,10 +37,11 @@ def resume_command(run_dir: Path) -> str:
         elif arg.startswith(tuple(f"{o}=" for o in _CONFIG_OPTIONS)):
             options.append(arg)
     hydra_cfg = HydraConfig.get()
-    if in_multirun():  # the sweep's own overrides, as typed: rerunning it skips finished jobs
-        sweep = [o for o in hydra_cfg.overrides.task if not o.startswith(("trainer.resume=", "hydra.sweep.dir="))]
-        return shlex.join(["lmtrain", "train", "-m", *options, "trainer.resume=auto",
-                           f"hydra.sweep.dir={hydra_cfg.sweep.dir}", *sweep])
+    if in_multirun():  # the whole sweep command, as typed: rerunning it skips finished jobs
+        sweep = [a for a in argv if a not in ("-m", "--multirun")
+                 and not a.startswith(("trainer.resume=", "hydra.sweep.dir="))]
+        return shlex.join(["lmtrain", "train", "-m", *sweep, "trainer.resume=auto",
+                           f"hydra.sweep.dir={hydra_cfg.sweep.dir}"])
     overrides = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") != "trainer.resume"]
     return shlex.join(["lmtrain", "train", *options, "trainer.resume=auto", f"hydra.run.dir={run_dir}", *overrides])
 
