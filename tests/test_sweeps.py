@@ -29,7 +29,7 @@ def make_run(folder, overrides, status, val_losses=(), elapsed=None):
     (folder / ".hydra/overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     (folder / "status.json").write_text(json.dumps(status))
     records, step = [], 0
-    for i, val in enumerate(val_losses):
+    for val in val_losses:
         for _ in range(2):
             step += 1
             records.append({"step": step, "loss": val + 0.5, "lr": 1e-3, "tokens": step * 128,
