@@ -77,8 +77,8 @@ def train(cfg: DictConfig) -> float:
             raise RunStopped(signal.SIGINT, "Interrupted. Continue from the last checkpoint saved with:\n  "
                                             + resume_command(run_dir)) from None
         if result.stopped_by is not None:
-            raise RunStopped(result.stopped_by, f"Stopped by {result.stopped_by.name}. Continue with:\n  "
-                                                + resume_command(run_dir))
+            what = "sweep" if in_multirun() else "run"
+            raise RunStopped(result.stopped_by, f"Continue this {what} with:\n  {resume_command(run_dir)}")
         value = objective_value(read_records(run_dir / "metrics.jsonl"), objective)
         if value is None:
             raise Diverged(f"training diverged: the final {objective} is {result.val_loss} (trainer.objective)")
