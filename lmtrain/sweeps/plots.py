@@ -1,4 +1,4 @@
-"""Plots as PNG files (matplotlib's Agg backend: no window, works over SSH and in batch jobs).
+"""Plots as PNG files (matplotlib's Agg renderer: no window, works over SSH and in batch jobs).
 
 loss.png for a run: training and validation loss against steps, the learning rate on a second axis.
 summary.png for several runs: their validation curves overlaid and, when exactly one numeric parameter
@@ -12,14 +12,12 @@ from pathlib import Path
 from lmtrain.sweeps.runs import Run
 
 
-def _pyplot():
-    import matplotlib
+def _figure(width: float, height: float, columns: int = 1):
+    """A figure and its axes, without pyplot: no global state, no window, no GUI backend to choose."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only
-    import matplotlib.pyplot as plt
-
-    return plt
-
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, fig.subplots(1, columns, squeeze=False)[0]
 
 
 def _xy(points: list[tuple[float, float]]) -> tuple[list[float], list[float]]:
@@ -35,10 +33,9 @@ def _save(fig, path: Path) -> None:
 
 def plot_run(run: Run, path: Path) -> None:
     """loss.png: train and validation loss against steps, learning rate on the right-hand axis."""
-    plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    fig, (ax,) = _figure(7, 4)
     if run.train_curve:
         ax.plot(*_xy(run.train_curve), label="train loss", color="tab:blue", linewidth=1)
     if run.val_curve:
@@ -60,7 +57,6 @@ def plot_run(run: Run, path: Path) -> None:
     name = run.folder.name
     ax.set_title(name if len(name) <= 70 else name[:67] + "...", fontsize="small")
     _save(fig, path)
-    plt.close(fig)
 
 
 def _numeric(values: list[str]) -> list[float] | None:
@@ -79,13 +75,11 @@ def _label(run: Run, keys: list[str]) -> str:
 
 def plot_runs(runs: list[Run], keys: list[str], objective: str, path: Path) -> None:
     """summary.png: validation curves overlaid; beside them, the objective against the one numeric swept key."""
-    plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
     values = _numeric([r.overrides.get(keys[0], "") for r in runs]) if len(keys) == 1 else None
-    fig, axes = plt.subplots(1, 2 if values else 1, figsize=(12 if values else 7, 4.5), layout="constrained",
-                             squeeze=False)
-    curves = axes[0][0]
+    fig, axes = _figure(12 if values else 7, 4.5, 2 if values else 1)
+    curves = axes[0]
     for run in runs:
         if run.val_curve:
             style = "-" if run.status in ("completed", "-") else ":"
@@ -98,7 +92,7 @@ def plot_runs(runs: list[Run], keys: list[str], objective: str, path: Path) -> N
     if curves.get_legend_handles_labels()[0]:
         curves.legend(fontsize="small")
     if values:
-        ax = axes[0][1]
+        ax = axes[1]
         scored = [(x, r.metric(objective)) for x, r in zip(values, runs, strict=True)]
         points = sorted((x, y) for x, y in scored if y is not None)
         if points:
@@ -116,4 +110,3 @@ def plot_runs(runs: list[Run], keys: list[str], objective: str, path: Path) -> N
         ax.set_title(f"{objective} against {keys[0]}" + (" (red: failed)" if failed else ""), fontsize="small")
         ax.grid(alpha=0.3)
     _save(fig, path)
-    plt.close(fig)
