@@ -81,6 +81,7 @@ def test_multirun_sweep_makes_one_run_dir_per_job(tmp_path):
         assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
         assert lr_line in (job / ".hydra/config.yaml").read_text()
         assert (job / "checkpoints/final/model.safetensors").is_file()
+    assert "2 jobs: 2 completed" in result.stdout and (sweep / "summary.csv").is_file()
 
 
 def test_sample_prompts_are_checked_only_when_sampling(tmp_path):
