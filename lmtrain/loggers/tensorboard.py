@@ -47,4 +47,6 @@ class TensorBoardLogger:
             # Written into this run's own folder (SummaryWriter.add_hparams would start a new one).
             for summary in hparams(self.hparams, self.final):
                 self.writer.file_writer.add_summary(summary)
+            for tag, value in self.final.items():  # the HParams tab reads each metric from its scalar
+                self.writer.add_scalar(tag, value)
         self.writer.close()
