@@ -126,8 +126,10 @@ def test_status_records_how_a_job_ended_and_a_stop_ends_the_sequential_sweep(tmp
     with pytest.raises(RunStopped), recorded_status(tmp_path, 0):
         raise RunStopped(signal.SIGTERM, "stopped")
     assert read_status(tmp_path)["signal"] == "SIGTERM"
+    (tmp_path / "next").mkdir()
     with pytest.raises(RunStopped, match="Not started"), recorded_status(tmp_path / "next", 1):
         pass
+    assert read_status(tmp_path / "next")["status"] == "stopped"
 
 
 def test_the_boundary_exits_for_a_single_run_and_raises_to_hydra_under_multirun(monkeypatch):

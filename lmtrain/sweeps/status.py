@@ -48,9 +48,11 @@ class JobRecord:
 def recorded_status(run_dir: Path, job: int | None) -> Iterator[JobRecord]:
     """Run a job, then record how it ended; the body adds the completed run's facts to the record."""
     global _sweep_stopped_by
-    if _sweep_stopped_by is not None:
-        raise RunStopped(_sweep_stopped_by, f"Not started: the sweep was stopped by {_sweep_stopped_by.name}")
     base = {} if job is None else {"job": job}
+    if _sweep_stopped_by is not None:
+        message = f"Not started: the sweep was stopped by {_sweep_stopped_by.name}"
+        _write(run_dir, {**base, "status": "stopped", "signal": _sweep_stopped_by.name, "message": message})
+        raise RunStopped(_sweep_stopped_by, message)
     record = JobRecord(previous=read_status(run_dir))
     _write(run_dir, {**base, "status": "running"})
     facts = record.facts
