@@ -75,7 +75,7 @@ def _label(run: Run, keys: list[str]) -> str:
 
 def plot_runs(runs: list[Run], keys: list[str], objective: str, path: Path) -> None:
     """summary.png: validation curves overlaid; beside them, the objective against the one numeric swept key."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator, NullFormatter
 
     values = _numeric([r.overrides.get(keys[0], "") for r in runs]) if len(keys) == 1 else None
     fig, axes = _figure(12 if values else 7, 4.5, 2 if values else 1)
@@ -105,6 +105,10 @@ def plot_runs(runs: list[Run], keys: list[str], objective: str, path: Path) -> N
         positive = [x for x in values if x > 0]
         if len(positive) == len(values) and max(positive) / min(positive) >= 10:
             ax.set_xscale("log")
+        if len(set(values)) <= 12:  # ticks at the values tried, written as they were given
+            ticks = dict(zip(values, (r.overrides.get(keys[0], "") for r in runs), strict=True))
+            ax.set_xticks(list(ticks), list(ticks.values()))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(keys[0])
         ax.set_ylabel(objective)
         ax.set_title(f"{objective} against {keys[0]}" + (" (red: failed)" if failed else ""), fontsize="small")
