@@ -74,9 +74,14 @@ def remove_folder(path: Path) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write a JSON file atomically: a reader sees the old content or the new, never a mix."""
+    write_text(path, json.dumps(obj, indent=2, allow_nan=False))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically: a reader sees the old content or the new, never a mix."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, allow_nan=False)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

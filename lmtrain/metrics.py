@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from rich.table import Table
+from rich.text import Text
 
 # Dense peak TFLOP/s per GPU, as (bf16, tf32), from the vendors' data sheets (without sparsity).
 GPU_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
@@ -42,21 +43,26 @@ class MetricsLog:
     figures, such as a speedrun's, are read from it.
     """
 
-    def __init__(self, path: Path, enabled: bool = True):
+    def __init__(self, path: Path, enabled: bool = True, loggers: list | None = None):
         self.path, self.enabled = path, enabled
         self._file = open(path, "a", encoding="utf-8") if enabled else None
         self._start = time.perf_counter()
+        self.loggers = loggers or []  # lmtrain.loggers.RunLogger: each gets every record once it is written
 
     def write(self, record: dict) -> None:
         if self._file is not None:
             record = {**record, "elapsed_s": round(time.perf_counter() - self._start, 3)}
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+            for logger in self.loggers:
+                logger.log(record)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+            for logger in self.loggers:
+                logger.close()
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -138,5 +144,5 @@ def summary_table(rows: list[tuple[str, str]]) -> Table:
     table.add_column(style="bold")
     table.add_column()
     for key, value in rows:
-        table.add_row(key, value)
+        table.add_row(Text(key), Text(value))  # plain text: a path such as files=[/x] is not markup
     return table

@@ -24,6 +24,7 @@ from lmtrain.console import PreparationProgress, console, progress_bar, wants_pr
 from lmtrain.data.loader import train_loader, val_batches
 from lmtrain.data.prepare import prepare_data
 from lmtrain.errors import ConfigError
+from lmtrain.loggers import build_loggers
 from lmtrain.memory import format_bytes, micro_batches, peak_memory, trial_step
 from lmtrain.metrics import MetricsLog, Throughput, peak_flops, summary_table
 from lmtrain.model import GPT
@@ -118,7 +119,8 @@ class Trainer:
         self.tokens_per_step = t.batch_size * t.grad_accum_steps * block
         self.flops_per_token = self.model.flops_per_token()
         self.peak, self.peak_source = peak_flops(self.device, self.bf16)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl",
+                                  loggers=build_loggers(cfg.logger, self.run_dir, self.checkpoint_config()))
         # Encoded only when sampling is on: a char tokenizer may lack the default prompts' characters.
         self.sample_prompts = [encode_prompt(self.tokenizer, p, "trainer.sample_prompts")
                                for p in (t.sample_prompts if t.sample_every else [])]

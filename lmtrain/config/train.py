@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from lmtrain.config.base import CHECKS, check, check_device, to_config
 from lmtrain.config.data import DataConfig, TokenizerConfig, validate_data, validate_tokenizer
+from lmtrain.config.logger import LoggerConfig, validate_logger
 from lmtrain.config.model import ModelConfig, PosEmb
 
 
@@ -39,6 +40,13 @@ class SchedulerConfig:
     warmup_steps: int = 100  # linear warm-up from 0 to optimizer.lr, in optimizer steps
     min_lr_ratio: float = 0.1  # final LR as a fraction of optimizer.lr (cosine, linear)
 
+
+
+class Objective(str, Enum):
+    """What `lmtrain train` returns to a sweeper (Optuna minimizes it) and sorts a sweep's summary by."""
+
+    val_loss = "val_loss"  # the final validation loss
+    best_val_loss = "best_val_loss"  # the lowest validation loss of any evaluation
 
 
 class Precision(str, Enum):
@@ -73,6 +81,7 @@ class TrainerConfig:
     # sequences per forward pass: a divisor of batch_size; auto: the largest that fits (searched on CUDA);
     # None: batch_size. A step that runs out of memory halves it, keeping the global batch.
     micro_batch_size: str | None = None
+    objective: Objective = Objective.val_loss  # the figure a sweep optimizes and its summary ranks by
 
 
 @dataclass
@@ -83,6 +92,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # experiment trackers beside metrics.jsonl
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
@@ -141,6 +151,7 @@ def validate(cfg: TrainConfig) -> None:
         check(m.vocab_multiple > 0, f"model.vocab_multiple={m.vocab_multiple} must be > 0 (1: no padding)")
     validate_data(d)
     validate_tokenizer(tok)
+    validate_logger(cfg.logger)
 
 
 CHECKS[TrainConfig] = validate
