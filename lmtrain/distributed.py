@@ -183,6 +183,15 @@ def agree(step_loss: torch.Tensor, received: signal.Signals | None) -> tuple[tor
     return loss, signal.Signals(int(number.item()))
 
 
+def smallest(value: int, device: torch.device) -> int:
+    """The smallest of every rank's value (itself with one process)."""
+    if not active():
+        return value
+    t = torch.tensor(value, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 def sum_across(t: torch.Tensor) -> torch.Tensor:
     """The element-wise sum of a tensor over all ranks (itself with one process)."""
     if active():

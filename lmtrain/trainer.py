@@ -143,8 +143,9 @@ class Trainer:
         resumed = self.checkpoints.start(t.resume, cfg.model.init_from, self.model, self.optimizer, self.train_loader)
         if resumed is not None:
             self._restore(resumed)
-        self.micro = micro_batches(t.micro_batch_size, t.batch_size, self.device, trial_step(
-            self.forward, self.model, self.tokenizer.vocab_size, block, self.device, self.autocast))
+        self.micro = micro_batches(t.micro_batch_size, t.batch_size, self.device, trial_step(  # the bare model:
+            self.model, self.model, self.tokenizer.vocab_size, block, self.device, self.autocast))  # no DDP all-reduce
+        self.micro.size = distributed.smallest(self.micro.size, self.device)  # every rank runs as many micro-batches
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
