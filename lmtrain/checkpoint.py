@@ -143,12 +143,15 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_checkpoint(path: Path, model: nn.Module, config: dict, tokenizer: TextTokenizer,
-                    extra: Callable[[Path], None] | None = None) -> Path:
-    """Write a checkpoint folder atomically, replacing one at `path`; `extra(folder)` adds more files."""
+def save_checkpoint(path: Path, model: nn.Module | dict[str, torch.Tensor] | None, config: dict,
+                    tokenizer: TextTokenizer, extra: Callable[[Path], None] | None = None) -> Path:
+    """Write a checkpoint folder atomically, replacing one at `path`; `extra(folder)` adds more files.
+    `model` may be its weights already gathered, or None when `extra` writes them another way (shards)."""
 
     def write(folder: Path) -> None:
-        save_file(model_tensors(model), str(folder / WEIGHTS), metadata={"format": "pt"})
+        if model is not None:
+            tensors = model if isinstance(model, dict) else model_tensors(model)
+            save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
         (folder / CONFIG).write_text(json.dumps(config, indent=2))
         tokenizer.save(folder / TOKENIZER)
         if extra is not None:

@@ -74,5 +74,7 @@ def main() -> None:
         if len(words) > 1 and words[1] == command:
             os.environ["COMP_LINE"] = " ".join(words[:1] + words[2:])
     module = importlib.import_module(COMMANDS[command][0])
-    sys.argv = [f"{os.path.basename(sys.argv[0])} {command}"] + _absolute_config_dirs(argv[1:])
+    args = _absolute_config_dirs(argv[1:])
+    extra = getattr(module, "extra_overrides", None)  # a command's own additions (train: distributed run dirs)
+    sys.argv = [f"{os.path.basename(sys.argv[0])} {command}"] + args + (extra(args) if extra else [])
     module.main()

@@ -45,7 +45,8 @@ def make_console_handler(stderr: bool = False) -> logging.Handler:
         handler = logging.StreamHandler(sys.stderr if stderr else sys.stdout)
         handler.setFormatter(_PlainFormatter(message))
     # Only rank 0 talks; other ranks of a distributed run report problems only.
-    handler.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))  # SLURM_PROCID: srun started it
+    handler.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     return handler
 
 

@@ -26,7 +26,7 @@ class StopSignals:
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():  # only the main thread may install handlers
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):  # SIGUSR2: submitit's preemption
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmtrain.config import Precision, TrainConfig, as_plain_dict
+from lmtrain import distributed, parallel
+from lmtrain.config import Precision, Strategy, TrainConfig, as_plain_dict
 from lmtrain.console import PreparationProgress, console, progress_bar, wants_progress_bar
 from lmtrain.data.loader import train_loader, val_batches
 from lmtrain.data.prepare import prepare_data
@@ -63,18 +64,20 @@ def seed_everything(seed: int) -> None:
 
 
 def accumulate_gradients(forward, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-                         autocast) -> torch.Tensor:
+                         autocast, sync_gradients=lambda last: contextlib.nullcontext()) -> torch.Tensor:
     """Forward and backward each (input, target) micro-batch; returns their mean loss, detached.
 
     Each loss is divided by the number of micro-batches, so the summed gradient equals the gradient
-    of the mean loss over the whole batch, as if it had been one batch k times larger.
+    of the mean loss over the whole batch, as if it had been one batch k times larger. Under DDP,
+    `sync_gradients(last)` lets only the last backward all-reduce the gradients.
     """
     total = torch.zeros((), device=device)
-    for x, y in micro_batches:
+    for i, (x, y) in enumerate(micro_batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast():
-            loss = forward(x, y)
-        (loss / len(micro_batches)).backward()
+        with sync_gradients(i == len(micro_batches) - 1):
+            with autocast():
+                loss = forward(x, y)
+            (loss / len(micro_batches)).backward()
         total += loss.detach()
     return total / len(micro_batches)
 
@@ -87,15 +90,18 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         t = cfg.trainer
-        self.device = pick_device(t.device)
+        self.world, self.device = distributed.setup(pick_device(t.device), t.dist_timeout_s,
+                                                    group_of_one=t.strategy in (Strategy.ddp, Strategy.fsdp))
+        strategy = parallel.resolve(t.strategy, self.world)
         self.bf16 = t.precision == Precision.bf16 or (t.precision == Precision.auto and self.device.type == "cuda")
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
             torch.backends.cudnn.allow_tf32 = True
         seed_everything(t.seed)
 
-        with PreparationProgress(wants_progress_bar(t.progress)) as progress:
-            self.data = prepare_data(cfg.data, cfg.tokenizer, progress)
+        with distributed.local_main_first(self.world), \
+                PreparationProgress(wants_progress_bar(t.progress) and self.world.main) as progress:
+            self.data = prepare_data(cfg.data, cfg.tokenizer, progress)  # once per node: the others wait
         self.tokenizer = self.data.tokenizer
         vocab = cfg.model.vocab_size or self.tokenizer.vocab_size
         if vocab < self.tokenizer.vocab_size:
@@ -107,20 +113,24 @@ class Trainer:
         self.compiled = t.compile if t.compile is not None else self.device.type == "cuda"
         if self.compiled:
             self.model.compile_blocks()
-        self.forward = self.model  # the call the loop makes; compilation, if on, is inside, per block
+        self.parallel = parallel.wrap(self.model, strategy, self.world, self.device, self.bf16)
+        self.forward = self.parallel.forward  # the GPT or its DDP wrapper; compilation, if on, is inside, per block
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
 
-        block = self.model_cfg.block_size
-        self.train_loader = train_loader(self.data, block, t.batch_size, t.seed, t.num_workers,
-                                         pin_memory=self.device.type == "cuda")
-        self.val_batches = val_batches(self.data, block, t.batch_size, t.eval_batches)
+        block, ranks = self.model_cfg.block_size, self.world.size
+        batch = t.batch_size * ranks  # the global batch: the loaders hand out whole ones, each rank trains on its rows
+        self.train_loader = train_loader(self.data, block, batch, t.seed, t.num_workers,
+                                         pin_memory=self.device.type == "cuda", rows=self.world.rows(batch))
+        self.val_batches = val_batches(self.data, block, batch, t.eval_batches, self.world.rows)
         per_epoch = max(1, self.train_loader.batches_per_epoch // t.grad_accum_steps)
         self.total_steps = t.max_steps or t.epochs * per_epoch
-        self.tokens_per_step = t.batch_size * t.grad_accum_steps * block
+        self.tokens_per_step = t.batch_size * t.grad_accum_steps * block * ranks  # every rank's tokens
         self.flops_per_token = self.model.flops_per_token()
         self.peak, self.peak_source = peak_flops(self.device, self.bf16)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl",
-                                  loggers=build_loggers(cfg.logger, self.run_dir, self.checkpoint_config()))
+        self.peak *= ranks  # MFU per device: all ranks' FLOPs over all devices' peak
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.world.main,
+                                  loggers=build_loggers(cfg.logger, self.run_dir, self.checkpoint_config())
+                                  if self.world.main else None)
         # Encoded only when sampling is on: a char tokenizer may lack the default prompts' characters.
         self.sample_prompts = [encode_prompt(self.tokenizer, p, "trainer.sample_prompts")
                                for p in (t.sample_prompts if t.sample_every else [])]
@@ -128,29 +138,32 @@ class Trainer:
         self.epoch_loss, self.epoch_steps = torch.zeros((), device=self.device), 0  # sum of this epoch's step losses
         self.val_loss, self.best_val_loss = float("nan"), float("inf")
         self.saved: tuple[int, Path | None] = (-1, None)  # the step and folder of the last step checkpoint
-        self.checkpoints = Checkpointer(self.run_dir, t.keep_last, self.checkpoint_config(), self.tokenizer)
+        self.checkpoints = Checkpointer(self.run_dir, t.keep_last, self.checkpoint_config(), self.tokenizer,
+                                        self.world, self.parallel.sharded)
         resumed = self.checkpoints.start(t.resume, cfg.model.init_from, self.model, self.optimizer, self.train_loader)
         if resumed is not None:
             self._restore(resumed)
-        self.micro = micro_batches(t.micro_batch_size, t.batch_size, self.device, trial_step(
-            self.forward, self.model, self.tokenizer.vocab_size, block, self.device, self.autocast))
+        self.micro = micro_batches(t.micro_batch_size, t.batch_size, self.device, trial_step(  # the bare model:
+            self.model, self.model, self.tokenizer.vocab_size, block, self.device, self.autocast))  # no DDP all-reduce
+        self.micro.size = distributed.smallest(self.micro.size, self.device)  # every rank runs as many micro-batches
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over the fixed validation batches."""
+        """Mean loss over the fixed validation batches; each rank scores its rows of every batch."""
         self.model.eval()
-        total, rows = torch.zeros((), device=self.device), 0
+        total = torch.zeros(2, device=self.device)  # (loss summed over rows, rows)
         for i in range(len(self.val_batches)):
             for x, y in self.micro.split([self.val_batches[i]]):  # what fits with gradients fits without
                 x, y = x.to(self.device), y.to(self.device)
                 with self.autocast():
-                    total += self.forward(x, y).float() * x.shape[0]
-                rows += x.shape[0]
+                    loss = self.forward(x, y).float()
+                total += torch.stack([loss * x.shape[0], torch.tensor(float(x.shape[0]), device=self.device)])
         self.model.train()
-        return (total / rows).item()
+        total = distributed.sum_across(total)  # each rank scored its own rows
+        return (total[0] / total[1]).item()
 
     def _record_eval(self) -> float:
         val_loss = self.val_loss = self.evaluate()
@@ -179,13 +192,16 @@ class Trainer:
 
     def _stopped(self, received: signal.Signals, seconds: float) -> TrainResult:
         saved = self.saved[1] if self.saved[0] == self.step else self._save()
-        log.warning("Stopped by %s at step %d of %d after %.1f s; %s holds all that resuming needs",
-                    received.name, self.step, self.total_steps, seconds, saved)
+        report = log.warning if self.world.main else log.info  # said once, by rank 0
+        report("Stopped by %s at step %d of %d after %.1f s; %s holds all that resuming needs",
+               received.name, self.step, self.total_steps, seconds, saved)
         self.metrics.close()
         return TrainResult(self.step, self.step * self.tokens_per_step, float("nan"), self.val_loss, seconds, saved,
                            stopped_by=received)
 
     def _record_samples(self) -> None:
+        if not (self.world.main or self.parallel.sharded):  # FSDP2: every rank takes part in each forward
+            return
         t = self.cfg.trainer
         with self.autocast():
             texts = sample_texts(self.model, self.tokenizer, self.sample_prompts, t.sample_tokens, seed=t.seed)
@@ -198,10 +214,11 @@ class Trainer:
         log.info("Model %s: %s parameters, %d layers, d_model %d, %d heads, block %d, vocab %s",
                  m.name, f"{self.model.num_params():,}", m.n_layers, m.d_model, m.n_heads, m.block_size,
                  f"{m.vocab_size:,}")
-        log.info("Training %d steps of %s tokens (batch %d x accumulation %d x block %d; micro-batch %d) on %s, %s%s",
+        log.info("Training %d steps of %s tokens (batch %d x accumulation %d x block %d%s; micro-batch %d) on %s, %s%s",
                  self.total_steps, f"{self.tokens_per_step:,}", t.batch_size, t.grad_accum_steps, m.block_size,
-                 self.micro.size, self.device, "bf16 autocast" if self.bf16 else "fp32",
-                 ", compiled per block" if self.compiled else "")
+                 f" x {self.world.size} ranks" if self.world.size > 1 else "", self.micro.size, self.device,
+                 "bf16 autocast" if self.bf16 else "fp32", ", compiled per block" if self.compiled else "")
+        log.info(distributed.describe(self.world, self.parallel.strategy.value, self.device))
         log.info("Run directory: %s", self.run_dir)
 
     def fit(self) -> TrainResult:
@@ -215,15 +232,18 @@ class Trainer:
         fields = {"loss": "-", "lr": "-", "speed": "-", "mfu": "-"}
         first_step = self.step  # above 0 after a resume: throughput counts only this process's steps
         finished = self.step >= self.total_steps  # resumed from the checkpoint a complete run saved last
-        with progress_bar(wants_progress_bar(t.progress)) as bar, StopSignals() as stop:
+        with progress_bar(wants_progress_bar(t.progress) and self.world.main) as bar, StopSignals() as stop:
             task = bar.add_task("train", total=self.total_steps, completed=self.step, **fields)
-            while self.step < self.total_steps and not stop.received:
+            stopping = None  # the signal every rank agreed to stop on
+            while self.step < self.total_steps and stopping is None:
                 lr = lr_at(self.step, self.total_steps, self.cfg.optimizer.lr, self.cfg.scheduler)
                 set_lr(self.optimizer, lr)
                 completed_epochs = self.train_loader.completed_epochs
                 loaded = [next(batches) for _ in range(t.grad_accum_steps)]
-                accumulate = lambda micro: accumulate_gradients(self.forward, micro, self.device, self.autocast)
+                accumulate = lambda micro: accumulate_gradients(self.forward, micro, self.device, self.autocast,
+                                                                self.parallel.sync_gradients)
                 step_loss = self.micro.run(accumulate, loaded, self.optimizer, self.step)  # halves on out-of-memory
+                step_loss, stopping = distributed.agree(step_loss, stop.received)  # mean over ranks; any stop
                 self.epoch_loss, self.epoch_steps = self.epoch_loss + step_loss, self.epoch_steps + 1
                 if self.train_loader.completed_epochs > completed_epochs:
                     avg = (self.epoch_loss / self.epoch_steps).item()
@@ -235,6 +255,7 @@ class Trainer:
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
                 elif logging_step:  # clipping is off, but the norm is still worth logging
                     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                    grad_norm = parallel.full_value(grad_norm)  # FSDP2's norm is a DTensor
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
@@ -242,7 +263,7 @@ class Trainer:
 
                 if logging_step:
                     train_loss = step_loss.item()
-                    fields = self._log_step(train_loss, lr, float(grad_norm), throughput.rate())
+                    fields = self._log_step(train_loss, lr, float(parallel.full_value(grad_norm)), throughput.rate())
                 with throughput.paused():  # evaluating, saving and sampling are not training time
                     if self.step % t.eval_every == 0 and self.step < self.total_steps:
                         self._record_eval()
@@ -252,7 +273,7 @@ class Trainer:
                         self._record_samples()
                 bar.update(task, completed=self.step, **fields)
             if self.step < self.total_steps:
-                return self._stopped(stop.received, time.perf_counter() - start)
+                return self._stopped(stopping, time.perf_counter() - start)
             if finished:
                 log.info("This run finished at step %d already: nothing left to train", self.step)
             else:
@@ -262,7 +283,8 @@ class Trainer:
         self.metrics.close()
         result = TrainResult(self.step, self.step * self.tokens_per_step, train_loss, self.val_loss,
                              time.perf_counter() - start, self.checkpoints.root / "final")
-        self._summarize(result, (self.step - first_step) * self.tokens_per_step)
+        if self.world.main:
+            self._summarize(result, (self.step - first_step) * self.tokens_per_step)
         return result
 
     def _log_step(self, loss: float, lr: float, grad_norm: float, tokens_per_s: float) -> dict:

@@ -54,6 +54,14 @@ def main() -> None:
         finish_sweep()
 
 
+def extra_overrides(argv: list[str]) -> list[str]:
+    """Added to the command line before Hydra composes (cli.py): under torchrun or srun, every rank's share of
+    one run directory."""
+    from lmtrain.launch import shared_run_dir_overrides
+
+    return shared_run_dir_overrides(argv)
+
+
 @hydra.main(version_base="1.3", config_path="pkg://lmtrain.configs", config_name="train")
 @reports_user_errors
 def train(cfg: DictConfig) -> float:
@@ -69,16 +77,19 @@ def train(cfg: DictConfig) -> float:
                 job.facts.update(job.previous, objective=objective, value=done)
                 return done
         quiet_libraries()
-        from lmtrain.trainer import Trainer  # imported late: --help and config errors stay fast
+        from lmtrain import launch  # imported late: --help and config errors stay fast
 
-        try:
-            result = Trainer(train_cfg, run_dir).fit()
-        except KeyboardInterrupt:
+        launch.resume_after_restart(train_cfg)
+        nproc = launch.processes_to_start(train_cfg.trainer.nproc_per_node, train_cfg.trainer.device)
+        result = launch.start_workers(train_cfg, run_dir, nproc) if nproc > 1 else \
+            launch.run_training(train_cfg, run_dir)
+        if result.interrupted:
             raise RunStopped(signal.SIGINT, "Interrupted. Continue from the last checkpoint saved with:\n  "
                                             + resume_command(run_dir)) from None
         if result.stopped_by is not None:
             what = "sweep" if in_multirun() else "run"
-            raise RunStopped(result.stopped_by, f"Continue this {what} with:\n  {resume_command(run_dir)}")
+            raise RunStopped(signal.Signals(result.stopped_by),
+                             f"Continue this {what} with:\n  {resume_command(run_dir)}")
         value = objective_value(read_records(run_dir / "metrics.jsonl"), objective)
         if value is None:
             raise Diverged(f"training diverged: the final {objective} is {result.val_loss} (trainer.objective)")

@@ -55,6 +55,13 @@ class Precision(str, Enum):
     bf16 = "bf16"  # bf16 autocast; weights and optimizer state stay fp32
 
 
+class Strategy(str, Enum):
+    auto = "auto"  # single for one process, ddp for several
+    single = "single"  # one process, one device
+    ddp = "ddp"  # DistributedDataParallel: a whole copy of the model per rank, gradients averaged
+    fsdp = "fsdp"  # FSDP2: parameters, gradients and optimizer state sharded over the ranks
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int = 600  # optimizer steps; 0: train for `epochs` instead
@@ -82,6 +89,10 @@ class TrainerConfig:
     # None: batch_size. A step that runs out of memory halves it, keeping the global batch.
     micro_batch_size: str | None = None
     objective: Objective = Objective.val_loss  # the figure a sweep optimizes and its summary ranks by
+    nproc_per_node: str = "1"  # worker processes this command starts on this node; auto: one per visible GPU
+    strategy: Strategy = Strategy.auto
+    max_restarts: int = 0  # times trainer.nproc_per_node's launcher restarts all workers (from the last checkpoint)
+    dist_timeout_s: float = 300.0  # seconds any collective waits for the other ranks before the run fails
 
 
 @dataclass
@@ -149,6 +160,13 @@ def validate(cfg: TrainConfig) -> None:
                   f"trainer.batch_size={t.batch_size}")
     if m.vocab_multiple is not None:
         check(m.vocab_multiple > 0, f"model.vocab_multiple={m.vocab_multiple} must be > 0 (1: no padding)")
+    check(t.nproc_per_node == "auto" or (t.nproc_per_node.isdigit() and int(t.nproc_per_node) > 0),
+          f"trainer.nproc_per_node={t.nproc_per_node} must be a number > 0 or auto (one process per visible GPU)")
+    check(t.nproc_per_node in ("1", "auto") or t.strategy != Strategy.single,
+          f"trainer.strategy=single runs one process; trainer.nproc_per_node={t.nproc_per_node} starts several: "
+          "use trainer.strategy=auto, ddp or fsdp")
+    check(t.max_restarts >= 0, f"trainer.max_restarts={t.max_restarts} must be >= 0")
+    check(t.dist_timeout_s > 0, f"trainer.dist_timeout_s={t.dist_timeout_s} must be > 0")
     validate_data(d)
     validate_tokenizer(tok)
     validate_logger(cfg.logger)
