@@ -94,10 +94,15 @@ def cpu_model() -> str:
 def probe_peak_flops(device: torch.device, precision: str, repeats: int = 5, min_seconds: float = 0.15) -> float:
     """The best matmul rate in FLOP/s over `repeats` timings, each at least `min_seconds` long.
 
-    The size keeps the matmul compute-bound: 2048 on a CPU, 8192 on a GPU (4096 in fp32), where a smaller
-    one is limited by kernel launches. Best of several, because other work on the machine only slows it.
+    The size keeps the matmul compute-bound: 8192 on a GPU (4096 in fp32), where a smaller one is limited by
+    kernel launches; on a CPU 2048, or less where a precision is emulated and a 512 matmul already takes
+    long (fp16 on most CPUs: a 2048 one could take a minute). Best of several, because other work on the
+    machine only slows it.
     """
-    size = 2048 if device.type == "cpu" else (4096 if precision == "fp32" else 8192)
+    if device.type == "cuda":
+        size = 4096 if precision == "fp32" else 8192
+    else:
+        size = min(2048, max(256, int(512 * (0.05 / _matmul_seconds(device, precision, 512)) ** (1 / 3))))
     a = torch.randn(size, size, device=device, dtype=_DTYPES[precision])
     b = torch.randn(size, size, device=device, dtype=_DTYPES[precision])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -116,6 +121,15 @@ def probe_peak_flops(device: torch.device, precision: str, repeats: int = 5, min
                 break
         best = max(best, 2 * size**3 * done / elapsed)
     return best
+
+
+def _matmul_seconds(device: torch.device, precision: str, size: int) -> float:
+    """The time of one size x size matmul (after one untimed), to size the probe."""
+    a = torch.randn(size, size, device=device, dtype=_DTYPES[precision])
+    a @ a
+    start = time.perf_counter()
+    a @ a
+    return max(time.perf_counter() - start, 1e-6)
 
 
 def measured_peak_flops(device: torch.device, precision: str, reprobe: bool = False) -> float:
