@@ -103,8 +103,7 @@ def probe_peak_flops(device: torch.device, precision: str, repeats: int = 5, min
         size = 4096 if precision == "fp32" else 8192
     else:
         size = min(2048, max(256, int(512 * (0.05 / _matmul_seconds(device, precision, 512)) ** (1 / 3))))
-    a = torch.randn(size, size, device=device, dtype=_DTYPES[precision])
-    b = torch.randn(size, size, device=device, dtype=_DTYPES[precision])
+    a, b = _random_matrices(device, precision, size)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b  # warm-up: kernel selection, thread pool start
     sync()
@@ -123,12 +122,20 @@ def probe_peak_flops(device: torch.device, precision: str, repeats: int = 5, min
     return best
 
 
+def _random_matrices(device: torch.device, precision: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two random size x size matrices from a generator of their own: a probe inside a run must not move the
+    global RNG, or the run's dropout would differ from a run that found the peak in the cache."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    return tuple(torch.randn(size, size, device=device, dtype=_DTYPES[precision], generator=generator)
+                 for _ in range(2))
+
+
 def _matmul_seconds(device: torch.device, precision: str, size: int) -> float:
     """The time of one size x size matmul (after one untimed), to size the probe."""
-    a = torch.randn(size, size, device=device, dtype=_DTYPES[precision])
-    a @ a
+    a, b = _random_matrices(device, precision, size)
+    a @ b
     start = time.perf_counter()
-    a @ a
+    a @ b
     return max(time.perf_counter() - start, 1e-6)
 
 

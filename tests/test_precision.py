@@ -201,3 +201,12 @@ def test_no_logged_mfu_is_above_100_percent_even_from_an_under_measured_peak(tmp
     assert json.loads((cache / mfu.CACHE_FILE).read_text())[key] > 1e9  # re-measured and cached
     logged = [r["mfu"] for r in read_metrics(run / "metrics.jsonl") if "mfu" in r]
     assert logged and all(m is None or 0 < m <= 1 for m in logged)
+
+
+def test_the_peak_probe_leaves_the_global_rng_alone():
+    """A run that measures the peak must draw the same dropout and data as one that found it in the cache."""
+    torch.manual_seed(1)
+    expected = torch.rand(4)
+    torch.manual_seed(1)
+    mfu.probe_peak_flops(CPU, "fp32", repeats=1, min_seconds=0.0)
+    assert torch.equal(torch.rand(4), expected)
