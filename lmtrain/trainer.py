@@ -20,17 +20,20 @@ import numpy as np
 import torch
 
 from lmtrain import distributed, parallel
-from lmtrain.config import Precision, Strategy, TrainConfig, as_plain_dict
+from lmtrain.clock import RunClock
+from lmtrain.config import Strategy, TrainConfig, as_plain_dict
 from lmtrain.console import PreparationProgress, console, progress_bar, wants_progress_bar
 from lmtrain.data.loader import train_loader, val_batches
 from lmtrain.data.prepare import prepare_data
 from lmtrain.errors import ConfigError
 from lmtrain.loggers import build_loggers
 from lmtrain.memory import format_bytes, micro_batches, peak_memory, trial_step
-from lmtrain.metrics import MetricsLog, Throughput, peak_flops, summary_table
+from lmtrain.metrics import MetricsLog, summary_table
+from lmtrain.mfu import Mfu
 from lmtrain.model import GPT
 from lmtrain.model.generation import encode_prompt, sample_texts
 from lmtrain.optim import build_optimizer, lr_at, set_lr
+from lmtrain.precision import TrainingPrecision, choose
 from lmtrain.signals import StopSignals
 from lmtrain.train_state import Checkpointer
 
@@ -64,7 +67,8 @@ def seed_everything(seed: int) -> None:
 
 
 def accumulate_gradients(forward, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
-                         autocast, sync_gradients=lambda last: contextlib.nullcontext()) -> torch.Tensor:
+                         autocast, backward=torch.Tensor.backward,
+                         sync_gradients=lambda last: contextlib.nullcontext()) -> torch.Tensor:
     """Forward and backward each (input, target) micro-batch; returns their mean loss, detached.
 
     Each loss is divided by the number of micro-batches, so the summed gradient equals the gradient
@@ -77,7 +81,7 @@ def accumulate_gradients(forward, micro_batches: list[tuple[torch.Tensor, torch.
         with sync_gradients(i == len(micro_batches) - 1):
             with autocast():
                 loss = forward(x, y)
-            (loss / len(micro_batches)).backward()
+            backward(loss / len(micro_batches))  # TrainingPrecision.backward scales the loss under fp16
         total += loss.detach()
     return total / len(micro_batches)
 
@@ -93,7 +97,7 @@ class Trainer:
         self.world, self.device = distributed.setup(pick_device(t.device), t.dist_timeout_s,
                                                     group_of_one=t.strategy in (Strategy.ddp, Strategy.fsdp))
         strategy = parallel.resolve(t.strategy, self.world)
-        self.bf16 = t.precision == Precision.bf16 or (t.precision == Precision.auto and self.device.type == "cuda")
+        self.precision = TrainingPrecision(choose(t.precision, self.device), self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
             torch.backends.cudnn.allow_tf32 = True
@@ -113,7 +117,7 @@ class Trainer:
         self.compiled = t.compile if t.compile is not None else self.device.type == "cuda"
         if self.compiled:
             self.model.compile_blocks()
-        self.parallel = parallel.wrap(self.model, strategy, self.world, self.device, self.bf16)
+        self.parallel = parallel.wrap(self.model, strategy, self.world, self.device, self.precision.name == "bf16")
         self.forward = self.parallel.forward  # the GPT or its DDP wrapper; compilation, if on, is inside, per block
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
 
@@ -126,8 +130,8 @@ class Trainer:
         self.total_steps = t.max_steps or t.epochs * per_epoch
         self.tokens_per_step = t.batch_size * t.grad_accum_steps * block * ranks  # every rank's tokens
         self.flops_per_token = self.model.flops_per_token()
-        self.peak, self.peak_source = peak_flops(self.device, self.bf16)
-        self.peak *= ranks  # MFU per device: all ranks' FLOPs over all devices' peak
+        # MFU per device: every rank's tokens/s over all devices' peak, i.e. each rank's share of the FLOPs
+        self.mfu = Mfu(self.device, self.precision.name, self.flops_per_token / ranks)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", enabled=self.world.main,
                                   loggers=build_loggers(cfg.logger, self.run_dir, self.checkpoint_config())
                                   if self.world.main else None)
@@ -148,7 +152,7 @@ class Trainer:
         self.micro.size = distributed.smallest(self.micro.size, self.device)  # every rank runs as many micro-batches
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        return self.precision.autocast()
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -179,7 +183,7 @@ class Trainer:
         state = {"step": self.step, "total_steps": self.total_steps, "epoch": self.train_loader.state.epoch,
                  "tokens": self.step * self.tokens_per_step, "epoch_loss_sum": self.epoch_loss.item(),
                  "epoch_steps": self.epoch_steps, "val_loss": _finite_or_none(self.val_loss),
-                 "best_val_loss": _finite_or_none(self.best_val_loss)}
+                 "best_val_loss": _finite_or_none(self.best_val_loss), "precision": self.precision.state_dict()}
         folder = self.checkpoints.save(self.model, self.optimizer, self.train_loader, state)
         self.saved = (self.step, folder)
         return folder
@@ -189,6 +193,7 @@ class Trainer:
         self.epoch_loss = torch.tensor(state.get("epoch_loss_sum", 0.0), dtype=torch.float32, device=self.device)
         self.val_loss = float("nan") if state.get("val_loss") is None else state["val_loss"]
         self.best_val_loss = float("inf") if state.get("best_val_loss") is None else state["best_val_loss"]
+        self.precision.load_state_dict(state.get("precision"))  # fp16's loss scale and skipped-step count
 
     def _stopped(self, received: signal.Signals, seconds: float) -> TrainResult:
         saved = self.saved[1] if self.saved[0] == self.step else self._save()
@@ -217,7 +222,8 @@ class Trainer:
         log.info("Training %d steps of %s tokens (batch %d x accumulation %d x block %d%s; micro-batch %d) on %s, %s%s",
                  self.total_steps, f"{self.tokens_per_step:,}", t.batch_size, t.grad_accum_steps, m.block_size,
                  f" x {self.world.size} ranks" if self.world.size > 1 else "", self.micro.size, self.device,
-                 "bf16 autocast" if self.bf16 else "fp32", ", compiled per block" if self.compiled else "")
+                 self.precision.name, ", compiled per block" if self.compiled else "")
+        log.info("Precision %s: %s", self.precision.name, self.precision.choice.reason)
         log.info(distributed.describe(self.world, self.parallel.strategy.value, self.device))
         log.info("Run directory: %s", self.run_dir)
 
@@ -227,10 +233,9 @@ class Trainer:
         start = time.perf_counter()
         batches = iter(self.train_loader)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        throughput = Throughput()
+        clock = RunClock()  # counts only this process's steps: after a resume, from the restart
         train_loss = float("nan")
         fields = {"loss": "-", "lr": "-", "speed": "-", "mfu": "-"}
-        first_step = self.step  # above 0 after a resume: throughput counts only this process's steps
         finished = self.step >= self.total_steps  # resumed from the checkpoint a complete run saved last
         with progress_bar(wants_progress_bar(t.progress) and self.world.main) as bar, StopSignals() as stop:
             task = bar.add_task("train", total=self.total_steps, completed=self.step, **fields)
@@ -241,6 +246,7 @@ class Trainer:
                 completed_epochs = self.train_loader.completed_epochs
                 loaded = [next(batches) for _ in range(t.grad_accum_steps)]
                 accumulate = lambda micro: accumulate_gradients(self.forward, micro, self.device, self.autocast,
+                                                                self.precision.backward,
                                                                 self.parallel.sync_gradients)
                 step_loss = self.micro.run(accumulate, loaded, self.optimizer, self.step)  # halves on out-of-memory
                 step_loss, stopping = distributed.agree(step_loss, stop.received)  # mean over ranks; any stop
@@ -251,25 +257,22 @@ class Trainer:
                     self.metrics.write({"step": self.step + 1, "epoch": completed_epochs, "epoch_avg_loss": avg})
                     self.epoch_loss, self.epoch_steps = torch.zeros((), device=self.device), 0
                 logging_step = (self.step + 1) % t.log_every == 0 or self.step + 1 == self.total_steps
-                if t.grad_clip > 0:
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-                elif logging_step:  # clipping is off, but the norm is still worth logging
-                    grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-                    grad_norm = parallel.full_value(grad_norm)  # FSDP2's norm is a DTensor
-                self.optimizer.step()
+                grad_norm = self.precision.step(self.optimizer, params, t.grad_clip, want_norm=logging_step)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                throughput.add(self.tokens_per_step)
+                clock.step(self.tokens_per_step)
 
                 if logging_step:
                     train_loss = step_loss.item()
-                    fields = self._log_step(train_loss, lr, float(parallel.full_value(grad_norm)), throughput.rate())
-                with throughput.paused():  # evaluating, saving and sampling are not training time
-                    if self.step % t.eval_every == 0 and self.step < self.total_steps:
+                    fields = self._log_step(train_loss, lr, float(parallel.full_value(grad_norm)), clock.rate())
+                if self.step % t.eval_every == 0 and self.step < self.total_steps:  # not training time: timed apart
+                    with clock.phase("eval"):
                         self._record_eval()
-                    if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
+                if t.save_every and self.step % t.save_every == 0 and self.step < self.total_steps:
+                    with clock.phase("save"):
                         self._save()
-                    if t.sample_every and self.step % t.sample_every == 0:
+                if t.sample_every and self.step % t.sample_every == 0:
+                    with clock.phase("sample"):
                         self._record_samples()
                 bar.update(task, completed=self.step, **fields)
             if self.step < self.total_steps:
@@ -277,39 +280,52 @@ class Trainer:
             if finished:
                 log.info("This run finished at step %d already: nothing left to train", self.step)
             else:
-                self._record_eval()
-                self.checkpoints.save_final(self.model)
-                self._save()  # last: a checkpoint at the final step means the whole run is done
+                with clock.phase("eval"):
+                    self._record_eval()
+                with clock.phase("save"):
+                    self.checkpoints.save_final(self.model)
+                    self._save()  # last: a checkpoint at the final step means the whole run is done
         self.metrics.close()
         result = TrainResult(self.step, self.step * self.tokens_per_step, train_loss, self.val_loss,
                              time.perf_counter() - start, self.checkpoints.root / "final")
         if self.world.main:
-            self._summarize(result, (self.step - first_step) * self.tokens_per_step)
+            self._summarize(result, clock)
         return result
 
-    def _log_step(self, loss: float, lr: float, grad_norm: float, tokens_per_s: float) -> dict:
+    def _log_step(self, loss: float, lr: float, grad_norm: float, tokens_per_s: float | None) -> dict:
+        """One log line and metrics record; tokens/s and MFU are None while the step time settles."""
         loader = self.train_loader.state
-        mfu = tokens_per_s * self.flops_per_token / self.peak
+        mfu = self.mfu(tokens_per_s)
+        speed = "warming up" if tokens_per_s is None else f"{tokens_per_s:,.0f}"
+        mfu_text = "-" if mfu is None else f"{100 * mfu:.1f}%"
         peak = peak_memory(self.device)
-        log.info("Epoch %d, Batch %d, Loss: %.4f, LR: %.2e, Tokens/s: %s, MFU: %.1f%%%s",
-                 loader.epoch, loader.batch, loss, lr, f"{tokens_per_s:,.0f}", 100 * mfu,
-                 "" if peak is None else f", Peak memory: {format_bytes(peak)}")
-        self.metrics.write({"step": self.step, "epoch": loader.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                            "tokens_per_s": tokens_per_s, "mfu": mfu, "tokens": self.step * self.tokens_per_step,
-                            "micro_batch_size": self.micro.size, **({} if peak is None else {"peak_memory": peak})})
-        return {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "speed": f"{tokens_per_s:,.0f}", "mfu": f"{100 * mfu:.1f}%"}
+        record = {"step": self.step, "epoch": loader.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": tokens_per_s, "mfu": mfu, "tokens": self.step * self.tokens_per_step,
+                  "micro_batch_size": self.micro.size, **({} if peak is None else {"peak_memory": peak})}
+        extra = "" if peak is None else f", Peak memory: {format_bytes(peak)}"
+        if self.precision.scaler is not None:
+            record["skipped_steps"] = self.precision.skipped_steps
+            extra += f", skipped steps (inf/NaN gradients): {record['skipped_steps']}"
+        log.info("Epoch %d, Batch %d, Loss: %.4f, LR: %.2e, Tokens/s: %s, MFU: %s%s",
+                 loader.epoch, loader.batch, loss, lr, speed, mfu_text, extra)
+        self.metrics.write(record)
+        return {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "speed": speed, "mfu": mfu_text}
 
     def checkpoint_config(self) -> dict:
         """The resolved run config as saved with checkpoints: vocab_size filled in from the tokenizer."""
         return as_plain_dict(dataclasses.replace(self.cfg, model=self.model_cfg))
 
-    def _summarize(self, r: TrainResult, tokens_this_run: int) -> None:
-        rate = tokens_this_run / r.seconds
+    def _summarize(self, r: TrainResult, clock: RunClock) -> None:
+        rate = clock.overall_rate()  # settled training steps only: no compilation, eval, save or sampling
+        mfu = self.mfu(rate)
         rows = [("parameters", f"{self.model.num_params():,}"), ("steps", f"{r.steps:,}"),
                 ("tokens seen", f"{r.tokens:,}"), ("final train loss", f"{r.train_loss:.4f}"),
                 ("final validation loss", f"{r.val_loss:.4f} (perplexity {math.exp(min(r.val_loss, 50)):.2f})"),
-                ("wall time", f"{r.seconds:.1f} s"), ("throughput", f"{rate:,.0f} tokens/s"),
-                ("MFU", f"{100 * rate * self.flops_per_token / self.peak:.1f}% of {self.peak_source} "
-                        f"({self.peak / 1e12:.2f} TFLOP/s)"),
+                ("wall time", clock.split()),
+                ("throughput", "- (no step after warm-up)" if rate is None else f"{rate:,.0f} tokens/s of training"),
+                ("MFU", ("-" if mfu is None else f"{100 * mfu:.1f}%") + f" of {self.mfu.source} "
+                        f"({self.mfu.peak / 1e12:.2f} TFLOP/s)"),
+                ("precision", self.precision.name + (f", {self.precision.skipped_steps} steps skipped (inf/NaN "
+                                                     "gradients)" if self.precision.scaler is not None else "")),
                 *self.train_loader.summary_rows(), *self.micro.summary_rows(), ("checkpoint", str(r.checkpoint))]
         console.print(summary_table(rows))

@@ -36,6 +36,11 @@ def read_summary(sweep: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def mean_speed(train: list[dict]) -> float:
+    speeds = [r["tokens_per_s"] for r in train if r["tokens_per_s"] is not None]  # null while warming up
+    return sum(speeds) / len(speeds)
+
+
 def expected_row(folder: Path) -> dict:
     """What summary.csv must say about a run, worked out here from its metrics.jsonl alone."""
     records = read_metrics(folder / "metrics.jsonl")
@@ -44,7 +49,7 @@ def expected_row(folder: Path) -> dict:
     best = min(evals, key=lambda r: r["val_loss"])
     return {"val_loss": evals[-1]["val_loss"], "best_val_loss": best["val_loss"], "best_step": best["step"],
             "train_loss": train[-1]["loss"], "steps": train[-1]["step"], "tokens": train[-1]["tokens"],
-            "wall_s": records[-1]["elapsed_s"], "tokens_per_s": sum(r["tokens_per_s"] for r in train) / len(train)}
+            "wall_s": records[-1]["elapsed_s"], "tokens_per_s": mean_speed(train)}
 
 
 def wandb_history(run_file: Path) -> list[dict]:

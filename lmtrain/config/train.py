@@ -50,9 +50,10 @@ class Objective(str, Enum):
 
 
 class Precision(str, Enum):
-    auto = "auto"  # bf16 autocast on CUDA, fp32 on CPU
+    auto = "auto"  # CUDA: bf16 at compute capability >= 8.0, else fp16; CPU: bf16 only where native and faster
     fp32 = "fp32"
     bf16 = "bf16"  # bf16 autocast; weights and optimizer state stay fp32
+    fp16 = "fp16"  # fp16 autocast with loss scaling (GradScaler) in training; weights stay fp32
 
 
 class Strategy(str, Enum):
@@ -73,7 +74,7 @@ class TrainerConfig:
     eval_every: int = 100  # optimizer steps between validation passes (and one at the end)
     eval_batches: int = 20  # micro-batches per validation pass
     device: str = "auto"  # auto: cuda if available, else cpu; or cpu, cuda, cuda:1, ...
-    precision: Precision = Precision.auto
+    precision: Precision = Precision.auto  # auto, fp32, bf16 or fp16 (lmtrain/precision.py says what auto picks)
     compile: bool | None = None  # torch.compile the model; None: on for CUDA, off on CPU
     activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, more compute
     seed: int = 1337  # seeds data order, initialisation and dropout

@@ -87,7 +87,7 @@ def _fill_from_metrics(run: Run, records: list[dict]) -> None:
             run.best_val_loss, run.best_step = min(finite)
     if run.train_curve:
         run.train_loss = run.train_curve[-1][1]
-    speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    speeds = [r["tokens_per_s"] for r in records if r.get("tokens_per_s") is not None]  # null while warming up
     run.tokens_per_s = sum(speeds) / len(speeds) if speeds else None
 
 
