@@ -79,9 +79,14 @@ def remove_folder(path: Path) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     """Write a JSON file atomically: a reader sees the old content or the new, never a mix."""
+    write_text(path, json.dumps(obj, indent=2, allow_nan=False))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically: a reader sees the old content or the new, never a mix."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, allow_nan=False)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -153,17 +158,19 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_checkpoint(path: Path, model: nn.Module, config: dict, tokenizer: TextTokenizer,
-                    extra: Callable[[Path], None] | None = None) -> Path:
-    """Write a checkpoint folder atomically, replacing one at `path`; `extra(folder)` adds more files."""
+def save_checkpoint(path: Path, model: nn.Module | dict[str, torch.Tensor] | None, config: dict,
+                    tokenizer: TextTokenizer, extra: Callable[[Path], None] | None = None) -> Path:
+    """Write a checkpoint folder atomically, replacing one at `path`; `extra(folder)` adds more files.
+    `model` may be its weights already gathered, or None when `extra` writes them another way (shards)."""
 
-    tensors = model_tensors(model)
-    nonfinite = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    tensors = None if model is None else model if isinstance(model, dict) else model_tensors(model)
+    nonfinite = [name for name, t in (tensors or {}).items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if nonfinite:  # a NaN model is never a checkpoint: best/, final/ and every step folder stay usable
         raise CheckpointError(f"refusing to save {path}: non-finite weights in {', '.join(nonfinite[:5])}")
 
     def write(folder: Path) -> None:
-        save_tensors(tensors, folder / WEIGHTS, {"format": "pt"})
+        if tensors is not None:
+            save_tensors(tensors, folder / WEIGHTS, {"format": "pt"})
         (folder / CONFIG).write_text(json.dumps(config, indent=2))
         tokenizer.save(folder / TOKENIZER)
         if extra is not None:

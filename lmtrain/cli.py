@@ -11,6 +11,8 @@ import importlib
 import os
 import sys
 
+from lmtrain import completion
+
 # command -> (module with a `main` Hydra app, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lmtrain.commands.train", "train a language model (Hydra overrides after the command)"),
@@ -18,7 +20,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("lmtrain.commands.eval", "loss, perplexity and bits per byte of a trained model on a data split"),
     "export": ("lmtrain.commands.export", "write a checkpoint as a Hugging Face transformers model folder"),
     "prepare": ("lmtrain.commands.prepare", "tokenize data into the cache that `train` uses (data=... tokenizer=...)"),
+    "summarize": ("lmtrain.commands.summarize", "the summary table of runs or sweeps, as csv and md (DIR ...)"),
+    "plot": ("lmtrain.commands.plot", "PNG plots of runs: loss curves, a sweep's curves and objective (DIR ...)"),
 }
+# Commands that are Hydra apps (overrides, -m, --cfg, completion); the others take folders.
+HYDRA_COMMANDS = ["train", "generate", "eval", "export", "prepare"]
 
 USAGE = "usage: lmtrain <command> [hydra overrides | --help | --cfg job | -m ...]"
 
@@ -26,7 +32,8 @@ USAGE = "usage: lmtrain <command> [hydra overrides | --help | --cfg job | -m ...
 def _help() -> str:
     lines = [USAGE, "", "commands:"]
     lines += [f"  {name:<10} {description}" for name, (_, description) in COMMANDS.items()]
-    lines += ["", "`lmtrain <command> --help` lists that command's config groups and options."]
+    lines += ["", "`lmtrain <command> --help` lists that command's config groups and options.",
+              'Shell completion: eval "$(lmtrain train -sc install=bash)" (zsh alike; fish: ... | source).']
     return "\n".join(lines)
 
 
@@ -71,6 +78,13 @@ def main() -> None:
 
         print(f"lmtrain {__version__}")
         return
+    shell = completion.install_request(argv)
+    if shell is not None:  # Hydra's own installer would register `lmtrain train` as the program
+        if shell not in completion.SHELLS:
+            print(f"lmtrain: no completion for {shell!r}; use one of {', '.join(completion.SHELLS)}", file=sys.stderr)
+            sys.exit(2)
+        print(completion.script(shell, list(COMMANDS), HYDRA_COMMANDS))
+        return
     command = argv[0]
     if command not in COMMANDS:
         print(f"lmtrain: unknown command {command!r}\n\n{_help()}", file=sys.stderr)
@@ -80,6 +94,9 @@ def main() -> None:
         if len(words) > 1 and words[1] == command:
             os.environ["COMP_LINE"] = " ".join(words[:1] + words[2:])
     module = importlib.import_module(COMMANDS[command][0])
-    _check_command_line(command, argv[1:])
-    sys.argv = [f"{os.path.basename(sys.argv[0])} {command}"] + _absolute_config_dirs(argv[1:])
+    if command in HYDRA_COMMANDS:
+        _check_command_line(command, argv[1:])
+    args = _absolute_config_dirs(argv[1:])
+    extra = getattr(module, "extra_overrides", None)  # a command's own additions (train: distributed run dirs)
+    sys.argv = [f"{os.path.basename(sys.argv[0])} {command}"] + args + (extra(args) if extra else [])
     module.main()

@@ -33,15 +33,20 @@ def make_console_handler(stderr: bool = False) -> logging.Handler:
 
     stderr: log there, leaving stdout to a command's output (`lmtrain generate > out.txt` keeps only the text).
     """
+    from lmtrain.sweeps.jobs import job_tag
+
     target = err_console if stderr else console
+    message = job_tag().replace("%", "%%") + "%(message)s"  # a sweep job's lines carry its number
     if target.is_terminal:
         handler: logging.Handler = RichHandler(console=target, show_path=False, markup=False,
                                                rich_tracebacks=False, log_time_format="[%X]")
+        handler.setFormatter(logging.Formatter(message))
     else:
         handler = logging.StreamHandler(sys.stderr if stderr else sys.stdout)
-        handler.setFormatter(_PlainFormatter("%(message)s"))
+        handler.setFormatter(_PlainFormatter(message))
     # Only rank 0 talks; other ranks of a distributed run report problems only.
-    handler.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))  # SLURM_PROCID: srun started it
+    handler.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     return handler
 
 
@@ -54,14 +59,16 @@ def quiet_libraries() -> None:
 
 
 def wants_progress_bar(setting: bool | None, target: Console = console) -> bool:
-    """A live bar on a terminal, none elsewhere, unless the config forces it."""
-    return target.is_terminal if setting is None else setting
+    """A live bar on a terminal, none elsewhere nor in jobs run side by side, unless the config forces it."""
+    from lmtrain.sweeps.jobs import parallel_job
+
+    return target.is_terminal and not parallel_job() if setting is None else setting
 
 
 def progress_bar(enabled: bool) -> Progress:
     """Step, loss, lr, tokens/s and ETA; a disabled bar draws nothing but accepts the same calls."""
     return Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", style="bold", markup=False),  # a description may name a path
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TextColumn("loss [cyan]{task.fields[loss]}"),
@@ -79,9 +86,9 @@ def progress_bar(enabled: bool) -> Progress:
 
 def count_bar(enabled: bool) -> Progress:
     """A plain bar for work counted in items (evaluation windows), on stderr beside the commands' log lines."""
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=err_console,
-                    disable=not enabled)
+    return Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(),
+                    TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn(), console=err_console, disable=not enabled)
 
 
 class PreparationProgress:
@@ -92,7 +99,7 @@ class PreparationProgress:
 
     def __init__(self, enabled: bool, target: Console = console, log_every: float = 30.0):
         self.bar = Progress(
-            TextColumn("[bold]{task.description}"),
+            TextColumn("{task.description}", style="bold", markup=False),  # a description may name a path
             BarColumn(),
             TextColumn("{task.fields[documents]} documents"),
             TextColumn("{task.fields[tokens]} tokens"),

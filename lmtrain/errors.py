@@ -1,4 +1,10 @@
-"""User-facing errors: a mistake in the config or the data, reported as one readable line, never a traceback."""
+"""User-facing errors: a mistake in the config or the data, reported as one readable line, never a traceback.
+
+Every command runs inside `reports_user_errors`, the one boundary where an error or a stop becomes an exit
+status. A single run exits (2 for a user error, 3 for a divergence, 128 + the signal for a stop); under a
+Hydra multirun the same error is raised to Hydra instead, so the other jobs of the sweep still run and the
+sweeper (Optuna, say) records this job as failed.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,12 @@ import errno
 import functools
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import TypeVar
+
+from hydra.errors import CompactHydraException
 
 log = logging.getLogger("lmtrain")
 
@@ -22,6 +31,7 @@ class LmtrainError(Exception):
     """A problem the user can fix; the message says what and, where it applies, which config key."""
 
     exit_code = USER_ERROR_EXIT
+    status = "failed"  # what a sweep's status.json and summary call the job
 
 
 class ConfigError(LmtrainError):
@@ -36,10 +46,35 @@ class CheckpointError(LmtrainError):
     """A checkpoint that is missing, corrupt or does not fit the model."""
 
 
-class TrainingDiverged(LmtrainError):
-    """The loss or gradient norm became non-finite and could not be recovered by rolling back."""
+class Diverged(LmtrainError):
+    """Training diverged: a non-finite loss or gradient norm that rolling back could not recover, or a final
+    objective that is not a finite number."""
 
-    exit_code = 3
+    exit_code = 3  # neither a user mistake (2) nor a crash (1): the run itself went wrong
+    status = "diverged"
+
+
+class RunStopped(LmtrainError):
+    """A run stopped cleanly by a signal before its last step; its checkpoint resumes it."""
+
+    status = "stopped"
+
+    def __init__(self, received: signal.Signals, message: str):
+        super().__init__(message)
+        self.received = received
+        self.exit_code = 128 + received  # as a shell reports a process ended by that signal: 130, 143
+
+
+class JobFailed(CompactHydraException):
+    """What Hydra receives from a sweep job that failed: printed as its message alone, never a traceback."""
+
+
+def in_multirun() -> bool:
+    """Whether this process runs a job of a Hydra multirun (a sweep), under any launcher."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 # What to do about a filesystem failure, by errno; the message names the path.
@@ -67,11 +102,9 @@ def filesystem_error(e: OSError) -> str:
 
 
 def reports_user_errors(fn: F) -> F:
-    """Run a command; on an LmtrainError log its message and exit with its exit code (USER_ERROR_EXIT for most).
+    """Run a command; on an LmtrainError log its message, then exit with its code (raise under multirun).
 
-    Every OSError (full disk, read-only folder, a file where a folder should be) ends the same way, as one
-    line naming the path and the fix: the one boundary for filesystem failures.
-
+    An unexpected exception under multirun goes into the job's log with its traceback, then to Hydra.
     HYDRA_FULL_ERROR=1 re-raises, so the whole traceback shows, as it does for Hydra's own errors.
     """
 
@@ -82,12 +115,20 @@ def reports_user_errors(fn: F) -> F:
         except LmtrainError as e:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            log.error("%s", e)
+            (log.warning if isinstance(e, RunStopped) else log.error)("%s", e)
+            if in_multirun():
+                raise JobFailed(f"{e.status}: {e}") from e
             sys.exit(e.exit_code)
-        except OSError as e:
+        except OSError as e:  # the one boundary for filesystem failures: one line naming the path and the fix
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             log.error("%s", filesystem_error(e))
+            if in_multirun():
+                raise JobFailed(f"failed: {filesystem_error(e)}") from e
             sys.exit(USER_ERROR_EXIT)
+        except Exception:
+            if in_multirun():
+                log.exception("The job failed with an unexpected error")
+            raise
 
     return wrapper  # type: ignore[return-value]

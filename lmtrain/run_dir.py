@@ -61,12 +61,12 @@ def holds_run(folder: Path) -> bool:
 
 def only_scaffolding(folder: Path) -> bool:
     """Whether a folder holds nothing but what a start writes before doing any work: Hydra's .hydra/ files,
-    empty log files, the lock and an empty metrics.jsonl."""
+    empty log files, the lock, status.json and an empty metrics.jsonl."""
     for entry in folder.iterdir():
         if entry.name == ".hydra" and entry.is_dir():
             if not {p.name for p in entry.iterdir()} <= _HYDRA_FILES:
                 return False
-        elif entry.name == LOCK:
+        elif entry.name in (LOCK, "status.json"):  # status.json: how the start failed (sweeps/status.py)
             continue
         elif entry.suffix in (".log", ".jsonl") and entry.is_file():
             if entry.stat().st_size > 0 and entry.suffix == ".jsonl":
@@ -129,16 +129,25 @@ def _remove_failed_start(folder: Path) -> None:
             folder.parent.rmdir()
 
 
+def _owns_run_dir() -> bool:
+    """Whether this process owns the run folder: torchrun or srun start every rank as a whole `lmtrain train`,
+    all sharing rank 0's folder, so rank 0 alone locks it, guards it and cleans it up."""
+    from lmtrain.distributed import world_from_env  # imported late: config errors stay fast
+
+    return world_from_env().rank == 0
+
+
 @contextlib.contextmanager
-def open_run_dir(folder: Path) -> Iterator[RunDir]:
+def open_run_dir(folder: Path, keep_on_failure: bool = False) -> Iterator[RunDir]:
     """The run folder for one start: `claim` it once the config is known; on failure, a folder this start
-    created and left without results is removed."""
+    created and left without results is removed, unless `keep_on_failure` (a sweep job's folder records how
+    the job ended)."""
     run = RunDir(Path(folder))
     try:
         yield run
     except BaseException:
         run.lock.release()
-        if run.fresh and only_scaffolding(run.folder):
+        if run.fresh and not keep_on_failure and only_scaffolding(run.folder) and _owns_run_dir():
             _remove_failed_start(run.folder)
         raise
     run.lock.release()
@@ -151,7 +160,10 @@ class RunDir:
         self.lock = RunLock(folder)
 
     def claim(self, resume: str | None, overwrite: bool) -> None:
-        """Lock the folder for this process, and refuse to start a new run over an earlier one."""
+        """Lock the folder for this process, and refuse to start a new run over an earlier one. Only the
+        folder's owner does (see `_owns_run_dir`): the other ranks of a run share its lock."""
+        if not _owns_run_dir():
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
         if resume is None and holds_run(self.folder):

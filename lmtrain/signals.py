@@ -1,4 +1,4 @@
-"""Stop a run cleanly on SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption, e.g. SLURM's).
+"""Stop a run cleanly on SIGINT (Ctrl-C), SIGTERM (a scheduler's preemption, e.g. SLURM's) or SIGUSR2.
 
 While `StopSignals` is active, either signal only asks the loop to stop: it finishes the optimizer step
 under way (an evaluation stops at its next batch), saves a checkpoint and returns. A second Ctrl-C
@@ -21,7 +21,7 @@ from types import FrameType
 
 log = logging.getLogger(__name__)
 
-HANDLED = (signal.SIGINT, signal.SIGTERM)
+HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)  # SIGUSR2: submitit's preemption notice
 
 
 class StopSignals:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lmtrain import distributed
 from lmtrain.checkpoint import (
     TOKENIZER,
     WEIGHTS,
@@ -46,13 +47,15 @@ from lmtrain.checkpoint import (
 )
 from lmtrain.data.loader import TrainLoader
 from lmtrain.data.tokenizer import TextTokenizer, same_tokenizer
+from lmtrain.distributed import World
 from lmtrain.errors import CheckpointError, DataError
 from lmtrain.metrics import rewind
+from lmtrain.sharded_state import full_weights, is_sharded, load_full_weights, load_shards, save_shards
 
 log = logging.getLogger(__name__)
 
 OPTIMIZER = "optimizer.safetensors"
-RNG = "rng_state.safetensors"
+RNG = "rng_state.safetensors"  # rank 0's; rank r > 0 of a distributed run saves rng_state.rank<r>.safetensors
 STATE = "trainer_state.json"
 LATEST = "latest.json"
 BEST_INFO = "eval.json"
@@ -125,6 +128,12 @@ def set_rng_state(saved: Tensors, file: Path) -> None:
             torch.cuda.set_rng_state(cuda[i], i)
 
 
+def rng_file(folder: Path, rank: int) -> Path:
+    """This rank's RNG state in a checkpoint; rank 0's when the run that saved it had fewer ranks."""
+    own = Path(folder) / f"rng_state.rank{rank}.safetensors"
+    return own if rank > 0 and own.exists() else Path(folder) / RNG
+
+
 @dataclass
 class TrainingCheckpoint:
     """A step folder, read whole and checked for readability; nothing is applied until `apply`."""
@@ -132,12 +141,12 @@ class TrainingCheckpoint:
     folder: Path
     state: dict  # trainer_state.json: the loop's counters, the loader position, the metrics.jsonl length
     config: dict
-    weights: dict[str, torch.Tensor]
-    optimizer: Tensors
+    weights: dict[str, torch.Tensor] | None  # None: a sharded checkpoint, loaded by `apply`
+    optimizer: Tensors | None
     rng: Tensors
 
     @classmethod
-    def read(cls, folder: Path) -> TrainingCheckpoint:
+    def read(cls, folder: Path, rank: int = 0) -> TrainingCheckpoint:
         folder = Path(folder)
         if not folder.is_dir():
             raise CheckpointError(f"{folder} is missing")
@@ -147,14 +156,24 @@ class TrainingCheckpoint:
         state = read_json(folder / STATE)
         if not isinstance(state.get("step"), int) or not isinstance(state.get("loader"), dict):
             raise CheckpointError(f"{folder / STATE} is corrupt: it has no step or loader position")
-        return cls(folder, state, read_config(folder), read_weights(folder), read_tensors(folder / OPTIMIZER),
-                   read_tensors(folder / RNG))
+        rng = read_tensors(rng_file(folder, rank))
+        if is_sharded(folder):
+            return cls(folder, state, read_config(folder), None, None, rng)
+        return cls(folder, state, read_config(folder), read_weights(folder), read_tensors(folder / OPTIMIZER), rng)
 
-    def apply(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: TrainLoader) -> None:
-        apply_weights(self.weights, model, self.folder / WEIGHTS)
-        load_optimizer_state(self.optimizer, optimizer, self.folder / OPTIMIZER)
+    def apply(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: TrainLoader, sharded: bool,
+              rank: int = 0) -> None:
+        if self.weights is None:
+            load_shards(self.folder, model, optimizer)
+        elif sharded:
+            raise CheckpointError(f"{self.folder} holds a whole (unsharded) training state, which trainer.strategy="
+                                  "fsdp does not resume; resume it with trainer.strategy=ddp, or start from its "
+                                  f"weights with model.init_from={self.folder}")
+        else:
+            apply_weights(self.weights, model, self.folder / WEIGHTS)
+            load_optimizer_state(self.optimizer, optimizer, self.folder / OPTIMIZER)
         loader.load_state_dict(self.state["loader"])
-        set_rng_state(self.rng, self.folder / RNG)
+        set_rng_state(self.rng, rng_file(self.folder, rank))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -193,41 +212,64 @@ def step_candidates(root: Path) -> list[Path]:
 class Checkpointer:
     """Saves a run's checkpoints under RUN/checkpoints, and restores the one `trainer.resume` names."""
 
-    def __init__(self, run_dir: Path, keep_last: int, config: dict, tokenizer: TextTokenizer):
+    def __init__(self, run_dir: Path, keep_last: int, config: dict, tokenizer: TextTokenizer,
+                 world: World | None = None, sharded: bool = False):
         self.root, self.metrics_file = Path(run_dir) / "checkpoints", Path(run_dir) / "metrics.jsonl"
         self.keep_last, self.config, self.tokenizer = keep_last, config, tokenizer
-        if self.root.is_dir():
+        self.world, self.sharded = world or World(), sharded  # sharded: FSDP2, every rank writes its own shards
+        if self.root.is_dir() and self.world.main:
             recover(self.root)
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: TrainLoader, state: dict) -> Path:
-        """A step checkpoint of the whole training state; `state` holds the loop's counters, `step` among them."""
+        """A step checkpoint of the whole training state; `state` holds the loop's counters, `step` among them.
+
+        Every rank of a distributed run calls it: rank 0 writes the folder (with every rank's RNG state); under
+        FSDP2 each rank adds its shards into it before it is renamed into place."""
         step, start = state["step"], time.perf_counter()
         size = self.metrics_file.stat().st_size if self.metrics_file.exists() else 0  # every record is flushed
         state = {**state, "loader": loader.state_dict(), "metrics_bytes": size}
+        rngs = distributed.gather_to_main(rng_state())
+        path = self.root / f"step_{step:06d}"
 
         def extra(folder: Path) -> None:
-            opt_tensors, opt_meta = optimizer_state(optimizer)
-            save_tensors(opt_tensors, folder / OPTIMIZER, {"format": "pt", **opt_meta})
-            rng_tensors, rng_meta = rng_state()
-            save_tensors(rng_tensors, folder / RNG, {"format": "pt", **rng_meta})
+            if self.sharded:
+                save_shards(distributed.from_main(folder), model, optimizer)
+            else:
+                opt_tensors, opt_meta = optimizer_state(optimizer)
+                save_tensors(opt_tensors, folder / OPTIMIZER, {"format": "pt", **opt_meta})
+            for rank, (rng_tensors, rng_meta) in enumerate(rngs):
+                name = RNG if rank == 0 else f"rng_state.rank{rank}.safetensors"
+                save_tensors(rng_tensors, folder / name, {"format": "pt", **rng_meta})
             (folder / STATE).write_text(json.dumps(state, indent=2))
 
-        folder = save_checkpoint(self.root / f"step_{step:06d}", model, self.config, self.tokenizer, extra)
+        if not self.world.main:
+            if self.sharded:
+                save_shards(distributed.from_main(None), model, optimizer)
+            distributed.barrier()  # the folder is in place
+            return path
+        folder = save_checkpoint(path, None if self.sharded else model, self.config, self.tokenizer, extra)
         write_json(self.root / LATEST, {"step": step, "folder": folder.name})
         if self.keep_last > 0:
             done = [f for s, f in step_folders(self.root) if s <= step]  # newest first
             for old in done[self.keep_last:]:
                 remove_folder(old)
+        distributed.barrier()
         log.info("Saved checkpoint %s in %.2f s", folder, time.perf_counter() - start)
         return folder
 
     def save_best(self, model: nn.Module, step: int, val_loss: float) -> Path:
         info = json.dumps({"step": step, "val_loss": val_loss})
-        return save_checkpoint(self.root / "best", model, self.config, self.tokenizer,
-                               lambda folder: (folder / BEST_INFO).write_text(info))
+        return self._save_weights(self.root / "best", model, lambda folder: (folder / BEST_INFO).write_text(info))
 
     def save_final(self, model: nn.Module) -> Path:
-        return save_checkpoint(self.root / "final", model, self.config, self.tokenizer)
+        return self._save_weights(self.root / "final", model)
+
+    def _save_weights(self, path: Path, model: nn.Module, extra=None) -> Path:
+        """A weights-only folder, written by rank 0 (FSDP2: from weights gathered from every rank)."""
+        weights = full_weights(model, self.sharded) if self.sharded or self.world.main else {}
+        if self.world.main:
+            save_checkpoint(path, weights, self.config, self.tokenizer, extra)
+        return path
 
     def start(self, resume: str | None, init_from: str | None, model: nn.Module, optimizer: torch.optim.Optimizer,
               loader: TrainLoader) -> dict | None:
@@ -237,7 +279,7 @@ class Checkpointer:
             checkpoint = self._newest_readable()
         elif resume is not None:
             try:
-                checkpoint = TrainingCheckpoint.read(Path(resume).expanduser())
+                checkpoint = TrainingCheckpoint.read(Path(resume).expanduser(), self.world.rank)
             except CheckpointError as e:
                 raise CheckpointError(f"trainer.resume={resume}: {e}") from None
         else:
@@ -246,16 +288,19 @@ class Checkpointer:
             if init_from is not None:
                 self._check_tokenizer(Path(init_from).expanduser(), f"model.init_from={init_from}")
                 try:
-                    load_weights(Path(init_from).expanduser(), model)
+                    if self.sharded:
+                        load_full_weights(model, read_weights(Path(init_from).expanduser()))
+                    else:
+                        load_weights(Path(init_from).expanduser(), model)
                 except CheckpointError as e:
                     raise CheckpointError(f"model.init_from={init_from}: {e}") from None
                 log.info("Initialized the weights from %s (model.init_from); the optimizer starts fresh", init_from)
             return None
         self._warn_about_changes(checkpoint.config)
         self._check_tokenizer(checkpoint.folder, f"trainer.resume={resume}")
-        checkpoint.apply(model, optimizer, loader)
+        checkpoint.apply(model, optimizer, loader, self.sharded, self.world.rank)
         step = checkpoint.state["step"]
-        if checkpoint.folder.resolve().parent == self.root.resolve():  # this run's own checkpoint
+        if checkpoint.folder.resolve().parent == self.root.resolve() and self.world.main:  # this run's own
             self._rewind_metrics(checkpoint.state["metrics_bytes"], f"after step {step}")
         if init_from is not None:
             log.info("model.init_from is not used: the weights come from the checkpoint being resumed")
@@ -274,12 +319,13 @@ class Checkpointer:
         candidates = step_candidates(self.root)
         if not candidates:
             log.info("trainer.resume=auto: no checkpoint in %s yet; starting fresh", self.root)
-            self._rewind_metrics(0, "by an earlier attempt that saved no checkpoint")
+            if self.world.main:
+                self._rewind_metrics(0, "by an earlier attempt that saved no checkpoint")
             return None
         problems = []
         for folder in candidates:
             try:
-                checkpoint = TrainingCheckpoint.read(folder)
+                checkpoint = TrainingCheckpoint.read(folder, self.world.rank)
             except CheckpointError as e:
                 log.warning("Cannot resume from %s: %s", folder.name, e)
                 problems.append(str(e))
@@ -291,7 +337,8 @@ class Checkpointer:
 
     def rewind_metrics(self, state: dict) -> None:
         """Cut metrics.jsonl back to where it was when the checkpoint with this training state was saved."""
-        self._rewind_metrics(state["metrics_bytes"], f"after step {state['step']}")
+        if self.world.main:
+            self._rewind_metrics(state["metrics_bytes"], f"after step {state['step']}")
 
     def _rewind_metrics(self, size: int, when: str) -> None:
         """Drop metrics.jsonl records that the checkpoint does not account for, so the file reads as one run."""

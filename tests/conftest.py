@@ -17,7 +17,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # Small enough to train on in seconds, large enough for a by-document split.
 TINY_MODEL = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.block_size=16"]
 FAST_TRAIN = ["data.max_documents=150", "tokenizer.vocab_size=300", "trainer.batch_size=8", "trainer.eval_batches=2",
-              "trainer.log_every=1", "trainer.progress=false"]
+              "trainer.log_every=1", "trainer.progress=false",
+              "trainer.precision=fp32"]  # auto would pick bf16 on some CPUs: tests compare figures across machines
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from lmtrain.checkpoint import save_checkpoint
 from lmtrain.config import DivergenceAction, TrainerConfig
 from lmtrain.divergence import DivergenceGuard
-from lmtrain.errors import CheckpointError, TrainingDiverged
+from lmtrain.errors import CheckpointError, Diverged
 from lmtrain.metrics import read_metrics
 
 from conftest import FAST_TRAIN, TINY_MODEL, run_cli
@@ -25,9 +25,18 @@ def test_the_guard_names_the_first_non_finite_step_and_stop_raises(tmp_path):
     guard.observe(2, torch.tensor(3.0), torch.tensor(float("inf")))
     guard.observe(3, torch.tensor(float("nan")), None)
     assert guard.found() == 2 and "step 2 (loss 3, gradient norm inf)" in guard.describe()
-    with pytest.raises(TrainingDiverged, match="diverged at step 2") as e:
+    with pytest.raises(Diverged, match="diverged at step 2") as e:
         guard.roll_back(tmp_path, torch.nn.Linear(2, 2), None, None)
     assert e.value.exit_code == 3
+
+
+def test_with_loss_scaling_an_inf_gradient_norm_is_a_skipped_step_not_a_divergence():
+    guard = DivergenceGuard(TrainerConfig(), torch.device("cpu"), loss_scaling=True)  # fp16's GradScaler
+    guard.observe(1, torch.tensor(2.5), torch.tensor(float("inf")))
+    guard.observe(2, torch.tensor(2.4), torch.tensor(float("nan")))
+    assert guard.found() is None
+    guard.observe(3, torch.tensor(float("nan")), torch.tensor(1.0))
+    assert guard.found() == 3
 
 
 def test_a_checkpoint_is_never_written_with_non_finite_weights(tmp_path):

@@ -84,6 +84,28 @@ def test_a_failed_start_removes_only_a_folder_it_created(tmp_path, monkeypatch):
     assert (with_results / "metrics.jsonl").is_file()
 
 
+def test_a_sweep_jobs_failed_start_keeps_its_folder(tmp_path):
+    job = hydra_scaffolding(tmp_path / "multirun" / "0")
+    with pytest.raises(ConfigError), open_run_dir(job, keep_on_failure=True):
+        (job / "status.json").write_text('{"status": "failed"}')  # what the sweep summary reads
+        raise ConfigError("a config mistake")
+    assert (job / "status.json").is_file()
+
+
+def test_only_rank_0_of_a_torchrun_start_locks_guards_and_cleans_up_the_shared_folder(tmp_path, monkeypatch):
+    shared = hydra_scaffolding(tmp_path / "run")
+    first = RunLock(shared)
+    first.acquire()  # rank 0 of the same run
+    (shared / "metrics.jsonl").write_text("")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError), open_run_dir(shared) as run:
+        run.claim(None, overwrite=False)  # neither refused by rank 0's lock nor taking a second one
+        raise ConfigError("a config mistake")
+    assert shared.is_dir() and (shared / LOCK).is_file()
+    first.release()
+
+
 @pytest.mark.slow
 def test_cli_failed_starts_leave_no_folder_and_finished_runs_are_not_replaced(tmp_path):
     bad = run_cli("train", *TINY_MODEL, "trainer.eval_every=0", cwd=tmp_path)

@@ -56,12 +56,14 @@ def test_an_evaluation_stops_at_its_next_batch_after_a_signal():
     from lmtrain.config import ModelConfig
     from lmtrain.memory import MicroBatches
     from lmtrain.model import GPT
+    from lmtrain.precision import PrecisionChoice, TrainingPrecision
     from lmtrain.trainer import Trainer
 
     trainer = Trainer.__new__(Trainer)  # only what evaluate() reads: the rest of a Trainer needs data
     trainer.model = trainer.forward = GPT(ModelConfig(vocab_size=10, d_model=8, n_heads=2, n_layers=1, d_ff=16,
                                                       block_size=8))
-    trainer.device, trainer.bf16, trainer.stop = torch.device("cpu"), False, StopSignals()
+    trainer.device, trainer.stop = torch.device("cpu"), StopSignals()
+    trainer.precision = TrainingPrecision(PrecisionChoice("fp32", "test"), trainer.device)
     trainer.micro = MicroBatches(batch_size=2, size=2, device=trainer.device)
     trainer.val_batches = _StopAfter(trainer.stop, after=3)
     assert trainer.evaluate() is None  # cut short: not a validation loss to record

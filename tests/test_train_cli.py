@@ -75,11 +75,13 @@ def test_multirun_sweep_makes_one_run_dir_per_job(tmp_path):
     result = run_cli("train", "-m", "optimizer.lr=1e-3,3e-4", "trainer.max_steps=5", *TINY_MODEL, *FAST_TRAIN,
                      f"hydra.sweep.dir={sweep}")
     assert result.returncode == 0, result.stdout + result.stderr
-    for job, lr_line in [("0", "lr: 0.001\n"), ("1", "lr: 0.0003\n")]:
-        records = read_metrics(sweep / job / "metrics.jsonl")
+    for name, lr_line in [("0_optimizer.lr=", "lr: 0.001\n"), ("1_optimizer.lr=", "lr: 0.0003\n")]:
+        (job,) = sweep.glob(name + "*")  # named by its number and overrides
+        records = read_metrics(job / "metrics.jsonl")
         assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5]
-        assert lr_line in (sweep / job / ".hydra/config.yaml").read_text()
-        assert (sweep / job / "checkpoints/final/model.safetensors").is_file()
+        assert lr_line in (job / ".hydra/config.yaml").read_text()
+        assert (job / "checkpoints/final/model.safetensors").is_file()
+    assert "2 jobs: 2 completed" in result.stdout and (sweep / "summary.csv").is_file()
 
 
 def test_sample_prompts_are_checked_only_when_sampling(tmp_path):

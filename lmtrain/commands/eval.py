@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import logging
 import time
@@ -14,7 +14,6 @@ from omegaconf import DictConfig
 from lmtrain.config import (
     DataConfig,
     EvalConfig,
-    Precision,
     TokenizerConfig,
     TokenizerKind,
     register_configs,
@@ -38,13 +37,13 @@ def checkpoint_data(config: dict) -> DataConfig:
 @reports_user_errors
 def main(cfg: DictConfig) -> None:
     ev = to_config(cfg, EvalConfig)
-    import torch  # imported late: --help and config errors stay fast
 
     from lmtrain.checkpoint import TOKENIZER
     from lmtrain.console import count_bar, err_console, quiet_libraries, wants_progress_bar
     from lmtrain.data.prepare import prepare_data
     from lmtrain.data.sources import source_texts
     from lmtrain.evaluation import check_no_unknown, evaluate_shards, first_tokens, windows
+    from lmtrain.precision import autocast_for, choose
     from lmtrain.trained import load_trained
     from lmtrain.trainer import pick_device
 
@@ -61,8 +60,8 @@ def main(cfg: DictConfig) -> None:
     scored = sum(max(0, len(s) - 1) for s in shards)
     if scored < 1:
         raise DataError(f"the {ev.split.value} split of data={data.name} has no two tokens in a row: nothing to score")
-    bf16 = ev.precision == Precision.bf16 or (ev.precision == Precision.auto and device.type == "cuda")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    choice = choose(ev.precision, device, "precision")
+    autocast = functools.partial(autocast_for, device, choice)
     block = trained.model.cfg.block_size
     log.info("Evaluating %s on the %s split of %s: %s tokens in windows of %d", trained.path, ev.split.value,
              data.name, f"{scored:,}", block)

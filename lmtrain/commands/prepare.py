@@ -13,6 +13,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 from rich.table import Table
+from rich.text import Text
 
 from lmtrain.config import PrepareConfig, register_configs, to_config
 from lmtrain.console import PreparationProgress, console, wants_progress_bar
@@ -69,7 +70,7 @@ def report(data: PreparedData) -> tuple[Table, list[str]]:
         itemsize = np.dtype(cache.manifest["dtype"]).itemsize
         for split, s in cache.manifest["splits"].items():
             speed = f"{s['tokens'] / s['seconds']:,.0f}" if s["seconds"] > 0 else "-"
-            table.add_row(name, split, f"{s['documents']:,}", f"{s['tokens']:,}", speed,
+            table.add_row(Text(name), split, f"{s['documents']:,}", f"{s['tokens']:,}", speed,
                           _size(s["tokens"] * itemsize))
     tok = data.tokenizer
     return table, [f"tokenizer: {tok.vocab_size:,} tokens, end-of-text {tok.eot_token!r}"] + [

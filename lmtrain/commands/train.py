@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -13,54 +14,94 @@ from omegaconf import DictConfig
 
 from lmtrain.config import register_configs, to_train_config
 from lmtrain.console import quiet_libraries
-from lmtrain.errors import reports_user_errors
+from lmtrain.errors import Diverged, RunStopped, in_multirun, reports_user_errors
 from lmtrain.run_dir import open_run_dir
+from lmtrain.sweeps.callback import finish_sweep
+from lmtrain.sweeps.jobs import finished_objective, register_job_name_resolver
+from lmtrain.sweeps.runs import objective_value, read_records
+from lmtrain.sweeps.status import recorded_status
 
 register_configs()
+register_job_name_resolver()
 log = logging.getLogger(__name__)
 
-# Exit status after a Ctrl-C, as a shell reports a process ended by SIGINT; a clean stop on a signal
-# exits with 128 + its number too (143 for SIGTERM), so `lmtrain train && next-step` never runs
-# next-step on a half-trained model.
-INTERRUPTED_EXIT = 130
 _CONFIG_OPTIONS = ("--config-dir", "-cd", "--config-name", "-cn")
 
 
 def resume_command(run_dir: Path) -> str:
-    """The command that continues this run: its config options and overrides, plus resume=auto and its run dir."""
+    """The command that continues this run (or, in a sweep, the whole sweep): its config options and
+    overrides, plus resume=auto and its run (or sweep) dir."""
     argv, options = sys.argv[1:], []
     for i, arg in enumerate(argv):
         if arg in _CONFIG_OPTIONS and i + 1 < len(argv):
             options += [arg, argv[i + 1]]
         elif arg.startswith(tuple(f"{o}=" for o in _CONFIG_OPTIONS)):
             options.append(arg)
-    overrides = [o for o in HydraConfig.get().overrides.task if o.split("=", 1)[0].lstrip("+~") != "trainer.resume"]
+    hydra_cfg = HydraConfig.get()
+    if in_multirun():  # the whole sweep command, as typed: rerunning it skips finished jobs
+        sweep = [a for a in argv if a not in ("-m", "--multirun")
+                 and not a.startswith(("trainer.resume=", "hydra.sweep.dir="))]
+        return shlex.join(["lmtrain", "train", "-m", *sweep, "trainer.resume=auto",
+                           f"hydra.sweep.dir={hydra_cfg.sweep.dir}"])
+    overrides = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") != "trainer.resume"]
     return shlex.join(["lmtrain", "train", *options, "trainer.resume=auto", f"hydra.run.dir={run_dir}", *overrides])
+
+
+def main() -> None:
+    """`lmtrain train`: the Hydra app, then the summary of a sweep that a failed job cut short."""
+    try:
+        train()
+    finally:
+        finish_sweep()
+
+
+def extra_overrides(argv: list[str]) -> list[str]:
+    """Added to the command line before Hydra composes (cli.py): under torchrun or srun, every rank's share of
+    one run directory."""
+    from lmtrain.launch import shared_run_dir_overrides
+
+    return shared_run_dir_overrides(argv)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://lmtrain.configs", config_name="train")
 @reports_user_errors
-def main(cfg: DictConfig) -> float:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    with open_run_dir(run_dir) as run:  # a start that fails removes the folder it created
+def train(cfg: DictConfig) -> float:
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    # A failed start removes the folder it created; a sweep job's folder stays, with its status.json.
+    with (open_run_dir(run_dir, keep_on_failure=in_multirun()) as run,
+          recorded_status(run_dir, hydra_cfg.job.get("num") if in_multirun() else None) as job):
         train_cfg = to_train_config(cfg)  # every check runs here, before any data is touched
-        run.claim(train_cfg.trainer.resume, train_cfg.trainer.overwrite)
+        objective = train_cfg.trainer.objective.value
+        if train_cfg.trainer.resume == "auto" and in_multirun():
+            done = finished_objective(run_dir, job.previous, objective)
+            if done is not None:  # a rerun sweep: this job finished before, skip it without loading anything
+                log.info("Job already completed (%s %.4f): skipping it", objective, done)
+                job.facts.update(job.previous, objective=objective, value=done)
+                return done
         quiet_libraries()
-        from lmtrain.trainer import Trainer  # imported late: --help and config errors stay fast
+        from lmtrain import launch  # imported late: --help and config errors stay fast
 
-        try:
-            result = Trainer(train_cfg, run_dir).fit()
-        except KeyboardInterrupt:
-            log.error("Interrupted. %s", _continue_hint(run_dir))
-            sys.exit(INTERRUPTED_EXIT)
-    if result.stopped_by is not None:
-        log.info("%s", _continue_hint(run_dir))
-        sys.exit(128 + result.stopped_by)
-    return result.val_loss  # what a sweeper minimizes
+        launch.resume_after_restart(train_cfg)
+        run.claim(train_cfg.trainer.resume, train_cfg.trainer.overwrite)
+        nproc = launch.processes_to_start(train_cfg.trainer.nproc_per_node, train_cfg.trainer.device)
+        result = launch.start_workers(train_cfg, run_dir, nproc) if nproc > 1 else \
+            launch.run_training(train_cfg, run_dir)
+        if result.interrupted:
+            raise RunStopped(signal.SIGINT, f"Interrupted. {_continue_hint(run_dir)}") from None
+        if result.stopped_by is not None:
+            what = "sweep" if in_multirun() else "run"
+            raise RunStopped(signal.Signals(result.stopped_by),
+                             f"Continue this {what} with:\n  {resume_command(run_dir)}")
+        value = objective_value(read_records(run_dir / "metrics.jsonl"), objective)
+        if value is None:
+            raise Diverged(f"training diverged: the final {objective} is {result.val_loss} (trainer.objective)")
+        job.facts.update(objective=objective, value=value, steps=result.steps)
+        return value  # what a sweeper minimizes
 
 
 def _continue_hint(run_dir: Path) -> str:
     """How to continue: only when a checkpoint exists to continue from."""
     if not (run_dir / "checkpoints" / "latest.json").is_file():
         return "No checkpoint was saved yet, so there is nothing to continue; start the run again."
-    return f"Continue this run with:\n  {resume_command(run_dir)}"
+    return f"Continue from the last checkpoint saved with:\n  {resume_command(run_dir)}"

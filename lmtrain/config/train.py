@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from lmtrain.config.base import CHECKS, check, check_device, to_config
 from lmtrain.config.data import DataConfig, TokenizerConfig, validate_data, validate_tokenizer
+from lmtrain.config.logger import LoggerConfig, validate_logger
 from lmtrain.config.model import ModelConfig, PosEmb
 
 
@@ -41,10 +42,25 @@ class SchedulerConfig:
 
 
 
+class Objective(str, Enum):
+    """What `lmtrain train` returns to a sweeper (Optuna minimizes it) and sorts a sweep's summary by."""
+
+    val_loss = "val_loss"  # the final validation loss
+    best_val_loss = "best_val_loss"  # the lowest validation loss of any evaluation
+
+
 class Precision(str, Enum):
-    auto = "auto"  # bf16 autocast on CUDA, fp32 on CPU
+    auto = "auto"  # CUDA: bf16 at compute capability >= 8.0, else fp16; CPU: bf16 only where native and faster
     fp32 = "fp32"
     bf16 = "bf16"  # bf16 autocast; weights and optimizer state stay fp32
+    fp16 = "fp16"  # fp16 autocast with loss scaling (GradScaler) in training; weights stay fp32
+
+
+class Strategy(str, Enum):
+    auto = "auto"  # single for one process, ddp for several
+    single = "single"  # one process, one device
+    ddp = "ddp"  # DistributedDataParallel: a whole copy of the model per rank, gradients averaged
+    fsdp = "fsdp"  # FSDP2: parameters, gradients and optimizer state sharded over the ranks
 
 
 class DivergenceAction(str, Enum):
@@ -63,7 +79,7 @@ class TrainerConfig:
     eval_every: int = 100  # optimizer steps between validation passes (and one at the end)
     eval_batches: int = 20  # micro-batches per validation pass
     device: str = "auto"  # auto: cuda if available, else cpu; or cpu, cuda, cuda:1, ...
-    precision: Precision = Precision.auto
+    precision: Precision = Precision.auto  # auto, fp32, bf16 or fp16 (lmtrain/precision.py says what auto picks)
     compile: bool | None = None  # torch.compile the model; None: on for CUDA, off on CPU
     activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, more compute
     seed: int = 1337  # seeds data order, initialisation and dropout
@@ -78,6 +94,11 @@ class TrainerConfig:
     # sequences per forward pass: a divisor of batch_size; auto: the largest that fits (searched on CUDA);
     # None: batch_size. A step that runs out of memory halves it, keeping the global batch.
     micro_batch_size: str | None = None
+    objective: Objective = Objective.val_loss  # the figure a sweep optimizes and its summary ranks by
+    nproc_per_node: str = "1"  # worker processes this command starts on this node; auto: one per visible GPU
+    strategy: Strategy = Strategy.auto
+    max_restarts: int = 0  # times trainer.nproc_per_node's launcher restarts all workers (from the last checkpoint)
+    dist_timeout_s: float = 300.0  # seconds any collective waits for the other ranks before the run fails
     on_divergence: DivergenceAction = DivergenceAction.rollback  # on a non-finite loss or gradient norm
     max_rollbacks: int = 3  # rollbacks before a diverging run stops with exit code 3
     rollback_lr_scale: float = 1.0  # factor on the learning rate after each rollback; 1 keeps it
@@ -92,6 +113,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # experiment trackers beside metrics.jsonl
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
@@ -161,8 +183,16 @@ def validate(cfg: TrainConfig) -> None:
                   f"trainer.batch_size={t.batch_size}")
     if m.vocab_multiple is not None:
         check(m.vocab_multiple > 0, f"model.vocab_multiple={m.vocab_multiple} must be > 0 (1: no padding)")
+    check(t.nproc_per_node == "auto" or (t.nproc_per_node.isdigit() and int(t.nproc_per_node) > 0),
+          f"trainer.nproc_per_node={t.nproc_per_node} must be a number > 0 or auto (one process per visible GPU)")
+    check(t.nproc_per_node in ("1", "auto") or t.strategy != Strategy.single,
+          f"trainer.strategy=single runs one process; trainer.nproc_per_node={t.nproc_per_node} starts several: "
+          "use trainer.strategy=auto, ddp or fsdp")
+    check(t.max_restarts >= 0, f"trainer.max_restarts={t.max_restarts} must be >= 0")
+    check(t.dist_timeout_s > 0, f"trainer.dist_timeout_s={t.dist_timeout_s} must be > 0")
     validate_data(d)
     validate_tokenizer(tok)
+    validate_logger(cfg.logger)
 
 
 CHECKS[TrainConfig] = validate

@@ -42,7 +42,7 @@ class EvalConfig:
     batch_size: int = 8  # windows of model.block_size tokens per forward
     out: str = "eval.json"  # where the results are written as JSON
     device: str = "auto"  # auto: cuda if available, else cpu; or cpu, cuda, cuda:1, ...
-    precision: Precision = Precision.fp32  # fp32 (the default, exact), bf16 autocast, or auto: bf16 on CUDA
+    precision: Precision = Precision.fp32  # fp32 (the default, exact), bf16 or fp16 autocast, or auto (as training's)
     progress: bool | None = None  # live progress bar; None: only when stdout is a terminal
 
 

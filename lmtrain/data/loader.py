@@ -11,7 +11,7 @@ position is the batch count plus the sequences taken from each source.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -73,14 +73,15 @@ class Blocks:
 class EpochBatches(Dataset):
     """Batch i of one epoch: `batch_size` windows in the epoch's order, as (input, target) int64 tensors."""
 
-    def __init__(self, blocks: Blocks, order: np.ndarray, batch_size: int):
-        self.blocks, self.order, self.batch_size = blocks, order, batch_size
+    def __init__(self, blocks: Blocks, order: np.ndarray, batch_size: int, rows: slice = slice(None)):
+        self.blocks, self.order, self.batch_size, self.rows = blocks, order, batch_size, rows
 
     def __len__(self) -> int:
         return len(self.order) // self.batch_size  # the incomplete last batch is dropped
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return shift(self.blocks.windows(self.order[i * self.batch_size:(i + 1) * self.batch_size]))
+        """Batch i, or only this rank's `rows` of it in a distributed run."""
+        return shift(self.blocks.windows(self.order[i * self.batch_size:(i + 1) * self.batch_size][self.rows]))
 
 
 def permutation(n: int, *key: int) -> np.ndarray:
@@ -94,6 +95,7 @@ def _leave_stopping_to_main(worker_id: int) -> None:
     process finishes its step, saves, and shuts the workers down itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # a preemption notice, too
     signal.set_wakeup_fd(-1)  # the main process's acknowledgment pipe is not ours to write to
 
 
@@ -113,11 +115,15 @@ class LoaderState:
 
 
 class TrainLoader:
-    """Endless training batches from one source, epoch after epoch, from a resumable position."""
+    """Endless training batches from one source, epoch after epoch, from a resumable position.
+
+    In a distributed run, batch_size is the global batch and each rank takes only its `rows` of every
+    batch: the position stays global, so any number of ranks sees the same sequences step by step.
+    """
 
     def __init__(self, shards: Sequence[np.ndarray], block_size: int, batch_size: int, seed: int,
-                 num_workers: int = 0, pin_memory: bool = False):
-        self.blocks, self.batch_size = Blocks(shards, block_size, "train"), batch_size
+                 num_workers: int = 0, pin_memory: bool = False, rows: slice = slice(None)):
+        self.blocks, self.batch_size, self.rows = Blocks(shards, block_size, "train"), batch_size, rows
         self.seed, self.num_workers, self.pin_memory = seed, num_workers, pin_memory
         if len(self.blocks) < batch_size:
             raise DataError(f"the train split has {len(self.blocks):,} windows of model.block_size={block_size}, "
@@ -139,7 +145,7 @@ class TrainLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield batches forever, advancing `state` as each is handed out."""
         while True:
-            batches = EpochBatches(self.blocks, self.epoch_order(self.state.epoch), self.batch_size)
+            batches = EpochBatches(self.blocks, self.epoch_order(self.state.epoch), self.batch_size, self.rows)
             remaining = range(self.state.batch, len(batches))
             for batch in _batch_loader(batches, remaining, self.seed, self.num_workers, self.pin_memory):
                 self.state.batch += 1
@@ -180,8 +186,9 @@ class MixtureLoader:
     """
 
     def __init__(self, sources: dict[str, Sequence[np.ndarray]], weights: dict[str, float], block_size: int,
-                 batch_size: int, seed: int, num_workers: int = 0, pin_memory: bool = False):
-        self.names = list(sources)
+                 batch_size: int, seed: int, num_workers: int = 0, pin_memory: bool = False,
+                 rows: slice = slice(None)):
+        self.names, self.rows = list(sources), rows
         self.blocks = [Blocks(sources[name], block_size, f"train split of {name!r}") for name in self.names]
         self.weights = np.array([weights[name] for name in self.names])
         self.block_size, self.batch_size, self.seed = block_size, batch_size, seed
@@ -217,7 +224,7 @@ class MixtureLoader:
             batch += 1
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        plans = self._plans(self.batch, self.drawn)
+        plans = (plan[self.rows] for plan in self._plans(self.batch, self.drawn))  # this rank's rows only
         for batch in _batch_loader(_MixtureBatches(self.blocks), plans, self.seed, self.num_workers, self.pin_memory):
             counts = np.bincount(self.sources_of(self.batch), minlength=len(self.names))
             self.drawn = [d + int(c) for d, c in zip(self.drawn, counts, strict=True)]
@@ -255,30 +262,35 @@ class JoinedBatches(Sequence):
 
 
 def eval_batches(shards: Sequence[np.ndarray], block_size: int, batch_size: int, n_batches: int,
-                 split: str = "validation") -> EpochBatches:
-    """The same validation batches at every evaluation: a fixed spread of windows over the whole split."""
+                 split: str = "validation", rows: Callable[[int], slice] | None = None) -> EpochBatches:
+    """The same validation batches at every evaluation: a fixed spread of windows over the whole split.
+    rows(batch) picks this rank's rows of each batch in a distributed run."""
     blocks = Blocks(shards, block_size, split)
     n = min(len(blocks), batch_size * n_batches)
     order = np.random.default_rng(0).permutation(len(blocks))[:n]
-    return EpochBatches(blocks, order, min(batch_size, n))
+    batch = min(batch_size, n)
+    return EpochBatches(blocks, order, batch, rows(batch) if rows else slice(None))
 
 
 def train_loader(data: PreparedData, block_size: int, batch_size: int, seed: int, num_workers: int = 0,
-                 pin_memory: bool = False) -> TrainLoader | MixtureLoader:
-    """The training batches of prepared data: a plain loader for one source, a mixture loader for several."""
+                 pin_memory: bool = False, rows: slice = slice(None)) -> TrainLoader | MixtureLoader:
+    """The training batches of prepared data: a plain loader for one source, a mixture loader for several.
+    batch_size counts the whole (global) batch; `rows` picks the part of each batch this rank trains on."""
     if data.weights is None:
         (cache,) = data.caches.values()
-        return TrainLoader(cache.shards("train"), block_size, batch_size, seed, num_workers, pin_memory)
+        return TrainLoader(cache.shards("train"), block_size, batch_size, seed, num_workers, pin_memory, rows)
     return MixtureLoader({name: c.shards("train") for name, c in data.caches.items()}, data.weights, block_size,
-                         batch_size, seed, num_workers, pin_memory)
+                         batch_size, seed, num_workers, pin_memory, rows)
 
 
-def val_batches(data: PreparedData, block_size: int, batch_size: int, n_batches: int) -> Sequence:
+def val_batches(data: PreparedData, block_size: int, batch_size: int, n_batches: int,
+                rows: Callable[[int], slice] | None = None) -> Sequence:
     """Validation batches. A mixture's are split between its sources by weight (at least one each), so
-    the mean loss over them is the mixture's validation loss, weighted as training samples the sources."""
+    the mean loss over them is the mixture's validation loss, weighted as training samples the sources.
+    batch_size is global; rows(batch) gives this rank's part of a batch of that many sequences."""
     if data.weights is None:
         (cache,) = data.caches.values()
-        return eval_batches(cache.shards("val"), block_size, batch_size, n_batches)
+        return eval_batches(cache.shards("val"), block_size, batch_size, n_batches, rows=rows)
     return JoinedBatches([eval_batches(data.caches[name].shards("val"), block_size, batch_size,
-                                       max(1, round(w * n_batches)), f"validation split of {name!r}")
+                                       max(1, round(w * n_batches)), f"validation split of {name!r}", rows)
                           for name, w in data.weights.items()])

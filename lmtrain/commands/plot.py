@@ -1,0 +1,50 @@
+"""`lmtrain plot DIR [DIR ...] [metric=val_loss] [out=FILE.png]`: draw runs as PNG files.
+
+One run: its loss.png (train and validation loss, learning rate). Several runs (a sweep, or folders
+given together): their validation curves overlaid, and the metric against the swept parameter when
+exactly one numeric parameter varies; into DIR/summary.png for one DIR, else `out=` (default runs.png).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from lmtrain.commands.summarize import parse_args
+from lmtrain.errors import ConfigError, reports_user_errors
+from lmtrain.sweeps.runs import OBJECTIVES
+
+log = logging.getLogger("lmtrain")
+USAGE = "usage: lmtrain plot DIR [DIR ...] [metric=val_loss|best_val_loss|train_loss] [out=FILE.png]"
+
+
+@reports_user_errors
+def plot_command(argv: list[str]) -> Path:
+    from lmtrain.sweeps.plots import plot_run, plot_runs
+    from lmtrain.sweeps.report import read_runs
+    from lmtrain.sweeps.summary import sort_runs, swept_keys
+
+    folders, options = parse_args(argv, ("metric", "out"))
+    metric = options.get("metric", "val_loss")
+    if metric not in OBJECTIVES:
+        raise ConfigError(f"metric={metric} must be one of {', '.join(OBJECTIVES)}")
+    runs = read_runs(folders)
+    if not runs:
+        raise ConfigError(f"no runs (folders with metrics.jsonl or status.json) under {' '.join(map(str, folders))}")
+    if len(runs) == 1:
+        out = Path(options.get("out", runs[0].folder / "loss.png"))
+        plot_run(runs[0], out)
+    else:
+        out = Path(options.get("out", folders[0] / "summary.png" if len(folders) == 1 else "runs.png"))
+        runs = sort_runs(runs, metric)
+        plot_runs(runs, swept_keys(runs), metric, out)
+    print(out)
+    return out
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
+        print(USAGE)
+        return
+    plot_command(sys.argv[1:])

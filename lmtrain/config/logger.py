@@ -1,0 +1,44 @@
+"""The `logger` group: experiment trackers fed beside metrics.jsonl, several at once (`logger=[tensorboard,wandb]`)."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+from lmtrain.config.base import check
+
+
+@dataclass
+class TensorBoardConfig:
+    dir: str = "tensorboard"  # event files' folder, relative to the run directory
+
+
+@dataclass
+class WandbConfig:
+    project: str = "lmtrain"  # W&B project
+    entity: str | None = None  # W&B team or user; None: your default
+    mode: str = "offline"  # online, offline (no network; `wandb sync` uploads later) or disabled
+    group: str | None = None  # runs shown together; None: a sweep's jobs are grouped by their sweep folder
+    tags: list[str] = field(default_factory=list)  # labels on the run
+
+
+@dataclass
+class LoggerConfig:
+    tensorboard: TensorBoardConfig | None = None  # set by logger=tensorboard
+    wandb: WandbConfig | None = None  # set by logger=wandb
+
+
+# logger -> (module it needs, the pip command that installs it)
+PACKAGES = {"tensorboard": ("tensorboard", "pip install 'lmtrain[tensorboard]'"),
+            "wandb": ("wandb", "pip install 'lmtrain[wandb]'")}
+
+
+def validate_logger(cfg: LoggerConfig) -> None:
+    """A chosen logger whose package is missing fails here, before any data is read."""
+    for name, (module, pip) in PACKAGES.items():
+        if getattr(cfg, name) is not None:
+            check(importlib.util.find_spec(module) is not None,
+                  f"logger={name} needs the {module} package, which is not installed: {pip}")
+    if cfg.wandb is not None:
+        check(cfg.wandb.mode in ("online", "offline", "disabled"),
+              f"logger.wandb.mode={cfg.wandb.mode!r} must be online, offline or disabled")
