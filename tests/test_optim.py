@@ -3,9 +3,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
-
 from safetensors.torch import save_file
+from torch import nn
 
 from lmtrain.checkpoint import read_tensors
 from lmtrain.config import ModelConfig, OptimizerConfig, SchedulerConfig, SchedulerName
@@ -173,6 +172,6 @@ def test_wsd_warms_up_holds_the_peak_then_decays_linearly_to_the_floor():
     assert lrs[:10] == pytest.approx([2.0 * (s + 1) / 11 for s in range(10)])  # warm-up
     assert lrs[10:80] == [2.0] * 70  # stable: the peak until the last 20% of the steps
     assert lrs[79] == 2.0 and lrs[80] == pytest.approx(2.0 - 1.8 / 20) and lrs[99] == pytest.approx(0.2)
-    steps = [b - a for a, b in zip(lrs[80:], lrs[81:])]
+    steps = [b - a for a, b in zip(lrs[80:-1], lrs[81:], strict=True)]
     assert steps == pytest.approx([-1.8 / 20] * 19)  # a straight line down to min_lr_ratio at the last step
     assert lr_at(99, 100, 2.0, SchedulerConfig(name=SchedulerName.wsd, warmup_steps=0, min_lr_ratio=0.0)) == 0.0
