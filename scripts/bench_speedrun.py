@@ -114,13 +114,15 @@ def main() -> None:
     parser.add_argument("--baseline-eval-every", type=int, default=50, help="nanoGPT recipe's steps between evals")
     parser.add_argument("--speedrun-eval-every", type=int, default=None,
                         help="speedrun's steps between evals (default: the recipe's own)")
+    parser.add_argument("--override", action="append", default=[],
+                        help="an extra `lmtrain train` override for both runs (repeatable), e.g. trainer.max_steps=20")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument("--keep", type=Path, help="keep the run folders here (default: a temporary folder)")
     args = parser.parse_args()
     if not args.data.is_file():
         raise SystemExit(f"--data {args.data}: no such file")
     data = args.data.resolve()
-    extra = [] if args.precision == "recipe" else [f"trainer.precision={args.precision}"]
+    extra = ([] if args.precision == "recipe" else [f"trainer.precision={args.precision}"]) + args.override
     speedrun_eval = args.speedrun_eval_every or recipe_eval_every(RECIPES["speedrun"])
     every = {"nanogpt": args.baseline_eval_every, "speedrun": speedrun_eval}
 
