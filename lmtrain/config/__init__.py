@@ -24,6 +24,7 @@ from lmtrain.config.data import (
 )
 from lmtrain.config.model import Mlp, ModelConfig, Norm, PosEmb
 from lmtrain.config.train import (
+    MuonLrAdjust,
     OptimizerConfig,
     OptimizerName,
     Precision,
@@ -47,7 +48,7 @@ from lmtrain.config.use import (
 
 __all__ = [
     "CHECKS", "DataConfig", "EvalConfig", "EvalSplit", "ExportConfig", "ExportFormat", "GenerateConfig", "Mlp",
-    "MixtureSource", "ModelConfig", "Norm", "OptimizerConfig", "OptimizerName", "PosEmb", "Precision",
+    "MixtureSource", "ModelConfig", "MuonLrAdjust", "Norm", "OptimizerConfig", "OptimizerName", "PosEmb", "Precision",
     "PrepareConfig", "SchedulerConfig", "SchedulerName", "SourceConfig", "SourceKind", "Strategy", "TokenizerConfig",
     "TokenizerKind", "TrainConfig", "TrainerConfig", "as_plain_dict", "check", "check_device", "register_configs",
     "to_config", "to_train_config", "validate", "validate_data", "validate_eval", "validate_generate",
