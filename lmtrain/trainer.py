@@ -20,16 +20,18 @@ import numpy as np
 import torch
 
 from lmtrain.config import Precision, TrainConfig, as_plain_dict
-from lmtrain.console import PreparationProgress, console, progress_bar, wants_progress_bar
+from lmtrain.console import PreparationProgress, print_table, progress_bar, wants_progress_bar
 from lmtrain.data.loader import train_loader, val_batches
 from lmtrain.data.prepare import prepare_data
 from lmtrain.errors import ConfigError
+from lmtrain.eta import Eta
 from lmtrain.loggers import build_loggers
 from lmtrain.memory import format_bytes, micro_batches, peak_memory, trial_step
-from lmtrain.metrics import MetricsLog, Throughput, peak_flops, summary_table
+from lmtrain.metrics import MetricsLog, Throughput, peak_flops, recorded_figures, summary_table
 from lmtrain.model import GPT
 from lmtrain.model.generation import encode_prompt, sample_texts
 from lmtrain.optim import build_optimizer, lr_at, set_lr
+from lmtrain.preflight import init_from_checked, warn_before_training
 from lmtrain.signals import StopSignals
 from lmtrain.train_state import Checkpointer
 
@@ -85,6 +87,7 @@ def _finite_or_none(x: float) -> float | None:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path):
+        cfg = init_from_checked(cfg)  # before any data is read: init_from's tokenizer and shapes
         self.cfg, self.run_dir = cfg, Path(run_dir)
         t = cfg.trainer
         self.device = pick_device(t.device)
@@ -215,6 +218,10 @@ class Trainer:
         fields = {"loss": "-", "lr": "-", "speed": "-", "mfu": "-"}
         first_step = self.step  # above 0 after a resume: throughput counts only this process's steps
         finished = self.step >= self.total_steps  # resumed from the checkpoint a complete run saved last
+        eta = Eta(self.step, self.total_steps)
+        if not finished:
+            warn_before_training(self.cfg, self.total_steps, self.tokens_per_step, self.flops_per_token, self.peak,
+                                 self.device)
         with progress_bar(wants_progress_bar(t.progress)) as bar, StopSignals() as stop:
             task = bar.add_task("train", total=self.total_steps, completed=self.step, **fields)
             while self.step < self.total_steps and not stop.received:
@@ -242,7 +249,9 @@ class Trainer:
 
                 if logging_step:
                     train_loss = step_loss.item()
-                    fields = self._log_step(train_loss, lr, float(grad_norm), throughput.rate())
+                    fields = self._log_step(train_loss, lr, float(grad_norm), throughput.rate(), eta.text(self.step))
+                elif note := eta.first_step_note(self.step):  # a slow run's first log line may be far away
+                    log.info("%s", note)
                 with throughput.paused():  # evaluating, saving and sampling are not training time
                     if self.step % t.eval_every == 0 and self.step < self.total_steps:
                         self._record_eval()
@@ -262,16 +271,19 @@ class Trainer:
         self.metrics.close()
         result = TrainResult(self.step, self.step * self.tokens_per_step, train_loss, self.val_loss,
                              time.perf_counter() - start, self.checkpoints.root / "final")
-        self._summarize(result, (self.step - first_step) * self.tokens_per_step)
+        rate = (self.step - first_step) * self.tokens_per_step / result.seconds
+        if finished:  # nothing trained in this process: the figures the run logged when it trained
+            result.train_loss, rate = recorded_figures(self.metrics.path)
+        self._summarize(result, rate)
         return result
 
-    def _log_step(self, loss: float, lr: float, grad_norm: float, tokens_per_s: float) -> dict:
+    def _log_step(self, loss: float, lr: float, grad_norm: float, tokens_per_s: float, eta: str) -> dict:
         loader = self.train_loader.state
         mfu = tokens_per_s * self.flops_per_token / self.peak
         peak = peak_memory(self.device)
-        log.info("Epoch %d, Batch %d, Loss: %.4f, LR: %.2e, Tokens/s: %s, MFU: %.1f%%%s",
+        log.info("Epoch %d, Batch %d, Loss: %.4f, LR: %.2e, Tokens/s: %s, MFU: %.1f%%%s, ETA: %s",
                  loader.epoch, loader.batch, loss, lr, f"{tokens_per_s:,.0f}", 100 * mfu,
-                 "" if peak is None else f", Peak memory: {format_bytes(peak)}")
+                 "" if peak is None else f", Peak memory: {format_bytes(peak)}", eta)
         self.metrics.write({"step": self.step, "epoch": loader.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                             "tokens_per_s": tokens_per_s, "mfu": mfu, "tokens": self.step * self.tokens_per_step,
                             "micro_batch_size": self.micro.size, **({} if peak is None else {"peak_memory": peak})})
@@ -281,8 +293,7 @@ class Trainer:
         """The resolved run config as saved with checkpoints: vocab_size filled in from the tokenizer."""
         return as_plain_dict(dataclasses.replace(self.cfg, model=self.model_cfg))
 
-    def _summarize(self, r: TrainResult, tokens_this_run: int) -> None:
-        rate = tokens_this_run / r.seconds
+    def _summarize(self, r: TrainResult, rate: float) -> None:
         rows = [("parameters", f"{self.model.num_params():,}"), ("steps", f"{r.steps:,}"),
                 ("tokens seen", f"{r.tokens:,}"), ("final train loss", f"{r.train_loss:.4f}"),
                 ("final validation loss", f"{r.val_loss:.4f} (perplexity {math.exp(min(r.val_loss, 50)):.2f})"),
@@ -290,4 +301,4 @@ class Trainer:
                 ("MFU", f"{100 * rate * self.flops_per_token / self.peak:.1f}% of {self.peak_source} "
                         f"({self.peak / 1e12:.2f} TFLOP/s)"),
                 *self.train_loader.summary_rows(), *self.micro.summary_rows(), ("checkpoint", str(r.checkpoint))]
-        console.print(summary_table(rows))
+        print_table(summary_table(rows))

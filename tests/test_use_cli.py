@@ -112,6 +112,20 @@ def test_eval_scores_the_training_data_split_and_writes_json(run, tmp_path):
     assert json.loads((tmp_path / "train.json").read_text())["tokens"] == 50
 
 
+def test_eval_writes_beside_the_checkpoint_it_scored_and_says_when_it_replaces_results(run, tmp_path):
+    first = run_cli("eval", f"checkpoint={run}", "max_tokens=50", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    (written,) = run.glob("checkpoints/*/eval_val.json")
+    assert json.loads(written.read_text())["checkpoint"] == str(written.parent.resolve())
+    assert list(tmp_path.iterdir()) == []  # nothing in the working folder
+    assert "Replacing" not in first.stderr
+    again = run_cli("eval", f"checkpoint={run}", "max_tokens=60", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"Replacing the earlier results in {written}" in again.stderr
+    assert json.loads(written.read_text())["tokens"] == 60
+    written.unlink()  # the module's run stays as the other tests expect it
+
+
 def test_export_loads_in_transformers_and_continues_text_as_lmtrain_does(run, tmp_path):
     transformers = pytest.importorskip("transformers")
     out = tmp_path / "hf"
