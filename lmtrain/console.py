@@ -66,15 +66,13 @@ def quiet_libraries() -> None:
     huggingface_hub prints its warnings (each retry of an unreachable hub, say) through a stderr handler of
     its own and again through ours: its own goes. Outside a terminal, datasets' progress bars only add noise.
     """
-    import huggingface_hub  # noqa: F401  (it adds its handler when imported)
+    import datasets  # with it, huggingface_hub, which adds its handler when first configured
 
+    if not console.is_terminal:
+        datasets.disable_progress_bars()
     hub = logging.getLogger("huggingface_hub")
     for handler in [h for h in hub.handlers if type(h) is logging.StreamHandler]:
         hub.removeHandler(handler)
-    if not console.is_terminal:
-        import datasets
-
-        datasets.disable_progress_bars()
 
 
 def wants_progress_bar(setting: bool | None, target: Console = console) -> bool:
