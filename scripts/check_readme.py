@@ -10,8 +10,8 @@ the output shown beside them. `# comments` are dropped; `a && b` chains run part
 
 How each one runs (the rules, in order):
 - A block right after an HTML comment `<!-- check_readme: skip REASON -->` is skipped, with REASON.
-- Installs (`pip ...`, `python3 -m venv ...`, `. .venv/bin/activate`) and the test suite (`python -m pytest`)
-  are skipped: a fresh clone's CI runs them already.
+- Installs (`pip ...`, `python3 -m venv ...`, `. .venv/bin/activate`), the test suite (`python -m pytest`)
+  and this script are skipped: a fresh clone's CI runs them already.
 - Commands that need a GPU or a cluster (`cuda`, `torchrun`, `srun`, `sbatch`, `nproc_per_node`) and
   ones that need the Hugging Face hub (`data=hf` with a non-local path, `data=tinystories`,
   `data=fineweb_edu`, `tokenizer=pretrained`) are skipped.
@@ -138,6 +138,8 @@ def skip_reason(text: str, slow: bool = False) -> str | None:
         return "an install step: a fresh clone's CI runs it"
     if re.search(r"-m pytest\b", text):
         return "the test suite itself"
+    if "scripts/check_readme.py" in text:
+        return "this check itself"
     if GPU_OR_CLUSTER.search(text):
         return "needs a GPU or a cluster"
     if HUB.search(text) or _hub_dataset(text):

@@ -59,6 +59,7 @@ def test_commands_markers_comments_and_expected_errors_are_read_from_fenced_bloc
     ("lmtrain train data=hf data.path=roneneldan/TinyStories", "needs the Hugging Face hub"),
     ("lmtrain train tokenizer=pretrained tokenizer.name=gpt2", "needs the Hugging Face hub"),
     ("python scripts/bench.py", "a benchmark"),
+    ("python scripts/check_readme.py --sample", "this check itself"),
     ("python -c 'import no_such_package_here'", "needs no_such_package_here"),
 ])
 def test_the_skip_rules(command, reason):

@@ -30,7 +30,8 @@ def test_eta_is_the_pace_so_far_times_the_steps_left(monkeypatch):
     eta = Eta(first_step=10, total_steps=100)
     now[0] = 160.0
     assert eta.text(11) == "1 h 29 min"  # 60 s for one step, 89 left
-    assert eta.first_step_note(11) == "The first step took 1 min 00 s; at that pace the 89 steps left take about 1 h 29 min"
+    assert eta.first_step_note(11) == ("The first step took 1 min 00 s; at that pace the 89 steps left take about "
+                                       "1 h 29 min")
     assert eta.first_step_note(12) is None  # only after the first step
     now[0] = 100.5
     assert eta.first_step_note(11) is None  # a fast first step needs no note
