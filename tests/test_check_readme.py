@@ -32,6 +32,8 @@ lmtrain generate checkpoint=RUN_DIR prompt="a # not a comment"   # a comment
   lmtrain train this-is-output-because-it-is-indented
 python -c "print(1)"
 ls -la
+lmtrain train trainer.max_rollbacks=2 \\
+    trainer.rollback_lr_scale=0.5 ...
 ```
 """
 
@@ -44,10 +46,13 @@ def test_commands_markers_comments_and_expected_errors_are_read_from_fenced_bloc
         "lmtrain train model.d_model=100 model.n_heads=12",
         "lmtrain train data=text_files data.train_files=[/data/corpus/*.txt]",
         'lmtrain generate checkpoint=RUN_DIR prompt="a # not a comment"',
-        'python -c "print(1)"']
+        'python -c "print(1)"',
+        "lmtrain train trainer.max_rollbacks=2 trainer.rollback_lr_scale=0.5 ..."]
     assert found[0].expect_error == "model.d_model=100 must be divisible by model.n_heads=12"
     assert found[1].skip == "needs a dataset of your own" and found[2].skip is None
-    assert [c.where for c in found] == ["page.md:3", "page.md:9", "page.md:12", "page.md:14"]
+    assert [c.where for c in found] == ["page.md:3", "page.md:9", "page.md:12", "page.md:14", "page.md:16"]
+    assert re.search(check_readme.error_pattern(found[0].expect_error.replace("100", "64")),
+                     "[12:00:01] ERROR: model.d_model=64 must be divisible by model.n_heads=12")
 
 
 @pytest.mark.parametrize("command, reason", [
@@ -79,7 +84,7 @@ def test_every_docs_command_has_a_plan_and_no_placeholder_is_left(tmp_path):
         text = checker.substitute(c.text)
         for part in re.split(r"\s+&&\s+", text):
             if check_readme.skip_reason(part) is None:
-                argv = checker.argv(shlex.split(part), budgets=c.expect_error is None)
+                argv = checker.argv(shlex.split(part), keep_own=c.expect_error is not None)
                 leftovers = [w for w in argv if re.search(r"\b(?:DATE|TIME|RUN_DIR|FOLDER)\b|/\.\.\./", w)]
                 assert not leftovers, f"{c.where}: {leftovers}"
     assert (tmp_path / "input.txt").is_file()  # the shakespeare recipes' text, written as a stand-in
@@ -95,3 +100,12 @@ def test_one_command_of_each_family_runs_as_written(tmp_path):
     ran = [o.command.text for o in outcomes if o.status == "ok"]
     assert "lmtrain --help" in ran and any(t.startswith("lmtrain eval") for t in ran)
     assert any("model.init_from=" in t for t in ran)  # the README's fine-tuning example, as written
+
+
+def test_budgets_replace_a_commands_keys_except_where_it_must_fail(tmp_path):
+    checker = check_readme.Checker(tmp_path)
+    plain = checker.argv(["lmtrain", "train", "model=gpt_small", "trainer.max_steps=2000"])
+    assert "trainer.max_steps=4" in plain and "trainer.max_steps=2000" not in plain and "model=gpt_small" in plain
+    failing = checker.argv(["lmtrain", "train", "model.d_model=100", "model.n_heads=12", "..."], keep_own=True)
+    assert failing.count("model.d_model=100") == 1 and not [w for w in failing if w.startswith("model.d_model=3")]
+    assert "model.n_layers=2" in failing and "..." not in failing
