@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 
 import pytest
 from safetensors.torch import load_file
@@ -133,6 +135,9 @@ def test_export_loads_in_transformers_and_continues_text_as_lmtrain_does(run, tm
     result = run_cli("export", f"checkpoint={run}", "format=hf", f"out={out}")
     assert result.returncode == 0, result.stderr
     assert "GPT2LMHeadModel" in result.stderr
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert {stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {0o666 & ~umask}  # not safetensors' 0600
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     saved = load_file(str(run / "checkpoints/final/model.safetensors"))["tok_emb.weight"]
