@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -204,8 +205,6 @@ def write_input(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = sample_text()
     if path.suffix == ".jsonl":
-        import json
-
         path.write_text("".join(json.dumps({"text": line}) + "\n" for line in text.splitlines()), encoding="utf-8")
     else:
         path.write_text(text, encoding="utf-8")
