@@ -28,10 +28,11 @@ log = logging.getLogger(__name__)
 SLOW_STEP_SECONDS = 10.0  # an estimated step longer than this, at the device's peak, gets a warning
 
 
-def init_from_checked(cfg: TrainConfig) -> TrainConfig:
+def init_from_checked(cfg: TrainConfig, vocab_multiple: int | None = None) -> TrainConfig:
     """The config to train with: with `model.init_from`, the data is tokenized with the checkpoint's own
     tokenizer.json (a model knows only the ids it was trained with), and its weights must fit the model.
-    Both are checked from the checkpoint's files before anything is tokenized."""
+    Both are checked from the checkpoint's files before anything is tokenized. vocab_multiple: the embedding
+    rows' padding the run will use (model.vocab_multiple as the trainer resolves it for its device)."""
     if cfg.model.init_from is None:
         return cfg
     key = f"model.init_from={cfg.model.init_from}"
@@ -48,7 +49,8 @@ def init_from_checked(cfg: TrainConfig) -> TrainConfig:
         log.info("model.init_from: tokenizing the data with the checkpoint's own tokenizer, %s (%s tokens)",
                  folder / TOKENIZER, f"{saved.vocab_size:,}")
         cfg = dataclasses.replace(cfg, tokenizer=TokenizerConfig(kind=TokenizerKind.file, path=str(folder / TOKENIZER)))
-    model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or saved.vocab_size)
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or saved.vocab_size,
+                                    vocab_multiple=vocab_multiple or cfg.model.vocab_multiple)
     try:
         check_shapes(expected_shapes(model_cfg), saved_shapes(folder / WEIGHTS), folder / WEIGHTS)
     except CheckpointError as e:

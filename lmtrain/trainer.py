@@ -87,10 +87,11 @@ def _finite_or_none(x: float) -> float | None:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path):
-        cfg = init_from_checked(cfg)  # before any data is read: init_from's tokenizer and shapes
+        self.device = pick_device(cfg.trainer.device)
+        vocab_multiple = cfg.model.vocab_multiple or (64 if self.device.type == "cuda" else 1)
+        cfg = init_from_checked(cfg, vocab_multiple)  # before any data is read: init_from's tokenizer and shapes
         self.cfg, self.run_dir = cfg, Path(run_dir)
         t = cfg.trainer
-        self.device = pick_device(t.device)
         self.bf16 = t.precision == Precision.bf16 or (t.precision == Precision.auto and self.device.type == "cuda")
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
@@ -103,7 +104,6 @@ class Trainer:
         vocab = cfg.model.vocab_size or self.tokenizer.vocab_size
         if vocab < self.tokenizer.vocab_size:
             raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {self.tokenizer.vocab_size}")
-        vocab_multiple = cfg.model.vocab_multiple or (64 if self.device.type == "cuda" else 1)
         self.model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab, vocab_multiple=vocab_multiple)
         self.model = GPT(self.model_cfg).to(self.device)
         self.model.activation_checkpointing = t.activation_checkpointing
