@@ -29,7 +29,10 @@ How each one runs (the rules, in order):
 - A block whose output shows `ERROR: message` expects its command to fail as a user error (exit status 2 or
   more; 1 is a crash) and print that message (its numbers may differ); it gets budgets only for the keys it
   does not set itself. Every other command must exit 0.
-- A command continued with a trailing backslash is joined; a `...` word (an elision) is dropped.
+- A command continued with a trailing backslash is joined; a `...` word (an elision) is dropped; a pipe
+  (`| source`) runs its first half. `summarize`, `plot` and the like skip folders no command here made
+  (`multirun/a`: the reader's own runs); `logger=wandb` (an account) and `logger=tensorboard` without its
+  package are skipped.
 """
 
 from __future__ import annotations
@@ -154,6 +157,11 @@ def skip_reason(text: str, slow: bool = False) -> str | None:
         return "a benchmark: minutes by design (--slow runs it)"
     if missing := _missing_imports(text):
         return f"needs {', '.join(missing)}, not installed here"
+    for logger in re.findall(r"\blogger=\[?([\w,]+)", text):
+        if "wandb" in logger:
+            return "needs a Weights & Biases account"
+        if "tensorboard" in logger and importlib.util.find_spec("tensorboard") is None:
+            return "needs tensorboard, not installed here"
     return None
 
 
@@ -235,6 +243,14 @@ class Checker:
                 text = STEP_PLACEHOLDER.sub(steps[-1].name, text)
         return text
 
+    def missing_folders(self, part: str) -> list[str]:
+        """Run folders a command reads (`lmtrain summarize multirun/a`) that no command of the check made."""
+        words = shlex.split(part)
+        if words[0] != "lmtrain" or len(words) < 2 or words[1] in ("train", "prepare"):
+            return []
+        return [w for w in words[2:] if "=" not in w and not w.startswith("-") and "/" in w
+                and not (self.workdir / w).exists()]
+
     def argv(self, words: list[str], keep_own: bool = False) -> list[str]:
         """One command of a chain as it runs here: budgets added, input files written, run dirs chosen.
         keep_own (a command the docs show failing): budgets only for keys the command does not set itself."""
@@ -287,6 +303,9 @@ class Checker:
         for part in re.split(r"\s+&&\s+", text):
             if skip_reason(part, slow) is not None:
                 continue  # the install steps of a chain: the rest of it still runs
+            part = part.split(" | ", 1)[0]  # a pipe into the shell (`-sc install=bash | source`): its first half
+            if missing := self.missing_folders(part):
+                return Outcome(doc, "skipped", f"names folders of your own runs: {', '.join(missing)}")
             argv = self.argv(shlex.split(part), keep_own=doc.expect_error is not None)
             outcome.runs.append(argv)
             try:
@@ -336,11 +355,12 @@ def family(c: DocCommand) -> tuple[str, ...]:
 
 
 def sample(commands: list[DocCommand]) -> list[DocCommand]:
-    """The first command of each family, README's first: what the test runs to stay within its time budget
-    (the script runs them all)."""
+    """The first command of each family, README's first, and every command that names its own run or sweep
+    folder (later commands may read it): what the test runs to stay within its time budget (the script runs
+    them all)."""
     seen, chosen = set(), []
     for c in commands:
-        if family(c) not in seen:
+        if family(c) not in seen or re.search(r"\bhydra\.(?:run|sweep)\.dir=", c.text):
             chosen.append(c)
             seen.add(family(c))
     return chosen
