@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lmtrain.checkpoint import TOKENIZER, model_tensors
+from lmtrain.checkpoint import TOKENIZER, apply_umask, model_tensors
 from lmtrain.config import Mlp, ModelConfig, Norm, PosEmb
 from lmtrain.data.tokenizer import PAD, UNKNOWN
 from lmtrain.errors import ConfigError
@@ -152,6 +152,7 @@ def export_hf(trained: TrainedModel, out: Path, overwrite: bool = False) -> Path
     model.save_pretrained(tmp)
     shutil.copyfile(trained.path / TOKENIZER, tmp / TOKENIZER)
     (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(trained), indent=2))
+    apply_umask(tmp)  # save_pretrained's safetensors files arrive as 0600
     if out.is_dir():
         shutil.rmtree(out)
     elif out.exists():
