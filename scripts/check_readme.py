@@ -347,22 +347,28 @@ def all_commands(root: Path = ROOT) -> list[DocCommand]:
 
 
 def family(c: DocCommand) -> tuple[str, ...]:
-    """What kind of command it is: its program, its verb, the key of its first override, whether it must fail."""
+    """What kind of command it is: its program, its verb, the key of its first override, whether it must fail.
+    Commands that only read runs (summarize, plot) are one family each, whatever their arguments."""
     words = shlex.split(re.split(r"\s+&&\s+", c.text)[-1])
     verb = words[1] if words[0] == "lmtrain" and len(words) > 1 else ""
+    if verb in ("summarize", "plot"):
+        return words[0], verb
     first = next((w.split("=", 1)[0] for w in words[1 + bool(verb):] if "=" in w or w.startswith("-")), "")
     return words[0], verb, first, str(c.expect_error is not None)
 
 
 def sample(commands: list[DocCommand]) -> list[DocCommand]:
-    """The first command of each family, README's first, and every command that names its own run or sweep
+    """The first command of each family, README's first, and the first command that names each run or sweep
     folder (later commands may read it): what the test runs to stay within its time budget (the script runs
     them all)."""
-    seen, chosen = set(), []
+    seen, folders, chosen = set(), set(), []
     for c in commands:
-        if family(c) not in seen or re.search(r"\bhydra\.(?:run|sweep)\.dir=", c.text):
+        folder = re.search(r"\bhydra\.(?:run|sweep)\.dir=(\S+)", c.text)
+        new_folder = folder is not None and folder[1] not in folders
+        if family(c) not in seen or new_folder:
             chosen.append(c)
             seen.add(family(c))
+            folders.update([folder[1]] if folder else [])
     return chosen
 
 
