@@ -46,6 +46,21 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(folder: Path) -> None:
+    """Give each file in `folder` the mode the user's umask asks for. safetensors writes 0600 whatever the
+    umask, which would hide a run's checkpoints from colleagues on a shared cluster."""
+    mode = 0o666 & ~current_umask()
+    for f in Path(folder).iterdir():
+        if f.is_file():
+            os.chmod(f, mode)
+
+
 def write_folder(path: Path, write: Callable[[Path], None]) -> Path:
     """Fill a temporary sibling of `path` with `write(tmp)`, flush it, and rename it to `path`, replacing
     any folder there."""
@@ -55,6 +70,7 @@ def write_folder(path: Path, write: Callable[[Path], None]) -> Path:
     tmp.mkdir(parents=True)
     try:
         write(tmp)
+        apply_umask(tmp)
         for f in tmp.iterdir():
             _fsync(f)
         _fsync(tmp)
@@ -77,9 +93,10 @@ def remove_folder(path: Path) -> None:
     shutil.rmtree(trash)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write a JSON file atomically: a reader sees the old content or the new, never a mix."""
-    write_text(path, json.dumps(obj, indent=2, allow_nan=False))
+def write_json(path: Path, obj: Any, allow_nan: bool = False) -> None:
+    """Write a JSON file atomically: a reader sees the old content or the new, never a mix. allow_nan: write
+    NaN and Infinity as JavaScript does (results of a diverged model), not refuse them."""
+    write_text(path, json.dumps(obj, indent=2, allow_nan=allow_nan))
 
 
 def write_text(path: Path, text: str) -> None:
@@ -192,16 +209,22 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return read_tensors(file)[0]
 
 
-def apply_weights(tensors: dict[str, torch.Tensor], model: nn.Module, file: Path) -> None:
-    """Copy weights into `model`, naming every missing, unexpected or mis-shaped tensor."""
-    expected = model_tensors(model)
-    problems = [f"missing {k} {tuple(v.shape)}" for k, v in expected.items() if k not in tensors]
-    problems += [f"unexpected {k} {tuple(v.shape)}" for k, v in tensors.items() if k not in expected]
-    problems += [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(v.shape)}"
-                 for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+def check_shapes(expected: dict[str, tuple[int, ...]], saved: dict[str, tuple[int, ...]], file: Path) -> None:
+    """Refuse a checkpoint file whose tensors differ from a model's, naming every missing, unexpected or
+    mis-shaped one."""
+    problems = [f"missing {k} {shape}" for k, shape in expected.items() if k not in saved]
+    problems += [f"unexpected {k} {shape}" for k, shape in saved.items() if k not in expected]
+    problems += [f"{k}: checkpoint {saved[k]} vs model {shape}"
+                 for k, shape in expected.items() if k in saved and saved[k] != shape]
     if problems:
         listing = "; ".join(problems[:20]) + ("; ..." if len(problems) > 20 else "")
         raise CheckpointError(f"{file} does not fit this model ({len(problems)} mismatches): {listing}")
+
+
+def apply_weights(tensors: dict[str, torch.Tensor], model: nn.Module, file: Path) -> None:
+    """Copy weights into `model`, naming every missing, unexpected or mis-shaped tensor."""
+    check_shapes({k: tuple(v.shape) for k, v in model_tensors(model).items()},
+                 {k: tuple(v.shape) for k, v in tensors.items()}, file)
     model.load_state_dict(tensors, strict=False)  # strict=False: tied copies were not saved
 
 

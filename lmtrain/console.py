@@ -13,10 +13,21 @@ import time
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.measure import Measurement
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)  # for commands whose stdout is their output (generate)
+
+
+def print_table(table) -> None:
+    """A table on stdout: on a terminal as wide as the terminal (long cells wrap); elsewhere (a log file, a pipe)
+    at its full width, where rich would otherwise cut every row at 80 columns."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    width = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    Console(file=console.file, width=max(width, console.width), highlight=False).print(table)
 
 
 class _PlainFormatter(logging.Formatter):
@@ -51,11 +62,18 @@ def make_console_handler(stderr: bool = False) -> logging.Handler:
 
 
 def quiet_libraries() -> None:
-    """Outside a terminal, the datasets library's own progress bars would only add noise to logs."""
-    if not console.is_terminal:
-        import datasets
+    """One copy of each library message, and no noise in logs.
 
+    huggingface_hub prints its warnings (each retry of an unreachable hub, say) through a stderr handler of
+    its own and again through ours: its own goes. Outside a terminal, datasets' progress bars only add noise.
+    """
+    import datasets  # with it, huggingface_hub, which adds its handler when first configured
+
+    if not console.is_terminal:
         datasets.disable_progress_bars()
+    hub = logging.getLogger("huggingface_hub")
+    for handler in [h for h in hub.handlers if type(h) is logging.StreamHandler]:
+        hub.removeHandler(handler)
 
 
 def wants_progress_bar(setting: bool | None, target: Console = console) -> bool:

@@ -1,6 +1,6 @@
 """A checkpoint as a Hugging Face transformers folder (`lmtrain export format=hf`).
 
-GPT presets (learned positions, LayerNorm, GELU, full multi-head attention) become GPT2LMHeadModel;
+GPT presets (learned positions, LayerNorm, GELU or squared ReLU, full multi-head attention) become GPT2LMHeadModel;
 Llama-style models (RoPE, RMSNorm, SwiGLU, grouped-query attention) become LlamaForCausalLM. The
 folder holds config.json, model.safetensors, generation_config.json, and the tokenizer as tokenizer.json
 plus tokenizer_config.json, so AutoModelForCausalLM and AutoTokenizer load it. lmtrain's weight layout
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lmtrain.checkpoint import TOKENIZER, model_tensors
+from lmtrain.checkpoint import TOKENIZER, apply_umask, model_tensors
 from lmtrain.config import Mlp, ModelConfig, Norm, PosEmb
 from lmtrain.data.tokenizer import PAD, UNKNOWN
 from lmtrain.errors import ConfigError
@@ -29,8 +29,11 @@ def hf_architecture(cfg: ModelConfig) -> str:
     """"gpt2" or "llama": the transformers architecture that computes exactly what this model does."""
     if cfg.qk_norm:
         raise ConfigError("export format=hf: model.qk_norm=true has no counterpart in GPT-2 or Llama")
+    if cfg.logit_softcap > 0:
+        raise ConfigError(f"export format=hf: model.logit_softcap={cfg.logit_softcap} has no counterpart in GPT-2 or "
+                          "Llama, which would compute other logits; train with model.logit_softcap=0 to export")
     parts = (cfg.pos_emb, cfg.norm, cfg.mlp)
-    if parts == (PosEmb.learned, Norm.layernorm, Mlp.gelu):
+    if parts in ((PosEmb.learned, Norm.layernorm, Mlp.gelu), (PosEmb.learned, Norm.layernorm, Mlp.relu2)):
         if cfg.n_kv_heads not in (None, cfg.n_heads):
             raise ConfigError(f"export format=hf: GPT-2 has no grouped-query attention (model.n_kv_heads="
                               f"{cfg.n_kv_heads}, model.n_heads={cfg.n_heads})")
@@ -39,7 +42,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
         return "llama"
     pos_emb, norm, mlp = PosEmb(cfg.pos_emb).value, Norm(cfg.norm).value, Mlp(cfg.mlp).value
     raise ConfigError(f"export format=hf: model.pos_emb={pos_emb}, model.norm={norm}, model.mlp={mlp} is neither "
-                      "GPT-2 (learned, layernorm, gelu) nor Llama (rope, rmsnorm, swiglu)")
+                      "GPT-2 (learned, layernorm, gelu or relu2) nor Llama (rope, rmsnorm, swiglu)")
 
 
 def gpt2_weights(w: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
@@ -107,7 +110,8 @@ def hf_model(trained: TrainedModel):
     if arch == "gpt2":
         config = transformers.GPT2Config(
             n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_ff,
-            n_positions=cfg.block_size, activation_function="gelu_new",  # gelu_new: GELU's tanh approximation
+            n_positions=cfg.block_size,  # gelu_new: GELU's tanh approximation; relu2: transformers' squared ReLU
+            activation_function="relu2" if cfg.mlp == Mlp.relu2 else "gelu_new",
             layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
             attn_pdrop=cfg.dropout, **common)
         model_class, state = transformers.GPT2LMHeadModel, gpt2_weights(weights, cfg)
@@ -167,6 +171,7 @@ def export_hf(trained: TrainedModel, out: Path, overwrite: bool = False) -> Path
     shutil.copyfile(trained.path / TOKENIZER, tmp / TOKENIZER)
     (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(trained), indent=2))
     (tmp / EXPORT_MARKER).write_text(f"written by lmtrain export from {trained.path}\n")
+    apply_umask(tmp)  # save_pretrained's safetensors files arrive as 0600
     if out.is_dir():
         shutil.rmtree(out)
     elif out.exists():

@@ -44,6 +44,18 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def recorded_figures(path: Path) -> tuple[float, float]:
+    """A run's last training loss and its training tokens/s over all its logged steps, from its metrics.jsonl:
+    what a resumed run that had nothing left to train reports. (nan, 0.0) when there is no training record."""
+    records = [r for r in read_metrics(path) if "loss" in r and r.get("tokens_per_s")] if path.exists() else []
+    if not records:
+        return float("nan"), 0.0
+    tokens = [r["tokens"] for r in records]  # cumulative; each record's rate covers those since the one before
+    seconds = sum((now - before) / r["tokens_per_s"] for r, now, before in zip(records, tokens, [0, *tokens[:-1]],
+                                                                                 strict=True))
+    return records[-1]["loss"], tokens[-1] / seconds
+
+
 def rewind(path: Path, size: int) -> int:
     """Cut a metrics file back to its first `size` bytes (its length when a checkpoint was saved), so a
     resumed run continues it without repeating steps; returns how many records were dropped."""
@@ -59,7 +71,7 @@ def rewind(path: Path, size: int) -> int:
 def summary_table(rows: list[tuple[str, str]]) -> Table:
     table = Table(title="Training summary", show_header=False, title_justify="left")
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")  # a long path wraps on a narrow terminal instead of ending in "…"
     for key, value in rows:
         table.add_row(Text(key), Text(value))  # plain text: a path such as files=[/x] is not markup
     return table

@@ -22,19 +22,21 @@ import torch
 from lmtrain import distributed, parallel
 from lmtrain.clock import RunClock
 from lmtrain.config import Strategy, TrainConfig, as_plain_dict
-from lmtrain.console import PreparationProgress, console, progress_bar, wants_progress_bar
+from lmtrain.console import PreparationProgress, print_table, progress_bar, wants_progress_bar
 from lmtrain.data.loader import train_loader, val_batches
 from lmtrain.data.prepare import prepare_data
 from lmtrain.divergence import DivergenceGuard
 from lmtrain.errors import ConfigError
+from lmtrain.eta import Eta
 from lmtrain.loggers import build_loggers
 from lmtrain.memory import format_bytes, micro_batches, peak_memory, trial_step
-from lmtrain.metrics import MetricsLog, summary_table
+from lmtrain.metrics import MetricsLog, recorded_figures, summary_table
 from lmtrain.mfu import Mfu
 from lmtrain.model import GPT
 from lmtrain.model.generation import encode_prompt, sample_texts
 from lmtrain.optim import build_optimizer, lr_at, set_lr
 from lmtrain.precision import TrainingPrecision, choose
+from lmtrain.preflight import init_from_checked, warn_before_training
 from lmtrain.signals import StopSignals
 from lmtrain.train_state import Checkpointer
 
@@ -98,9 +100,12 @@ def _finite_or_none(x: float) -> float | None:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: Path):
+        self.device = pick_device(cfg.trainer.device)
+        vocab_multiple = cfg.model.vocab_multiple or (64 if self.device.type == "cuda" else 1)
+        cfg = init_from_checked(cfg, vocab_multiple)  # before any data is read: init_from's tokenizer and shapes
         self.cfg, self.run_dir = cfg, Path(run_dir)
         t = cfg.trainer
-        self.world, self.device = distributed.setup(pick_device(t.device), t.dist_timeout_s,
+        self.world, self.device = distributed.setup(self.device, t.dist_timeout_s,
                                                     group_of_one=t.strategy in (Strategy.ddp, Strategy.fsdp))
         strategy = parallel.resolve(t.strategy, self.world)
         self.precision = TrainingPrecision(choose(t.precision, self.device), self.device)
@@ -116,7 +121,6 @@ class Trainer:
         vocab = cfg.model.vocab_size or self.tokenizer.vocab_size
         if vocab < self.tokenizer.vocab_size:
             raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {self.tokenizer.vocab_size}")
-        vocab_multiple = cfg.model.vocab_multiple or (64 if self.device.type == "cuda" else 1)
         self.model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab, vocab_multiple=vocab_multiple)
         self.model = GPT(self.model_cfg).to(self.device)
         self.model.activation_checkpointing = t.activation_checkpointing
@@ -271,6 +275,10 @@ class Trainer:
         train_loss = float("nan")
         fields = {"loss": "-", "lr": "-", "speed": "-", "mfu": "-"}
         finished = self.step >= self.total_steps  # resumed from the checkpoint a complete run saved last
+        eta = Eta(self.step, self.total_steps)
+        if not finished and self.world.main:  # one device's share of a step against one device's peak
+            warn_before_training(self.cfg, self.total_steps, self.tokens_per_step // self.world.size,
+                                 self.flops_per_token, self.mfu.peak, self.device)
         with progress_bar(wants_progress_bar(t.progress) and self.world.main) as bar, StopSignals() as stop:
             self.stop = stop
             task = bar.add_task("train", total=self.total_steps, completed=self.step, **fields)
@@ -305,7 +313,10 @@ class Trainer:
 
                 if logging_step:
                     train_loss = step_loss.item()
-                    fields = self._log_step(train_loss, lr, float(parallel.full_value(grad_norm)), clock.rate())
+                    fields = self._log_step(train_loss, lr, float(parallel.full_value(grad_norm)), clock.rate(),
+                                            eta.text(self.step))
+                elif note := eta.first_step_note(self.step):  # a slow run's first log line may be far away
+                    log.info("%s", note)
                 if self.step % t.eval_every == 0 and self.step < self.total_steps:  # not training time: timed apart
                     with clock.phase("eval"):
                         self._record_eval()
@@ -330,10 +341,13 @@ class Trainer:
         result = TrainResult(self.step, self.step * self.tokens_per_step, train_loss, self.val_loss,
                              time.perf_counter() - start, self.checkpoints.root / "final")
         if self.world.main:
-            self._summarize(result, clock)
+            rate = clock.overall_rate()  # settled training steps only: no compilation, eval, save or sampling
+            if finished:  # nothing trained in this process: the figures the run logged when it trained
+                result.train_loss, rate = recorded_figures(self.metrics.path)
+            self._summarize(result, clock, rate)
         return result
 
-    def _log_step(self, loss: float, lr: float, grad_norm: float, tokens_per_s: float | None) -> dict:
+    def _log_step(self, loss: float, lr: float, grad_norm: float, tokens_per_s: float | None, eta: str) -> dict:
         """One log line and metrics record; tokens/s and MFU are None while the step time settles."""
         loader = self.train_loader.state
         mfu = self.mfu(tokens_per_s)
@@ -347,8 +361,8 @@ class Trainer:
         if self.precision.scaler is not None:
             record["skipped_steps"] = self.precision.skipped_steps
             extra += f", skipped steps (inf/NaN gradients): {record['skipped_steps']}"
-        log.info("Epoch %d, Batch %d, Loss: %.4f, LR: %.2e, Tokens/s: %s, MFU: %s%s",
-                 loader.epoch, loader.batch, loss, lr, speed, mfu_text, extra)
+        log.info("Epoch %d, Batch %d, Loss: %.4f, LR: %.2e, Tokens/s: %s, MFU: %s%s, ETA: %s",
+                 loader.epoch, loader.batch, loss, lr, speed, mfu_text, extra, eta)
         self.metrics.write(record)
         return {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "speed": speed, "mfu": mfu_text}
 
@@ -356,8 +370,7 @@ class Trainer:
         """The resolved run config as saved with checkpoints: vocab_size filled in from the tokenizer."""
         return as_plain_dict(dataclasses.replace(self.cfg, model=self.model_cfg))
 
-    def _summarize(self, r: TrainResult, clock: RunClock) -> None:
-        rate = clock.overall_rate()  # settled training steps only: no compilation, eval, save or sampling
+    def _summarize(self, r: TrainResult, clock: RunClock, rate: float | None) -> None:
         mfu = self.mfu(rate)
         rows = [("parameters", f"{self.model.num_params():,}"), ("steps", f"{r.steps:,}"),
                 ("tokens seen", f"{r.tokens:,}"), ("final train loss", f"{r.train_loss:.4f}"),
@@ -369,4 +382,4 @@ class Trainer:
                 ("precision", self.precision.name + (f", {self.precision.skipped_steps} steps skipped (inf/NaN "
                                                      "gradients)" if self.precision.scaler is not None else "")),
                 *self.train_loader.summary_rows(), *self.micro.summary_rows(), ("checkpoint", str(r.checkpoint))]
-        console.print(summary_table(rows))
+        print_table(summary_table(rows))

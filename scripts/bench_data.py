@@ -204,6 +204,8 @@ def main() -> None:
                 if key not in runs or r["seconds"] < runs[key]["seconds"]:
                     runs[key] = {**r, "rss_mb": max(r["rss_mb"], runs.get(key, r)["rss_mb"]), "cache": cache}
         loader = loader_against_training(runs["built-in/lmtrain"]["cache"])
+        print(f"loader: {loader['loader_batches_per_s']:,.0f} batches/s, gpt_tiny trains "
+              f"{loader['train_steps_per_s']:.2f} steps/s", flush=True)
 
     print("\n| corpus / way | MB of text | wall s | MB/s | tokens/s | peak RSS MB |\n|---|---|---|---|---|---|")
     for key, r in runs.items():

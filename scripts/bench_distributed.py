@@ -40,8 +40,9 @@ def tokens_per_s(nproc: int, strategy: str, args: argparse.Namespace, workdir: P
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         sys.exit(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
-    rates = [r["tokens_per_s"] for r in read_metrics(run / "metrics.jsonl") if "tokens_per_s" in r]
-    return statistics.median(rates[args.warmup:])
+    # null while the step time settles (compilation, first steps): the run's own warm-up, left out as well
+    rates = [r["tokens_per_s"] for r in read_metrics(run / "metrics.jsonl") if r.get("tokens_per_s") is not None]
+    return statistics.median(rates[args.warmup:] or rates)
 
 
 def main() -> None:

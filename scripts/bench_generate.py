@@ -51,17 +51,15 @@ def main() -> None:
     model = build(args.model, args.context + args.new, args.vocab, args.device)
     prompt = torch.randint(0, args.vocab, (args.context,), generator=torch.Generator().manual_seed(0)).tolist()
     timed(model, prompt[:16], 4, True)  # warm-up: first calls allocate
-    results = {}
-    for use_cache in (True, False):
-        results[use_cache] = timed(model, prompt, args.new, use_cache)
-    assert results[True][0] == results[False][0], "the cache changed the greedy tokens"
     print(f"{args.model} ({model.num_params() / 1e6:.1f}M parameters, vocab {args.vocab}) on {args.device}, "
-          f"{torch.get_num_threads()} threads: {args.new} new tokens after a {args.context}-token prompt")
-    for use_cache in (True, False):
-        _, first, seconds = results[use_cache]
+          f"{torch.get_num_threads()} threads: {args.new} new tokens after a {args.context}-token prompt", flush=True)
+    results = {}
+    for use_cache in (True, False):  # each mode's line as soon as it is measured: the uncached one is slow
+        tokens, first, seconds = results[use_cache] = timed(model, prompt, args.new, use_cache)
         rest = (args.new - 1) / (seconds - first)
         print(f"  {'with' if use_cache else 'without'} KV cache: {args.new / seconds:8.1f} tokens/s overall "
-              f"({seconds:.2f} s); first token after {first:.2f} s, then {rest:.1f} tokens/s")
+              f"({seconds:.2f} s); first token after {first:.2f} s, then {rest:.1f} tokens/s", flush=True)
+    assert results[True][0] == results[False][0], "the cache changed the greedy tokens"
     print(f"  speed-up: {results[False][2] / results[True][2]:.1f}x overall; the same tokens both ways")
 
 

@@ -2,6 +2,8 @@
 resolves to its best, else latest, else final checkpoint."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -105,3 +107,14 @@ def test_load_trained_builds_the_saved_model_in_eval_mode(tmp_path, tokenizer):
     (tmp_path / "run/checkpoints/final/config.json").write_text('{"model": {"d_modle": 16}}')
     with pytest.raises(CheckpointError, match="config.json has no usable model settings: d_modle: Key 'd_modle'"):
         load_trained(tmp_path / "run", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoint_files_follow_the_users_umask(tmp_path, tokenizer, umask):
+    previous = os.umask(umask)  # safetensors alone writes 0600 whatever the umask
+    try:
+        path = save_checkpoint(tmp_path / "ckpt", model(), {"model": {"d_model": 16}}, tokenizer)
+    finally:
+        os.umask(previous)
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in path.iterdir()}
+    assert modes == {name: 0o666 & ~umask for name in ["config.json", "model.safetensors", "tokenizer.json"]}

@@ -32,6 +32,13 @@ def test_adamw_preset_holds_the_general_defaults():
     assert preset.lr == 3e-4 and list(preset.betas) == [0.9, 0.999] and preset.weight_decay == 0.01
 
 
+def test_muon_and_wsd_presets_compose_with_every_key():
+    cfg = to_train_config(composed("optimizer=muon", "scheduler=wsd", "optimizer.muon_adjust_lr=match_rms_adamw"))
+    assert cfg.optimizer.name == "muon" and cfg.optimizer.muon_lr > cfg.optimizer.lr
+    assert cfg.optimizer.muon_adjust_lr == "match_rms_adamw" and cfg.optimizer.muon_nesterov
+    assert cfg.scheduler.name == "wsd" and 0 < cfg.scheduler.decay_fraction < 1
+
+
 def test_overrides_and_group_choices_apply():
     cfg = to_train_config(composed("model=gpt_small", "optimizer.lr=1e-3", "trainer.max_steps=2000"))
     assert (cfg.model.d_model, cfg.model.n_heads, cfg.model.n_layers, cfg.model.d_ff) == (768, 12, 12, 3072)
@@ -50,6 +57,10 @@ def test_overrides_and_group_choices_apply():
     (["trainer.resume=/no/such/run"], "trainer.resume=/no/such/run: no such checkpoint folder; to continue a run, "
                                       "use trainer.resume=auto hydra.run.dir=RUN_DIR"),
     (["model.init_from=/no/such/ckpt"], "model.init_from=/no/such/ckpt: no such checkpoint folder"),
+    (["optimizer.head_lr=0.01"], "optimizer.head_lr=0.01 needs model.tie_embeddings=false"),
+    (["optimizer=muon", "optimizer.muon_momentum=1.0"], "optimizer.muon_momentum=1.0 must be in \\[0, 1\\)"),
+    (["scheduler=wsd", "scheduler.decay_fraction=0"], "scheduler.decay_fraction=0.0 must be in \\(0, 1\\]"),
+    (["model.logit_softcap=-1"], "model.logit_softcap=-1.0 must be >= 0"),
 ])
 def test_impossible_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("+", r"\+")):

@@ -18,7 +18,8 @@ transformers = pytest.importorskip("transformers")
 
 TEXT = "def main(argv):\n    return sum(x * 2 for x in argv)  # héllo wörld\n"
 GPT2_CASES = {"gpt2-tied": dict(),
-              "gpt2-untied-no-bias-padded": dict(tie_embeddings=False, bias=False, vocab_multiple=64)}
+              "gpt2-untied-no-bias-padded": dict(tie_embeddings=False, bias=False, vocab_multiple=64),
+              "gpt2-relu2-zero-init": dict(mlp="relu2", zero_init_proj=True)}
 LLAMA = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", n_kv_heads=2, bias=False, tie_embeddings=False,
              vocab_multiple=64)
 LLAMA_CASES = {"llama-gqa": LLAMA,
@@ -69,6 +70,9 @@ def test_exported_model_gives_lmtrains_logits(tmp_path, tokenizer, arch):
     (dict(n_kv_heads=2), "GPT-2 has no grouped-query attention"),
     (dict(mlp="swiglu"), "model.pos_emb=learned, model.norm=layernorm, model.mlp=swiglu is neither GPT-2"),
     (dict(pos_emb="rope", norm="rmsnorm"), "model.mlp=gelu is neither GPT-2"),
+    (dict(pos_emb="rope", norm="rmsnorm", mlp="relu2"), "model.mlp=relu2 is neither GPT-2"),
+    (dict(logit_softcap=15.0), "model.logit_softcap=15.0 has no counterpart in GPT-2 or Llama"),
+    (dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", logit_softcap=30.0), "model.logit_softcap=30.0"),
 ])
 def test_what_transformers_cannot_compute_is_refused_by_name(arch, message):
     with pytest.raises(ConfigError, match=message):

@@ -54,8 +54,21 @@ def test_greedy_generation_with_the_cache_matches_generation_without_it(arch):
     with_cache = list(generate_tokens(model, prompt, 100, temperature=0))
     without = list(generate_tokens(model, prompt, 100, temperature=0, use_cache=False))
     assert with_cache == without
-    assert len(with_cache) == 24 + 1 - len(prompt)  # stops at the context limit: the last token is never read
+    assert len(with_cache) == 100  # past the context limit of 24 the window slides
     assert len(set(with_cache)) > 5  # a varied sequence, so the comparison means something
+
+
+@pytest.mark.parametrize("arch", ARCHS.values(), ids=ARCHS.keys())
+def test_past_the_context_each_token_is_predicted_from_the_last_block_size_tokens(arch):
+    model = spiky_model(arch, block_size=8)
+    prompt = [5, 17, 33, 2, 9, 40]
+    drawn = list(generate_tokens(model, prompt, 20, temperature=0))
+    seq = list(prompt)
+    with torch.no_grad():
+        for token in drawn:  # the reference: nanoGPT's loop, a full forward of the last 8 tokens each step
+            assert token == int(model(torch.tensor([seq[-8:]]))[0, -1].argmax())
+            seq.append(token)
+    assert len(drawn) == 20
 
 
 def test_generation_stops_after_the_stop_token_and_at_max_new_tokens():

@@ -260,3 +260,57 @@ def test_loss_is_cross_entropy_of_logits():
     model = GPT(tiny()).eval()
     x, y = torch.randint(0, VOCAB, (2, 16)), torch.randint(0, VOCAB, (2, 16))
     torch.testing.assert_close(model(x, y), F.cross_entropy(model(x).flatten(0, 1), y.flatten()))
+
+
+# ---- the speedrun switches (each off by default) ----
+
+def test_speedrun_switches_are_off_by_default():
+    cfg = ModelConfig()
+    assert cfg.mlp == "gelu" and cfg.tie_embeddings and cfg.logit_softcap == 0 and not cfg.zero_init_proj
+
+
+def test_relu2_mlp_matches_reference():
+    mlp = GPT(tiny(mlp="relu2")).blocks[0].mlp
+    x = torch.randn(2, 16, 32)
+    hidden = torch.clamp(x @ mlp.fc.weight.T + mlp.fc.bias, min=0) ** 2
+    torch.testing.assert_close(mlp(x), hidden @ mlp.proj.weight.T + mlp.proj.bias)
+    assert hidden.min() == 0 and not any(isinstance(m, torch.nn.GELU) for m in mlp.modules())
+
+
+def test_logit_softcap_bounds_the_logits_smoothly():
+    torch.manual_seed(0)
+    plain, capped = GPT(tiny()), GPT(tiny(logit_softcap=2.0))
+    with torch.no_grad():
+        plain.lm_head.weight.mul_(200)  # tied: the logits grow far past the cap
+    capped.load_state_dict(plain.state_dict())
+    idx, targets = torch.randint(0, VOCAB, (2, 16)), torch.randint(0, VOCAB, (2, 16))
+    raw, out = plain(idx), capped(idx)
+    assert raw.abs().max() > 20 and out.abs().max() <= 2.0
+    torch.testing.assert_close(out, 2.0 * torch.tanh(raw / 2.0))
+    torch.testing.assert_close(capped(idx, targets), F.cross_entropy(out.flatten(0, 1), targets.flatten()))
+
+
+def test_zero_init_proj_starts_every_block_as_the_identity():
+    torch.manual_seed(0)
+    model = GPT(tiny(zero_init_proj=True))
+    for block in model.blocks:
+        assert torch.all(block.attn.proj.weight == 0) and torch.all(block.mlp.proj.weight == 0)
+        assert block.attn.qkv.weight.std() > 0.01  # the rest keeps its normal init
+        x = torch.randn(2, 16, 32)
+        torch.testing.assert_close(block(x), x)
+    idx, targets = torch.randint(0, VOCAB, (2, 16)), torch.randint(0, VOCAB, (2, 16))
+    model(idx, targets).backward()
+    assert model.blocks[0].mlp.proj.weight.grad.abs().sum() > 0  # and still learns
+
+
+def test_untied_head_is_its_own_matrix_and_learns_apart_from_the_embedding():
+    torch.manual_seed(0)
+    model = GPT(tiny(tie_embeddings=False))
+    head_before = model.lm_head.weight.detach().clone()
+    idx = torch.randint(0, VOCAB, (2, 16))
+    model(idx, idx).backward()
+    assert model.lm_head.weight.grad is not None and model.tok_emb.weight.grad is not None
+    assert not torch.equal(model.lm_head.weight.grad, model.tok_emb.weight.grad)
+    with torch.no_grad():
+        model.tok_emb.weight.add_(1.0)
+    assert torch.equal(model.lm_head.weight, head_before)

@@ -29,7 +29,7 @@ def test_each_command_composes_into_its_schema():
     gen = to_config(composed("generate", "checkpoint=run"), GenerateConfig)
     assert (gen.temperature, gen.top_k, gen.top_p, gen.max_new_tokens) == (0.8, 0, 1.0, 200)
     ev = to_config(composed("eval", "checkpoint=run"), EvalConfig)
-    assert ev.data is None and ev.split == "val" and ev.out == "eval.json"
+    assert ev.data is None and ev.split == "val" and ev.out is None  # None: beside the checkpoint
     ev = to_config(composed("eval", "checkpoint=run", "data=text_files", "data.train_files=[a.txt]"), EvalConfig)
     assert ev.data.source == SourceKind.text_files and ev.data.train_files == ["a.txt"]
     ex = to_config(composed("export", "checkpoint=run", "out=hf"), ExportConfig)

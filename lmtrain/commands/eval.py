@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from pathlib import Path
@@ -33,12 +32,20 @@ def checkpoint_data(config: dict) -> DataConfig:
     return to_config(data, DataConfig)
 
 
+def results_file(ev: EvalConfig, checkpoint: Path) -> Path:
+    """`out`, else a file beside the weights it describes: eval_<split>.json in the checkpoint folder
+    (eval_<data>_<split>.json for data other than the checkpoint's own)."""
+    if ev.out is not None:
+        return Path(ev.out).expanduser()
+    return checkpoint / f"eval_{'' if ev.data is None else ev.data.name + '_'}{ev.split.value}.json"
+
+
 @hydra.main(version_base="1.3", config_path="pkg://lmtrain.configs", config_name="eval")
 @reports_user_errors
 def main(cfg: DictConfig) -> None:
     ev = to_config(cfg, EvalConfig)
 
-    from lmtrain.checkpoint import TOKENIZER
+    from lmtrain.checkpoint import TOKENIZER, write_json
     from lmtrain.console import count_bar, err_console, quiet_libraries, wants_progress_bar
     from lmtrain.data.prepare import prepare_data
     from lmtrain.data.sources import source_texts
@@ -73,8 +80,10 @@ def main(cfg: DictConfig) -> None:
     report = {"checkpoint": str(trained.path.resolve()), "data": data.name, "split": ev.split.value,
               "tokens": result.tokens, "bytes": result.bytes, "loss": result.loss, "perplexity": result.perplexity,
               "bits_per_byte": result.bits_per_byte, "seconds": round(time.perf_counter() - start, 2)}
-    out = Path(ev.out).expanduser()
+    out = results_file(ev, trained.path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    if out.is_file():
+        log.warning("Replacing the earlier results in %s", out)
+    write_json(out, report, allow_nan=True)  # a diverged model's loss is NaN: still worth a record
     log.info("Loss %.4f, perplexity %.2f, bits per byte %.4f over %s tokens (%s bytes); written to %s",
              result.loss, result.perplexity, result.bits_per_byte, f"{result.tokens:,}", f"{result.bytes:,}", out)

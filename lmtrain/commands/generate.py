@@ -81,14 +81,12 @@ def stream_sample(trained: TrainedModel, prompt_ids: list[int], cfg: GenerateCon
     sys.stdout.write("\n")
     sys.stdout.flush()
     seconds = time.perf_counter() - start
-    if new and new[-1] == tokenizer.eot_id:
-        why = "end of text"
-    elif len(new) == cfg.max_new_tokens:
-        why = f"max_new_tokens={cfg.max_new_tokens}"
-    else:
-        why = f"the context limit of {block} tokens (model.block_size)"
-    log.info("%d tokens in %.2f s (%.1f tokens/s), stopped at %s", len(new), seconds,
-             len(new) / max(seconds, 1e-9), why)
+    why = "end of text" if new and new[-1] == tokenizer.eot_id else f"max_new_tokens={cfg.max_new_tokens}"
+    read = len(prompt_ids) + len(new) - 1  # the last token is drawn, never read
+    slid = (f"; past the model's context of {block} tokens (model.block_size) the window slid: each later token "
+            f"saw only the {block} before it") if read > block else ""
+    log.info("%d tokens in %.2f s (%.1f tokens/s), stopped at %s%s", len(new), seconds,
+             len(new) / max(seconds, 1e-9), why, slid)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://lmtrain.configs", config_name="generate")

@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lmtrain.config import PrepareConfig, register_configs, to_config
-from lmtrain.console import PreparationProgress, console, wants_progress_bar
+from lmtrain.console import PreparationProgress, console, quiet_libraries, wants_progress_bar
 from lmtrain.errors import reports_user_errors
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ def main(cfg: DictConfig) -> None:
     from lmtrain.data.prepare import prepare_data  # imported late: --help and config errors stay fast
 
     keep_heap_flat()
+    quiet_libraries()
     try:
         with PreparationProgress(wants_progress_bar(None)) as progress:
             data = prepare_data(prepare_cfg.data, prepare_cfg.tokenizer, progress)

@@ -19,6 +19,7 @@ class Norm(str, Enum):
 class Mlp(str, Enum):
     gelu = "gelu"
     swiglu = "swiglu"
+    relu2 = "relu2"  # proj(relu(fc x)^2): as cheap as GELU, learns faster at small scale (modded-nanogpt)
 
 
 @dataclass
@@ -37,9 +38,11 @@ class ModelConfig:
     pos_emb: PosEmb = PosEmb.learned  # learned absolute positions, or rotary (RoPE)
     rope_theta: float = 10000.0  # RoPE base frequency
     norm: Norm = Norm.layernorm  # layernorm (GPT-2) or rmsnorm (Llama)
-    mlp: Mlp = Mlp.gelu  # gelu (GPT-2) or swiglu (Llama)
+    mlp: Mlp = Mlp.gelu  # gelu (GPT-2), swiglu (Llama) or relu2 (squared ReLU)
     qk_norm: bool = False  # normalize queries and keys per head before attention
     norm_eps: float = 1e-5  # epsilon of every norm layer
     vocab_multiple: int | None = None  # pad embedding and LM head rows to a multiple of this; None: 64 on CUDA, else 1
     init_from: str | None = None  # checkpoint folder whose weights start the run (fresh optimizer, step 0)
+    logit_softcap: float = 0.0  # > 0: logits become softcap * tanh(logits / softcap), bounded; 0: off
+    zero_init_proj: bool = False  # attention and MLP output projections start at zero: each block starts as identity
 

@@ -16,6 +16,12 @@ from lmtrain.config.model import ModelConfig, PosEmb
 
 class OptimizerName(str, Enum):
     adamw = "adamw"
+    muon = "muon"  # Muon for the 2-D hidden weight matrices, AdamW for embeddings, head, norms and biases
+
+
+class MuonLrAdjust(str, Enum):
+    original = "original"  # Keller Jordan's: the step times sqrt(max(1, rows / cols))
+    match_rms_adamw = "match_rms_adamw"  # Moonshot's: 0.2 * sqrt(max(rows, cols)), an update as large as AdamW's
 
 
 @dataclass
@@ -26,19 +32,30 @@ class OptimizerConfig:
     eps: float = 1e-8  # AdamW epsilon
     weight_decay: float = 0.01  # decoupled weight decay; never applied to biases, norms, embeddings
     fused: bool | None = None  # fused AdamW kernel; None: on for CUDA and CPU, off otherwise
+    embedding_lr: float | None = None  # peak LR of token and position embeddings; None: lr
+    head_lr: float | None = None  # peak LR of an untied LM head (model.tie_embeddings=false); None: lr
+    # optimizer=muon only: Muon (torch.optim.Muon) takes the 2-D weight matrices inside the blocks
+    muon_lr: float = 0.02  # Muon's peak LR; the schedule scales it as it scales lr
+    muon_weight_decay: float = 0.0  # Muon's decoupled weight decay, as a fraction of the weight per unit LR
+    muon_momentum: float = 0.95  # Muon's momentum (an exponential moving average of gradients)
+    muon_nesterov: bool = True  # Nesterov momentum
+    muon_ns_steps: int = 5  # Newton-Schulz iterations that orthogonalize each update
+    muon_adjust_lr: MuonLrAdjust = MuonLrAdjust.original  # how each matrix's shape scales Muon's step
 
 
 class SchedulerName(str, Enum):
     cosine = "cosine"
     constant = "constant"
     linear = "linear"
+    wsd = "wsd"  # warm-up, stable at the peak, then a linear decay over the last decay_fraction of the steps
 
 
 @dataclass
 class SchedulerConfig:
     name: SchedulerName = SchedulerName.cosine
     warmup_steps: int = 100  # linear warm-up from 0 to optimizer.lr, in optimizer steps
-    min_lr_ratio: float = 0.1  # final LR as a fraction of optimizer.lr (cosine, linear)
+    min_lr_ratio: float = 0.1  # final LR as a fraction of optimizer.lr (cosine, linear, wsd)
+    decay_fraction: float = 0.2  # wsd: the share of all optimizer steps, at the end, that decays the LR
 
 
 
@@ -122,6 +139,18 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
 
 
 
+def validate_optimizer(o: OptimizerConfig) -> None:
+    for key in ("embedding_lr", "head_lr"):
+        value = getattr(o, key)
+        check(value is None or value > 0, f"optimizer.{key}={value} must be > 0 (or null for optimizer.lr)")
+    if o.name != OptimizerName.muon:
+        return
+    check(o.muon_lr > 0, f"optimizer.muon_lr={o.muon_lr} must be > 0")
+    check(o.muon_weight_decay >= 0, f"optimizer.muon_weight_decay={o.muon_weight_decay} must be >= 0")
+    check(0 <= o.muon_momentum < 1, f"optimizer.muon_momentum={o.muon_momentum} must be in [0, 1)")
+    check(0 < o.muon_ns_steps < 100, f"optimizer.muon_ns_steps={o.muon_ns_steps} must be in [1, 99]")
+
+
 def validate(cfg: TrainConfig) -> None:
     """Checks that span fields or need arithmetic; messages name the command-line key."""
     m, t, o, s, d, tok = cfg.model, cfg.trainer, cfg.optimizer, cfg.scheduler, cfg.data, cfg.tokenizer
@@ -141,6 +170,9 @@ def validate(cfg: TrainConfig) -> None:
     if m.vocab_size is not None:
         check(m.vocab_size > 0, f"model.vocab_size={m.vocab_size} must be > 0 (or null for the tokenizer's size)")
     check(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+    check(m.logit_softcap >= 0, f"model.logit_softcap={m.logit_softcap} must be >= 0 (0 turns it off)")
+    check(o.head_lr is None or not m.tie_embeddings, f"optimizer.head_lr={o.head_lr} needs model.tie_embeddings"
+                                                      "=false: a tied head is the token embedding (embedding_lr)")
     check(o.lr > 0, f"optimizer.lr={o.lr} must be > 0")
     check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
            f"optimizer.betas={o.betas} must be two numbers in [0, 1)")
@@ -150,6 +182,8 @@ def validate(cfg: TrainConfig) -> None:
     check(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
     check(s.warmup_steps >= 0, f"scheduler.warmup_steps={s.warmup_steps} must be >= 0")
     check(0 <= s.min_lr_ratio <= 1, f"scheduler.min_lr_ratio={s.min_lr_ratio} must be in [0, 1]")
+    validate_optimizer(o)
+    check(0 < s.decay_fraction <= 1, f"scheduler.decay_fraction={s.decay_fraction} must be in (0, 1]")
     check(t.max_steps >= 0 and t.epochs >= 0, "trainer.max_steps and trainer.epochs must be >= 0")
     check(t.max_steps > 0 or t.epochs > 0, "set trainer.max_steps > 0 or trainer.epochs > 0 to say how long to train")
     check(t.grad_clip >= 0, f"trainer.grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")

@@ -40,7 +40,7 @@ class EvalConfig:
     split: EvalSplit = EvalSplit.val  # which split of the data
     max_tokens: int | None = None  # score at most this many tokens, from the split's start; None: all
     batch_size: int = 8  # windows of model.block_size tokens per forward
-    out: str = "eval.json"  # where the results are written as JSON
+    out: str | None = None  # the JSON file of results; None: eval_<split>.json in the checkpoint's folder
     device: str = "auto"  # auto: cuda if available, else cpu; or cpu, cuda, cuda:1, ...
     precision: Precision = Precision.fp32  # fp32 (the default, exact), bf16 or fp16 autocast, or auto (as training's)
     progress: bool | None = None  # live progress bar; None: only when stdout is a terminal
@@ -75,9 +75,9 @@ def validate_eval(cfg: EvalConfig) -> None:
     check(cfg.batch_size > 0, f"batch_size={cfg.batch_size} must be > 0")
     if cfg.max_tokens is not None:
         check(cfg.max_tokens > 0, f"max_tokens={cfg.max_tokens} must be > 0 (or null for the whole split)")
-    check(bool(cfg.out), "out is empty: name the JSON file to write, e.g. out=eval.json")
-    check(not Path(cfg.out).expanduser().is_dir(), f"out={cfg.out} is a folder: name the JSON file to write, "
-                                                   f"e.g. out={Path(cfg.out) / 'eval.json'}")
+    check(cfg.out is None or bool(cfg.out), "out is empty: name the JSON file to write, e.g. out=eval.json")
+    check(cfg.out is None or not Path(cfg.out).expanduser().is_dir(),
+          f"out={cfg.out} is a folder: name the JSON file to write, e.g. out={Path(cfg.out or '.') / 'eval.json'}")
     if cfg.data is not None:
         validate_data(cfg.data)
     check_device("device", cfg.device)

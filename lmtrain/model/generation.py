@@ -75,18 +75,23 @@ def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, *, tempe
                     banned: list[int] = ()) -> Iterator[int]:
     """Yield new token ids one by one, for a model in eval mode.
 
-    Stops after max_new_tokens, after yielding stop_id (end-of-text), or when the context is full (the
-    model has read block_size tokens). n_tokens: ids at or above it (vocabulary padding the tokenizer
-    cannot decode) are never drawn, nor are the ids in `banned` (padding, the unknown-token).
+    Stops after max_new_tokens or after yielding stop_id (end-of-text). Past the model's context (block_size
+    tokens read), the window slides: each further token is predicted from the last block_size tokens alone,
+    read afresh at positions 0.. as in training (learned and rotary positions alike), so the model forgets
+    what came before them, and each step costs a forward of the whole window instead of one cached position.
+    n_tokens: ids at or above it (vocabulary padding the tokenizer cannot decode) are never drawn, nor are the
+    ids in `banned` (padding, the unknown-token).
     """
     block = model.cfg.block_size
     if not 0 < len(prompt) <= block:
         raise ValueError(f"a prompt of {len(prompt)} tokens does not fit model.block_size={block}")
-    idx = torch.tensor([prompt], dtype=torch.long, device=model.tok_emb.weight.device)  # (1, T): what to read next
+    device = model.tok_emb.weight.device
+    seq = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T): everything so far
+    idx = seq  # (1, T'): what the next forward reads
     cache = KVCache(model.cfg.n_layers) if use_cache else None
     for _ in range(max_new_tokens):
         if (cache.length if cache is not None else 0) + idx.size(1) > block:
-            return  # the context is full
+            cache, idx = None, seq[:, -block:]  # the context is full: slide the window, uncached from here on
         logits = model(idx, cache=cache)[:, -1].float()  # (1, V): the next token's scores
         if n_tokens is not None:
             logits[:, n_tokens:] = float("-inf")
@@ -95,7 +100,8 @@ def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, *, tempe
         yield int(token)
         if int(token) == stop_id:
             return
-        idx = token[:, None] if cache is not None else torch.cat([idx, token[:, None]], dim=1)
+        seq = torch.cat([seq, token[:, None]], dim=1)
+        idx = token[:, None] if cache is not None else seq[:, -block:]
 
 
 class TextStream:

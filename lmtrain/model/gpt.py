@@ -1,8 +1,9 @@
 """A decoder-only transformer covering GPT-2 and Llama-style shapes, written to be read top to bottom.
 
-One `ModelConfig` picks the pieces: learned or rotary positions, LayerNorm or RMSNorm, a GELU or SwiGLU
-MLP, grouped-query attention (n_kv_heads < n_heads) and optional per-head query/key norm. Every block is
-pre-norm: x = x + attn(norm(x)); x = x + mlp(norm(x)).
+One `ModelConfig` picks the pieces: learned or rotary positions, LayerNorm or RMSNorm, a GELU, SwiGLU or
+squared-ReLU MLP, grouped-query attention (n_kv_heads < n_heads), optional per-head query/key norm, a tied
+or separate LM head, soft-capped logits and zero-initialised output projections. Every block is pre-norm:
+x = x + attn(norm(x)); x = x + mlp(norm(x)).
 
 Weight layouts are chosen so an export to Hugging Face needs slicing, never permuting:
 - `attn.qkv` stacks the projections as [q (n_heads*hs) | k (n_kv_heads*hs) | v (n_kv_heads*hs)] rows,
@@ -148,23 +149,26 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """GPT-2: proj(gelu(fc x)). Llama's SwiGLU: proj(silu(fc_gate x) * fc_up x), i.e. w2(silu(w1 x) * w3 x)."""
+    """GPT-2: proj(gelu(fc x)). Llama's SwiGLU: proj(silu(fc_gate x) * fc_up x), i.e. w2(silu(w1 x) * w3 x).
+    Squared ReLU (Primer, So et al. 2021; modded-nanogpt): proj(relu(fc x)^2)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.swiglu = cfg.mlp == Mlp.swiglu
-        if self.swiglu:
+        self.kind = cfg.mlp
+        if self.kind == Mlp.swiglu:
             self.fc_gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
             self.fc_up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         else:
             self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
-            self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
+            self.gelu = nn.GELU(approximate="tanh") if self.kind == Mlp.gelu else None  # GPT-2's GELU
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.swiglu:
+        if self.kind == Mlp.swiglu:
             h = F.silu(self.fc_gate(x)) * self.fc_up(x)  # (B, T, d_ff)
+        elif self.kind == Mlp.relu2:
+            h = F.relu(self.fc(x)).square()  # (B, T, d_ff)
         else:
             h = self.gelu(self.fc(x))  # (B, T, d_ff)
         return self.drop(self.proj(h))  # (B, T, C)
@@ -214,9 +218,14 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
         # GPT-2: scale the projections that write into the residual stream by 1/sqrt(number of such writes),
         # so the stream's variance does not grow with depth.
+        # model.zero_init_proj instead starts them at zero (modded-nanogpt): every block begins as the identity,
+        # and the gradients still reach each projection through the residual stream.
         for name, p in self.named_parameters():
             if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+                if cfg.zero_init_proj:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -254,6 +263,8 @@ class GPT(nn.Module):
                 x = block(x, rope, cache, i)
         x = self.norm_f(x)
         logits = self.lm_head(x)  # (B, T, V_padded), in the compute dtype
+        if self.cfg.logit_softcap > 0:  # Gemma 2's soft cap: smooth, and |logit| < softcap whatever the weights
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         if targets is None:
             return logits[..., :self.cfg.vocab_size]  # (B, T, V): the padding's scores are never seen
         # softmax in float32, in chunks, over the real vocabulary only
