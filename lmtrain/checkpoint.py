@@ -9,6 +9,7 @@ crash leaves behind. Reading goes through safetensors and JSON only, and every f
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -67,11 +68,15 @@ def write_folder(path: Path, write: Callable[[Path], None]) -> Path:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
-    apply_umask(tmp)
-    for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
+    try:
+        write(tmp)
+        apply_umask(tmp)
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+    except BaseException:  # a full disk, say: the half-written copy goes, the previous folder stays whole
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = path.with_name(f".{path.name}.old{os.getpid()}")
     if path.exists():
         os.replace(path, old)  # a folder cannot be renamed over a non-empty one; `recover` undoes a crash here
@@ -122,6 +127,16 @@ def recover(folder: Path) -> None:
             p.unlink()
 
 
+def save_tensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, its I/O failures raised as the OSError they are (full disk, read-only folder)."""
+    try:
+        save_file(tensors, str(file), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"(?:code: |os error )(\d+)", str(e))
+        number = int(code[1]) if code else errno.EIO
+        raise OSError(number, os.strerror(number), str(file)) from e
+
+
 def read_json(file: Path) -> dict:
     try:
         data = json.loads(Path(file).read_text(encoding="utf-8"))
@@ -165,10 +180,14 @@ def save_checkpoint(path: Path, model: nn.Module | dict[str, torch.Tensor] | Non
     """Write a checkpoint folder atomically, replacing one at `path`; `extra(folder)` adds more files.
     `model` may be its weights already gathered, or None when `extra` writes them another way (shards)."""
 
+    tensors = None if model is None else model if isinstance(model, dict) else model_tensors(model)
+    nonfinite = [name for name, t in (tensors or {}).items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if nonfinite:  # a NaN model is never a checkpoint: best/, final/ and every step folder stay usable
+        raise CheckpointError(f"refusing to save {path}: non-finite weights in {', '.join(nonfinite[:5])}")
+
     def write(folder: Path) -> None:
-        if model is not None:
-            tensors = model if isinstance(model, dict) else model_tensors(model)
-            save_file(tensors, str(folder / WEIGHTS), metadata={"format": "pt"})
+        if tensors is not None:
+            save_tensors(tensors, folder / WEIGHTS, {"format": "pt"})
         (folder / CONFIG).write_text(json.dumps(config, indent=2))
         tokenizer.save(folder / TOKENIZER)
         if extra is not None:

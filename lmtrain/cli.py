@@ -48,6 +48,26 @@ def _absolute_config_dirs(argv: list[str]) -> list[str]:
     return out
 
 
+def _check_command_line(command: str, argv: list[str]) -> None:
+    """Mistakes Hydra would report at length, as one line each: an unknown key (naming the nearest existing
+    one, where Hydra suggests `+key=...`), a YAML syntax error in a --config-dir file, a run folder that cannot
+    be created. An existing run folder is noted: a failed start never removes one the user had."""
+    if "COMP_LINE" in os.environ or any(a in ("-sc", "--shell-completion") for a in argv):
+        return
+    from lmtrain.config import SCHEMAS
+    from lmtrain.config.overrides import check_config_dirs, check_overrides
+    from lmtrain.errors import USER_ERROR_EXIT, ConfigError
+    from lmtrain.run_dir import note_existing
+
+    try:
+        check_config_dirs(argv)
+        check_overrides(SCHEMAS[command], argv)
+        note_existing(argv)
+    except ConfigError as e:
+        print(f"lmtrain {command}: {e}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
+
+
 def main() -> None:
     argv = sys.argv[1:]
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -74,6 +94,8 @@ def main() -> None:
         if len(words) > 1 and words[1] == command:
             os.environ["COMP_LINE"] = " ".join(words[:1] + words[2:])
     module = importlib.import_module(COMMANDS[command][0])
+    if command in HYDRA_COMMANDS:
+        _check_command_line(command, argv[1:])
     args = _absolute_config_dirs(argv[1:])
     extra = getattr(module, "extra_overrides", None)  # a command's own additions (train: distributed run dirs)
     sys.argv = [f"{os.path.basename(sys.argv[0])} {command}"] + args + (extra(args) if extra else [])

@@ -1,13 +1,14 @@
 """User-facing errors: a mistake in the config or the data, reported as one readable line, never a traceback.
 
 Every command runs inside `reports_user_errors`, the one boundary where an error or a stop becomes an exit
-status. A single run exits (2 for a user error, 128 + the signal for a stop); under a Hydra multirun the
-same error is raised to Hydra instead, so the other jobs of the sweep still run and the sweeper (Optuna,
-say) records this job as failed.
+status. A single run exits (2 for a user error, 3 for a divergence, 128 + the signal for a stop); under a
+Hydra multirun the same error is raised to Hydra instead, so the other jobs of the sweep still run and the
+sweeper (Optuna, say) records this job as failed.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -46,8 +47,10 @@ class CheckpointError(LmtrainError):
 
 
 class Diverged(LmtrainError):
-    """Training ended with a loss that is not a finite number."""
+    """Training diverged: a non-finite loss or gradient norm that rolling back could not recover, or a final
+    objective that is not a finite number."""
 
+    exit_code = 3  # neither a user mistake (2) nor a crash (1): the run itself went wrong
     status = "diverged"
 
 
@@ -74,6 +77,30 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+# What to do about a filesystem failure, by errno; the message names the path.
+_FILESYSTEM_FIXES = {
+    errno.ENOSPC: "the disk is full: free space there (or point the path at another disk), then run the command "
+                  "again; a training run continues from its last checkpoint with trainer.resume=auto",
+    errno.EDQUOT: "the disk quota is used up: free space there (or point the path at another disk), then run the "
+                  "command again; a training run continues from its last checkpoint with trainer.resume=auto",
+    errno.EFBIG: "the file is larger than this filesystem allows: point the path at another filesystem",
+    errno.EROFS: "the filesystem is read-only: point the path at a writable folder",
+    errno.EACCES: "permission denied: make it writable (chmod) or point the path at a folder of your own",
+    errno.EPERM: "permission denied: make it writable (chmod) or point the path at a folder of your own",
+    errno.ENOTDIR: "a file stands where a folder should be: move that file away or choose another path",
+    errno.EISDIR: "a folder stands where a file should be: give a file path, or move the folder away",
+    errno.EEXIST: "something already exists at that path: move it away or choose another path",
+    errno.ENOENT: "it does not exist: check the path",
+}
+
+
+def filesystem_error(e: OSError) -> str:
+    """An OSError as one line: what failed, on which path, and what to do about it."""
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None) or "(no path given)"
+    fix = _FILESYSTEM_FIXES.get(e.errno, "check that the path is reachable and writable")
+    return f"{e.strerror or e} at {paths}: {fix}"
+
+
 def reports_user_errors(fn: F) -> F:
     """Run a command; on an LmtrainError log its message, then exit with its code (raise under multirun).
 
@@ -92,6 +119,13 @@ def reports_user_errors(fn: F) -> F:
             if in_multirun():
                 raise JobFailed(f"{e.status}: {e}") from e
             sys.exit(e.exit_code)
+        except OSError as e:  # the one boundary for filesystem failures: one line naming the path and the fix
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            log.error("%s", filesystem_error(e))
+            if in_multirun():
+                raise JobFailed(f"failed: {filesystem_error(e)}") from e
+            sys.exit(USER_ERROR_EXIT)
         except Exception:
             if in_multirun():
                 log.exception("The job failed with an unexpected error")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from lmtrain.data.tokenizer import TextTokenizer
+from lmtrain.errors import DataError
 from lmtrain.model import GPT
 
 
@@ -88,6 +89,23 @@ def text_bytes(tokenizer: TextTokenizer, ids: np.ndarray, piece: int = 1 << 16) 
         total += len(tokenizer.decode(ids[start:stop].tolist(), skip_special=True).encode("utf-8"))
         start = stop
     return total
+
+
+def check_no_unknown(tokenizer: TextTokenizer, shards: list[np.ndarray], texts: Callable[[], Iterable[str]],
+                     where: str) -> None:
+    """Refuse to score text with characters the tokenizer never saw: as <|unk|> they would make the loss and
+    bits per byte meaningless. `texts()` yields the source's documents, read only to name the characters."""
+    if tokenizer.unk_id is None:
+        return
+    count = sum(int(np.count_nonzero(np.asarray(s) == tokenizer.unk_id)) for s in shards)
+    if count == 0:
+        return
+    vocab = tokenizer.tokenizer.get_vocab()
+    unknown = sorted({ch for text in texts() for ch in set(text) if ch not in vocab})
+    listing = f"the characters {unknown[:30]}{' ...' if len(unknown) > 30 else ''}" if unknown else "characters"
+    raise DataError(f"{where}: {count:,} of its tokens would be <|unk|>: {listing} are not in the checkpoint's "
+                    "tokenizer (a char tokenizer knows only the characters of its training text); evaluate on text "
+                    "without them")
 
 
 def first_tokens(shards: list[np.ndarray], max_scored: int | None) -> list[np.ndarray]:

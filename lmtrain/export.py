@@ -139,12 +139,30 @@ def tokenizer_config(trained: TrainedModel) -> dict:
             "model_max_length": trained.model.cfg.block_size, "clean_up_tokenization_spaces": False}
 
 
+EXPORT_MARKER = ".lmtrain-export"  # in every folder an export wrote: only such a folder is ever replaced
+
+
+def check_export_target(out: Path, checkpoint: Path, overwrite: bool) -> None:
+    """An export writes into a new folder, or replaces one an earlier export made (with overwrite=true);
+    never into or over the checkpoint it reads, or a folder that holds it (its run, say)."""
+    target, source = out.resolve(), Path(checkpoint).resolve()
+    if target == source or target in source.parents or source in target.parents:
+        raise ConfigError(f"out={out} would write into or over the checkpoint being exported ({checkpoint}) or "
+                          "the run that holds it; choose a new folder, e.g. out=exported/hf")
+    if target.is_file():
+        raise ConfigError(f"out={out} is a file; give a folder path")
+    if target.is_dir() and any(target.iterdir()):
+        if not (target / EXPORT_MARKER).is_file():
+            raise ConfigError(f"out={out} is a folder that `lmtrain export` did not write; choose a new folder "
+                              "(an earlier export's folder can be replaced with overwrite=true)")
+        if not overwrite:
+            raise ConfigError(f"out={out} already holds an export; choose another folder or add overwrite=true")
+
+
 def export_hf(trained: TrainedModel, out: Path, overwrite: bool = False) -> Path:
     """Write the folder atomically: into a temporary sibling, then renamed into place."""
     out = Path(os.path.expanduser(str(out)))
-    occupied = out.is_file() or (out.is_dir() and any(out.iterdir()))
-    if occupied and not overwrite:
-        raise ConfigError(f"out={out} already exists; choose another folder or add overwrite=true")
+    check_export_target(out, trained.path, overwrite)
     model = hf_model(trained)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -152,6 +170,7 @@ def export_hf(trained: TrainedModel, out: Path, overwrite: bool = False) -> Path
     model.save_pretrained(tmp)
     shutil.copyfile(trained.path / TOKENIZER, tmp / TOKENIZER)
     (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(trained), indent=2))
+    (tmp / EXPORT_MARKER).write_text(f"written by lmtrain export from {trained.path}\n")
     apply_umask(tmp)  # save_pretrained's safetensors files arrive as 0600
     if out.is_dir():
         shutil.rmtree(out)

@@ -26,7 +26,7 @@ import torch
 
 from lmtrain.config import TrainConfig
 from lmtrain.distributed import world_from_env
-from lmtrain.errors import USER_ERROR_EXIT, ConfigError, LmtrainError
+from lmtrain.errors import USER_ERROR_EXIT, ConfigError, Diverged, LmtrainError
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def _worker(cfg: TrainConfig, run_dir: Path) -> Outcome:
         return run_training(cfg, run_dir)
     except LmtrainError as e:
         log.error("%s", e)
-        sys.exit(USER_ERROR_EXIT)
+        sys.exit(e.exit_code)  # 2 for a user error, 3 for a divergence
     except torch.distributed.DistError as e:
         log.error("Rank %s lost contact with the other ranks (one of them failed or stopped): %s",
                   os.environ.get("RANK", "?"), str(e).splitlines()[0])
@@ -158,8 +158,8 @@ def start_workers(cfg: TrainConfig, run_dir: Path, nproc: int) -> Outcome:
         rank, failure = min(e.failures.items(), key=lambda kv: kv[1].timestamp)
         code = failure.exitcode
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-        if code == USER_ERROR_EXIT:
-            sys.exit(USER_ERROR_EXIT)  # the worker has said what was wrong
+        if code in (USER_ERROR_EXIT, Diverged.exit_code):
+            sys.exit(code)  # the worker has said what was wrong
         log.error("Rank %d %s; the other workers were stopped", rank, how)
         sys.exit(1)
     finally:

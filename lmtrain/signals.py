@@ -1,8 +1,14 @@
-"""Stop a run cleanly on SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption, e.g. SLURM's).
+"""Stop a run cleanly on SIGINT (Ctrl-C), SIGTERM (a scheduler's preemption, e.g. SLURM's) or SIGUSR2.
 
 While `StopSignals` is active, either signal only asks the loop to stop: it finishes the optimizer step
-under way, saves a checkpoint and returns. A second Ctrl-C raises KeyboardInterrupt at once, for when
-waiting is not wanted; the checkpoints already saved stay whole (saves are atomic).
+under way (an evaluation stops at its next batch), saves a checkpoint and returns. A second Ctrl-C
+raises KeyboardInterrupt, for when waiting is not wanted; the checkpoints already saved stay whole
+(saves are atomic).
+
+Python runs signal handlers only between bytecodes of the main thread, so during one long step (a large
+model on a CPU: minutes) the handler would wait for the step to end. The C-level handler also writes the
+signal's number to `signal.set_wakeup_fd`'s pipe at once, and a small thread reading that pipe prints
+the acknowledgment the moment the signal arrives.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from types import FrameType
 
 log = logging.getLogger(__name__)
 
+HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)  # SIGUSR2: submitit's preemption notice
+
 
 class StopSignals:
     """A context in which SIGINT and SIGTERM set `received` instead of ending the process."""
@@ -23,25 +31,63 @@ class StopSignals:
         self.received: signal.Signals | None = None
         self._previous: dict[signal.Signals, object] = {}
         self._pid = os.getpid()
+        self._pipe: tuple[int, int] | None = None
+        self._previous_wakeup = -1
+        self._acknowledged = 0  # signals the watcher thread has announced
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():  # only the main thread may install handlers
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):  # SIGUSR2: submitit's preemption
+            for sig in HANDLED:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            self._watch()
         return self
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._previous_wakeup)
+            os.close(self._pipe[1])  # the watcher reads end-of-file and ends
+            self._pipe = None
+
+    def _watch(self) -> None:
+        """Start the thread that acknowledges a signal as soon as it arrives, even inside a long step."""
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        try:
+            self._previous_wakeup = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread of the main interpreter
+            os.close(read)
+            os.close(write)
+            return
+        self._pipe = (read, write)
+        threading.Thread(target=self._acknowledge, args=(read,), name="lmtrain-signals", daemon=True).start()
+
+    def _acknowledge(self, read: int) -> None:
+        try:
+            while data := os.read(read, 64):
+                for signum in data:
+                    if signum in HANDLED and os.getpid() == self._pid:
+                        self._announce(signal.Signals(signum))
+        finally:
+            os.close(read)
+
+    def _announce(self, sig: signal.Signals) -> None:
+        self._acknowledged += 1
+        if self._acknowledged == 1:
+            again = " (Ctrl-C again to abort once the step under way returns)" if sig == signal.SIGINT else ""
+            log.warning("%s received: stopping after this step, then saving a checkpoint%s", sig.name, again)
+        elif sig == signal.SIGINT:
+            log.warning("SIGINT received again: aborting as soon as the step under way returns")
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if os.getpid() != self._pid:  # a data loader worker forked from us: the main process decides
             return
+        if self._pipe is None:  # no watcher thread: acknowledge here
+            self._announce(signal.Signals(signum))
         if self.received is not None:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt  # the second Ctrl-C: stop waiting
             return
         self.received = signal.Signals(signum)
-        again = " (Ctrl-C again to abort at once)" if signum == signal.SIGINT else ""
-        log.warning("%s received: finishing the current step, then saving a checkpoint%s", self.received.name, again)

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from lmtrain import distributed
@@ -43,6 +42,7 @@ from lmtrain.checkpoint import (
     recover,
     remove_folder,
     save_checkpoint,
+    save_tensors,
     write_json,
 )
 from lmtrain.data.loader import TrainLoader
@@ -236,10 +236,10 @@ class Checkpointer:
                 save_shards(distributed.from_main(folder), model, optimizer)
             else:
                 opt_tensors, opt_meta = optimizer_state(optimizer)
-                save_file(opt_tensors, str(folder / OPTIMIZER), metadata={"format": "pt", **opt_meta})
+                save_tensors(opt_tensors, folder / OPTIMIZER, {"format": "pt", **opt_meta})
             for rank, (rng_tensors, rng_meta) in enumerate(rngs):
                 name = RNG if rank == 0 else f"rng_state.rank{rank}.safetensors"
-                save_file(rng_tensors, str(folder / name), metadata={"format": "pt", **rng_meta})
+                save_tensors(rng_tensors, folder / name, {"format": "pt", **rng_meta})
             (folder / STATE).write_text(json.dumps(state, indent=2))
 
         if not self.world.main:
@@ -334,6 +334,11 @@ class Checkpointer:
                 log.warning("Falling back to %s, the newest checkpoint that reads whole", folder.name)
             return checkpoint
         raise CheckpointError(f"trainer.resume=auto: no checkpoint in {self.root} can be read: " + "; ".join(problems))
+
+    def rewind_metrics(self, state: dict) -> None:
+        """Cut metrics.jsonl back to where it was when the checkpoint with this training state was saved."""
+        if self.world.main:
+            self._rewind_metrics(state["metrics_bytes"], f"after step {state['step']}")
 
     def _rewind_metrics(self, size: int, when: str) -> None:
         """Drop metrics.jsonl records that the checkpoint does not account for, so the file reads as one run."""

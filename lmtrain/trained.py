@@ -54,6 +54,10 @@ def load_trained(path: str | Path, device: torch.device) -> TrainedModel:
         raise CheckpointError(f"{folder / CONFIG} has no usable model settings: {e}") from None
     model = GPT(model_cfg)
     load_weights(folder, model)
+    nonfinite = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if nonfinite:  # written before lmtrain refused to save such weights: a diverged run
+        raise CheckpointError(f"{folder / WEIGHTS} holds non-finite weights ({', '.join(nonfinite[:3])}): the run had "
+                              "diverged when it was saved; use an earlier checkpoint")
     tokenizer = TextTokenizer.load(folder / TOKENIZER)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise CheckpointError(f"{folder}: its tokenizer has {tokenizer.vocab_size} tokens, more than the model's "

@@ -25,6 +25,7 @@ from lmtrain.config import Strategy, TrainConfig, as_plain_dict
 from lmtrain.console import PreparationProgress, print_table, progress_bar, wants_progress_bar
 from lmtrain.data.loader import train_loader, val_batches
 from lmtrain.data.prepare import prepare_data
+from lmtrain.divergence import DivergenceGuard
 from lmtrain.errors import ConfigError
 from lmtrain.eta import Eta
 from lmtrain.loggers import build_loggers
@@ -59,6 +60,11 @@ def pick_device(setting: str, key: str = "trainer.device") -> torch.device:
     device = torch.device(setting)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{key}={setting} but CUDA is not available here; use {key}=auto or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"{key}={setting}: this machine has {torch.cuda.device_count()} CUDA devices (0 to "
+                          f"{torch.cuda.device_count() - 1})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{key}={setting} but Apple's MPS is not available here; use {key}=auto or cpu")
     return device
 
 
@@ -146,11 +152,14 @@ class Trainer:
         self.epoch_loss, self.epoch_steps = torch.zeros((), device=self.device), 0  # sum of this epoch's step losses
         self.val_loss, self.best_val_loss = float("nan"), float("inf")
         self.saved: tuple[int, Path | None] = (-1, None)  # the step and folder of the last step checkpoint
+        self.divergence = DivergenceGuard(t, self.device, loss_scaling=self.precision.scaler is not None)
+        self.stop: StopSignals | None = None  # set while fit() runs: an evaluation stops at its next batch
         self.checkpoints = Checkpointer(self.run_dir, t.keep_last, self.checkpoint_config(), self.tokenizer,
                                         self.world, self.parallel.sharded)
         resumed = self.checkpoints.start(t.resume, cfg.model.init_from, self.model, self.optimizer, self.train_loader)
         if resumed is not None:
             self._restore(resumed)
+            self.divergence.load_state_dict(resumed)
         self.micro = micro_batches(t.micro_batch_size, t.batch_size, self.device, trial_step(  # the bare model:
             self.model, self.model, self.tokenizer.vocab_size, block, self.device, self.autocast))  # no DDP all-reduce
         self.micro.size = distributed.smallest(self.micro.size, self.device)  # every rank runs as many micro-batches
@@ -159,11 +168,15 @@ class Trainer:
         return self.precision.autocast()
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over the fixed validation batches; each rank scores its rows of every batch."""
+    def evaluate(self) -> float | None:
+        """Mean loss over the fixed validation batches, each rank scoring its rows of every batch; None when a
+        stop signal cut the pass short."""
         self.model.eval()
         total = torch.zeros(2, device=self.device)  # (loss summed over rows, rows)
         for i in range(len(self.val_batches)):
+            if self.stop is not None and self.stop.received and not distributed.active():  # ranks stop together
+                self.model.train()
+                return None
             for x, y in self.micro.split([self.val_batches[i]]):  # what fits with gradients fits without
                 x, y = x.to(self.device), y.to(self.device)
                 with self.autocast():
@@ -173,21 +186,24 @@ class Trainer:
         total = distributed.sum_across(total)  # each rank scored its own rows
         return (total[0] / total[1]).item()
 
-    def _record_eval(self) -> float:
-        val_loss = self.val_loss = self.evaluate()
+    def _record_eval(self) -> None:
+        val_loss = self.evaluate()
+        if val_loss is None:
+            return
+        self.val_loss = val_loss
         self.metrics.write({"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
         log.info("Step %d, validation loss: %.4f, perplexity: %.2f", self.step, val_loss, math.exp(min(val_loss, 50)))
         if val_loss < self.best_val_loss:
             self.best_val_loss = val_loss
             self.checkpoints.save_best(self.model, self.step, val_loss)
-        return val_loss
 
     def _save(self) -> Path:
         """A step checkpoint of everything a resume needs, the loop's own counters included."""
         state = {"step": self.step, "total_steps": self.total_steps, "epoch": self.train_loader.state.epoch,
                  "tokens": self.step * self.tokens_per_step, "epoch_loss_sum": self.epoch_loss.item(),
                  "epoch_steps": self.epoch_steps, "val_loss": _finite_or_none(self.val_loss),
-                 "best_val_loss": _finite_or_none(self.best_val_loss), "precision": self.precision.state_dict()}
+                 "best_val_loss": _finite_or_none(self.best_val_loss), "precision": self.precision.state_dict(),
+                 **self.divergence.state_dict()}
         folder = self.checkpoints.save(self.model, self.optimizer, self.train_loader, state)
         self.saved = (self.step, folder)
         return folder
@@ -199,7 +215,25 @@ class Trainer:
         self.best_val_loss = float("inf") if state.get("best_val_loss") is None else state["best_val_loss"]
         self.precision.load_state_dict(state.get("precision"))  # fp16's loss scale and skipped-step count
 
+    def _roll_back(self) -> None:
+        """Back to the newest finite checkpoint after a divergence (or raise Diverged)."""
+        diverged_at = self.divergence.found()
+        checkpoint = self.divergence.roll_back(self.checkpoints.root, self.model, self.optimizer, self.train_loader,
+                                               self.parallel.sharded, self.world.rank)
+        self._restore(checkpoint.state)
+        self.saved = (self.step, checkpoint.folder)
+        self.checkpoints.rewind_metrics(checkpoint.state)
+        self.metrics.write({"step": self.step, "rolled_back_from": diverged_at, **self.divergence.state_dict()})
+
+    def _reads_weights(self, logging_step: bool) -> bool:
+        """Whether this step logs, evaluates, saves or samples: the divergence check must come first."""
+        t, s = self.cfg.trainer, self.step
+        return (logging_step or s % t.eval_every == 0 or bool(t.save_every and s % t.save_every == 0)
+                or bool(t.sample_every and s % t.sample_every == 0))
+
     def _stopped(self, received: signal.Signals, seconds: float) -> TrainResult:
+        if self.divergence.found() is not None:  # never save the diverged weights
+            self._roll_back()
         saved = self.saved[1] if self.saved[0] == self.step else self._save()
         report = log.warning if self.world.main else log.info  # said once, by rank 0
         report("Stopped by %s at step %d of %d after %.1f s; %s holds all that resuming needs",
@@ -246,10 +280,12 @@ class Trainer:
             warn_before_training(self.cfg, self.total_steps, self.tokens_per_step // self.world.size,
                                  self.flops_per_token, self.mfu.peak, self.device)
         with progress_bar(wants_progress_bar(t.progress) and self.world.main) as bar, StopSignals() as stop:
+            self.stop = stop
             task = bar.add_task("train", total=self.total_steps, completed=self.step, **fields)
             stopping = None  # the signal every rank agreed to stop on
             while self.step < self.total_steps and stopping is None:
-                lr = lr_at(self.step, self.total_steps, self.cfg.optimizer.lr, self.cfg.scheduler)
+                lr = lr_at(self.step, self.total_steps, self.cfg.optimizer.lr * self.divergence.lr_factor,
+                           self.cfg.scheduler)
                 set_lr(self.optimizer, lr)
                 completed_epochs = self.train_loader.completed_epochs
                 loaded = [next(batches) for _ in range(t.grad_accum_steps)]
@@ -266,9 +302,14 @@ class Trainer:
                     self.epoch_loss, self.epoch_steps = torch.zeros((), device=self.device), 0
                 logging_step = (self.step + 1) % t.log_every == 0 or self.step + 1 == self.total_steps
                 grad_norm = self.precision.step(self.optimizer, params, t.grad_clip, want_norm=logging_step)
+                self.divergence.observe(self.step + 1, step_loss, grad_norm)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 clock.step(self.tokens_per_step)
+                if self._reads_weights(logging_step) and self.divergence.found() is not None:
+                    self._roll_back()
+                    batches = iter(self.train_loader)
+                    continue
 
                 if logging_step:
                     train_loss = step_loss.item()

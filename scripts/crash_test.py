@@ -10,7 +10,17 @@ random time up to the uninterrupted run's start-up time: while importing, loadin
 during training (after a random number of the attempt's steps, drawn so the run outlasts the kills, plus
 0-30 ms, so anywhere in a step). After each kill the newest checkpoint must read whole; then
 `trainer.resume=auto` continues. At the end the final weights and every logged loss must equal the
-uninterrupted run's, bit for bit. Exits 0 when all of that holds.
+uninterrupted run's, bit for bit.
+
+Two more cases follow (skip them with --no-extra-cases):
+- a full disk: the run folder on a 1 MB tmpfs (needs root, for `mount`), so a save fails mid-run. The
+  run must stop with exit status 2 and one line naming the path and the fix, leave its newest checkpoint
+  whole and no half-written folder; with the disk enlarged, `trainer.resume=auto` must end exactly where
+  the uninterrupted run did.
+- two processes, one folder: a second `trainer.resume=auto` started while the first trains must exit 2
+  at once, naming the first one's PID; the first goes on undisturbed (stopped by SIGTERM once the
+  second has been refused), with each step logged once.
+Exits 0 when all of that holds.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import argparse
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -109,12 +120,66 @@ def start_up_time(command: list[str], env: dict, log_path: Path) -> tuple[int, f
         return proc.wait(), first_step
 
 
+def check_full_disk(work: Path, steps: int, env: dict) -> bool:
+    """A save that meets a full disk stops the run cleanly and resumably."""
+    mount_point = work / "small_disk"
+    mount_point.mkdir(exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)]).returncode != 0:
+        print("full disk: SKIPPED (mounting a tmpfs needs root)")
+        return True
+    try:
+        run_dir, root = mount_point / "run", mount_point / "run" / "checkpoints"
+        full = subprocess.run(train_command(run_dir, steps), env=env, capture_output=True, text=True)
+        errors = [line for line in (full.stdout + full.stderr).splitlines() if "ERROR" in line]
+        print(f"full disk: exit status {full.returncode}; error lines: {errors}")
+        one_line = (full.returncode == 2 and len(errors) == 1 and "No space left on device" in errors[0]
+                    and str(mount_point) in errors[0] and "Traceback" not in full.stderr)
+        whole = newest_checkpoint_reads(root) is True
+        leftovers = unfinished(root)
+        print(f"  newest checkpoint reads whole: {'yes' if whole else 'NO'}; half-written folders left: "
+              f"{sorted(leftovers) or 'none'}")
+        subprocess.run(["mount", "-o", "remount,size=64m", str(mount_point)], check=True)
+        resumed = subprocess.run(train_command(run_dir, steps), env=env, capture_output=True, text=True)
+        same = resumed.returncode == 0 and same_weights(work / "reference/checkpoints/final", root / "final") \
+            and losses(work / "reference") == losses(run_dir)
+        print(f"  after freeing space, resume completes with the uninterrupted run's weights and losses: "
+              f"{'yes' if same else 'NO'}")
+        if resumed.returncode != 0:
+            print(resumed.stdout[-2000:], resumed.stderr[-2000:])
+        return one_line and whole and not leftovers and same
+    finally:
+        subprocess.run(["umount", str(mount_point)])
+
+
+def check_two_processes(work: Path, env: dict) -> bool:
+    """A second process in a folder where one trains is refused at once; the first goes on undisturbed."""
+    run_dir = work / "shared_folder"
+    command = train_command(run_dir, 1_000_000)  # still training whenever the second one starts
+    with open(work / "first.log", "w") as log_file:
+        first = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        wait_until(lambda: "Batch " in (work / "first.log").read_text(), first)
+        second = subprocess.run(command, env=env, capture_output=True, text=True)
+        still_training = first.poll() is None
+        first.send_signal(signal.SIGTERM)  # then a clean stop: it saves, and exits 143
+        first_rc = first.wait()
+    text = second.stdout + second.stderr
+    refused = second.returncode == 2 and f"PID {first.pid}" in text and "Traceback" not in text
+    print(f"two processes: the second exits {second.returncode}"
+          f"{', naming the first one' if f'PID {first.pid}' in text else ''}; the first "
+          f"{'was still training, then' if still_training else 'had ended before:'} exits {first_rc} on SIGTERM")
+    logged = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    once = bool(logged) and logged == sorted(set(logged))
+    print(f"  each step logged once: {'yes' if once else 'NO'} ({len(logged)} steps)")
+    return refused and still_training and first_rc == 128 + signal.SIGTERM and once
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps of the run")
     parser.add_argument("--seed", type=int, default=0, help="seeds the kill moments")
     parser.add_argument("--workdir", type=Path, default=None, help="where the runs go (default: a temporary folder)")
+    parser.add_argument("--no-extra-cases", action="store_true", help="only the kills: no full disk, no two processes")
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lmtrain-crash-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -180,6 +245,10 @@ def main() -> int:
     print(f"logged losses equal: {'yes' if losses_ok else 'NO'} ({len(ref_losses)} records vs {len(crash_losses)})")
     print(f"total time: {time.monotonic() - start:.0f} s")
     ok = weights_ok and losses_ok and whole == kills and kills == args.kills
+    if not args.no_extra_cases:
+        print()
+        ok = check_full_disk(work, args.steps, env) and ok
+        ok = check_two_processes(work, env) and ok
     print("RESULT:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -79,14 +79,23 @@ def test_what_transformers_cannot_compute_is_refused_by_name(arch, message):
         hf_architecture(ModelConfig(vocab_size=10, **arch))
 
 
-def test_an_existing_folder_is_kept_unless_overwrite_is_given(tmp_path, tokenizer):
+def test_an_export_replaces_only_an_earlier_export_and_never_its_checkpoint(tmp_path, tokenizer):
     trained = trained_checkpoint(tmp_path, tokenizer)
     out = tmp_path / "hf"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
-    with pytest.raises(ConfigError, match="already exists; choose another folder or add overwrite=true"):
+    for overwrite in (False, True):  # a folder export did not write is never replaced
+        with pytest.raises(ConfigError, match="a folder that `lmtrain export` did not write"):
+            export_hf(trained, out, overwrite=overwrite)
+    assert (out / "mine.txt").read_text() == "keep me"
+    (out / "mine.txt").unlink()
+    export_hf(trained, out)
+    with pytest.raises(ConfigError, match="already holds an export; choose another folder or add overwrite=true"):
         export_hf(trained, out)
-    assert (out / "mine.txt").is_file()
     export_hf(trained, out, overwrite=True)
-    assert not (out / "mine.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]  # no temporary folder left
+    for target in (trained.path, tmp_path, trained.path / "hf"):  # the checkpoint, a folder holding it, inside it
+        with pytest.raises(ConfigError, match="would write into or over the checkpoint being exported"):
+            export_hf(trained, target, overwrite=True)
+    assert (trained.path / "model.safetensors").is_file()

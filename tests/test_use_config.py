@@ -45,7 +45,7 @@ def test_each_command_composes_into_its_schema():
     ("generate", ["top_k=-2"], "top_k=-2 must be >= 0"),
     ("generate", ["max_new_tokens=0"], "max_new_tokens=0 must be > 0"),
     ("generate", ["prompt=x", "interactive=true"], "prompt and interactive are set together"),
-    ("generate", ["device=tpu"], "device='tpu' must be auto, cpu, cuda or cuda:N"),
+    ("generate", ["device=tpu"], "device='tpu' must be auto, cpu, cuda, cuda:N"),
     ("eval", ["batch_size=0"], "batch_size=0 must be > 0"),
     ("eval", ["data=text_files"], "data.train_files is empty"),
     ("export", [], "out is not set: give out=..."),

@@ -48,7 +48,8 @@ def main(cfg: DictConfig) -> None:
     from lmtrain.checkpoint import TOKENIZER, write_json
     from lmtrain.console import count_bar, err_console, quiet_libraries, wants_progress_bar
     from lmtrain.data.prepare import prepare_data
-    from lmtrain.evaluation import evaluate_shards, first_tokens, windows
+    from lmtrain.data.sources import source_texts
+    from lmtrain.evaluation import check_no_unknown, evaluate_shards, first_tokens, windows
     from lmtrain.precision import autocast_for, choose
     from lmtrain.trained import load_trained
     from lmtrain.trainer import pick_device
@@ -61,6 +62,8 @@ def main(cfg: DictConfig) -> None:
     prepared = prepare_data(data, TokenizerConfig(kind=TokenizerKind.file, path=str(trained.path / TOKENIZER)))
     shards = [s for cache in prepared.caches.values() for s in cache.shards(ev.split.value)]  # every source's
     shards = first_tokens(shards, ev.max_tokens)
+    check_no_unknown(trained.tokenizer, shards, lambda: source_texts(data), f"the {ev.split.value} split of "
+                     f"data={data.name}")
     scored = sum(max(0, len(s) - 1) for s in shards)
     if scored < 1:
         raise DataError(f"the {ev.split.value} split of data={data.name} has no two tokens in a row: nothing to score")

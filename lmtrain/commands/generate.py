@@ -52,7 +52,12 @@ def prompts(cfg: GenerateConfig) -> Iterator[str]:
         path = Path(cfg.prompt_file).expanduser()
         if not path.is_file():
             raise ConfigError(f"prompt_file={cfg.prompt_file}: no such file")
-        yield path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"prompt_file={cfg.prompt_file} is not UTF-8 text: byte {e.start:,} "
+                              f"(0x{e.object[e.start]:02x}) cannot be decoded; save the prompt as UTF-8") from None
+        yield text
     else:
         yield cfg.prompt
 
@@ -68,7 +73,8 @@ def stream_sample(trained: TrainedModel, prompt_ids: list[int], cfg: GenerateCon
     stream, new, start = TextStream(tokenizer), [], time.perf_counter()
     for token in generate_tokens(trained.model, prompt_ids, cfg.max_new_tokens, temperature=cfg.temperature,
                                  top_k=cfg.top_k, top_p=cfg.top_p, stop_id=tokenizer.eot_id,
-                                 n_tokens=tokenizer.vocab_size, generator=generator):
+                                 n_tokens=tokenizer.vocab_size, generator=generator,
+                                 banned=tokenizer.never_generated):
         new.append(token)
         sys.stdout.write(stream.push(token))
         sys.stdout.flush()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import platform
+import sys
 from typing import TYPE_CHECKING
 
 import hydra
@@ -21,6 +23,8 @@ if TYPE_CHECKING:
     from lmtrain.data.prepare import PreparedData
 
 register_configs()
+log = logging.getLogger(__name__)
+INTERRUPTED_EXIT = 130  # as a shell reports a process ended by Ctrl-C
 # Preparing data needs no PyTorch: keep `datasets` from importing it (about 200 MB and a second or two).
 os.environ.setdefault("USE_TORCH", "0")
 M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter number
@@ -46,8 +50,12 @@ def main(cfg: DictConfig) -> None:
 
     keep_heap_flat()
     quiet_libraries()
-    with PreparationProgress(wants_progress_bar(None)) as progress:
-        data = prepare_data(prepare_cfg.data, prepare_cfg.tokenizer, progress)
+    try:
+        with PreparationProgress(wants_progress_bar(None)) as progress:
+            data = prepare_data(prepare_cfg.data, prepare_cfg.tokenizer, progress)
+    except KeyboardInterrupt:
+        log.error("Interrupted. The shards finished so far are kept: the same command continues from them")
+        sys.exit(INTERRUPTED_EXIT)
     table, lines = report(data)
     console.print(table)
     for line in lines:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from lmtrain.config import register_configs, to_train_config
 from lmtrain.console import quiet_libraries
 from lmtrain.errors import Diverged, RunStopped, in_multirun, reports_user_errors
+from lmtrain.run_dir import open_run_dir
 from lmtrain.sweeps.callback import finish_sweep
 from lmtrain.sweeps.jobs import finished_objective, register_job_name_resolver
 from lmtrain.sweeps.runs import objective_value, read_records
@@ -67,7 +68,9 @@ def extra_overrides(argv: list[str]) -> list[str]:
 def train(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    with recorded_status(run_dir, hydra_cfg.job.get("num") if in_multirun() else None) as job:
+    # A failed start removes the folder it created; a sweep job's folder stays, with its status.json.
+    with (open_run_dir(run_dir, keep_on_failure=in_multirun()) as run,
+          recorded_status(run_dir, hydra_cfg.job.get("num") if in_multirun() else None) as job):
         train_cfg = to_train_config(cfg)  # every check runs here, before any data is touched
         objective = train_cfg.trainer.objective.value
         if train_cfg.trainer.resume == "auto" and in_multirun():
@@ -80,12 +83,12 @@ def train(cfg: DictConfig) -> float:
         from lmtrain import launch  # imported late: --help and config errors stay fast
 
         launch.resume_after_restart(train_cfg)
+        run.claim(train_cfg.trainer.resume, train_cfg.trainer.overwrite)
         nproc = launch.processes_to_start(train_cfg.trainer.nproc_per_node, train_cfg.trainer.device)
         result = launch.start_workers(train_cfg, run_dir, nproc) if nproc > 1 else \
             launch.run_training(train_cfg, run_dir)
         if result.interrupted:
-            raise RunStopped(signal.SIGINT, "Interrupted. Continue from the last checkpoint saved with:\n  "
-                                            + resume_command(run_dir)) from None
+            raise RunStopped(signal.SIGINT, f"Interrupted. {_continue_hint(run_dir)}") from None
         if result.stopped_by is not None:
             what = "sweep" if in_multirun() else "run"
             raise RunStopped(signal.Signals(result.stopped_by),
@@ -95,3 +98,10 @@ def train(cfg: DictConfig) -> float:
             raise Diverged(f"training diverged: the final {objective} is {result.val_loss} (trainer.objective)")
         job.facts.update(objective=objective, value=value, steps=result.steps)
         return value  # what a sweeper minimizes
+
+
+def _continue_hint(run_dir: Path) -> str:
+    """How to continue: only when a checkpoint exists to continue from."""
+    if not (run_dir / "checkpoints" / "latest.json").is_file():
+        return "No checkpoint was saved yet, so there is nothing to continue; start the run again."
+    return f"Continue from the last checkpoint saved with:\n  {resume_command(run_dir)}"

@@ -12,6 +12,7 @@ from hydra.core.config_store import ConfigStore
 from lmtrain.config.base import CHECKS, as_plain_dict, check, check_device, to_config
 from lmtrain.config.data import (
     DataConfig,
+    EncodingErrors,
     MixtureSource,
     PrepareConfig,
     SourceConfig,
@@ -24,6 +25,7 @@ from lmtrain.config.data import (
 )
 from lmtrain.config.model import Mlp, ModelConfig, Norm, PosEmb
 from lmtrain.config.train import (
+    DivergenceAction,
     MuonLrAdjust,
     OptimizerConfig,
     OptimizerName,
@@ -47,13 +49,19 @@ from lmtrain.config.use import (
 )
 
 __all__ = [
-    "CHECKS", "DataConfig", "EvalConfig", "EvalSplit", "ExportConfig", "ExportFormat", "GenerateConfig", "Mlp",
-    "MixtureSource", "ModelConfig", "MuonLrAdjust", "Norm", "OptimizerConfig", "OptimizerName", "PosEmb", "Precision",
-    "PrepareConfig", "SchedulerConfig", "SchedulerName", "SourceConfig", "SourceKind", "Strategy", "TokenizerConfig",
+    "CHECKS", "DataConfig", "DivergenceAction", "EncodingErrors", "EvalConfig", "EvalSplit", "ExportConfig",
+    "ExportFormat", "GenerateConfig", "Mlp", "MixtureSource", "ModelConfig", "MuonLrAdjust", "Norm", "OptimizerConfig",
+    "OptimizerName", "PosEmb", "Precision", "PrepareConfig", "SCHEMAS", "SchedulerConfig", "SchedulerName",
+    "SourceConfig", "SourceKind", "Strategy", "TokenizerConfig",
     "TokenizerKind", "TrainConfig", "TrainerConfig", "as_plain_dict", "check", "check_device", "register_configs",
     "to_config", "to_train_config", "validate", "validate_data", "validate_eval", "validate_generate",
     "validate_prepare", "validate_tokenizer",
 ]
+
+
+# Each command's top-level schema, by command name (`lmtrain train` -> TrainConfig).
+SCHEMAS: dict[str, type] = {"train": TrainConfig, "prepare": PrepareConfig, "generate": GenerateConfig,
+                            "eval": EvalConfig, "export": ExportConfig}
 
 
 def register_configs() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -47,6 +48,5 @@ def as_plain_dict(obj: Any) -> Any:
 
 
 def check_device(key: str, value: str) -> None:
-    check(value == "auto" or value == "cpu" or value.startswith(("cuda", "mps")),
-           f"{key}={value!r} must be auto, cpu, cuda or cuda:N")
-
+    check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value) is not None,
+          f"{key}={value!r} must be auto, cpu, cuda, cuda:N (N a GPU index) or mps")

@@ -15,6 +15,11 @@ class SourceKind(str, Enum):
     prepared = "prepared"  # a token cache folder that `lmtrain prepare` wrote (data.path)
 
 
+class EncodingErrors(str, Enum):
+    strict = "strict"  # bytes that are not UTF-8 stop preparation, naming the file and byte offset
+    replace = "replace"  # such bytes become U+FFFD
+
+
 @dataclass
 class SourceConfig:
     """One corpus: where its documents come from and how validation is split off."""
@@ -33,6 +38,8 @@ class SourceConfig:
     val_fraction: float = 0.05  # share held out for validation when there is no validation split
     max_documents: int | None = None  # use at most this many documents per split; None: all
     max_tokens: int | None = None  # training tokens to prepare at most (validation: val_fraction of it); None: all
+    encoding_errors: EncodingErrors = EncodingErrors.strict  # text_files: what to do with bytes that are not UTF-8
+    skip_bad_records: bool = False  # text_files .jsonl: skip (and count) lines that are not a record with text
 
 
 @dataclass
@@ -89,6 +96,8 @@ def validate_data(d: DataConfig) -> None:
 
 def _validate_source(s: SourceConfig, key: str) -> None:
     check(0 < s.val_fraction < 1, f"{key}.val_fraction={s.val_fraction} must be in (0, 1)")
+    if s.max_documents is not None:
+        check(s.max_documents > 0, f"{key}.max_documents={s.max_documents} must be > 0 (or null for all)")
     if s.max_tokens is not None:
         check(s.max_tokens > 0, f"{key}.max_tokens={s.max_tokens} must be > 0 (or null for all)")
     if s.source == SourceKind.text_files:

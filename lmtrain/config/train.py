@@ -80,6 +80,11 @@ class Strategy(str, Enum):
     fsdp = "fsdp"  # FSDP2: parameters, gradients and optimizer state sharded over the ranks
 
 
+class DivergenceAction(str, Enum):
+    rollback = "rollback"  # restore the newest finite checkpoint, skip the diverged batches, go on
+    stop = "stop"  # stop with exit code 3
+
+
 @dataclass
 class TrainerConfig:
     max_steps: int = 600  # optimizer steps; 0: train for `epochs` instead
@@ -111,6 +116,10 @@ class TrainerConfig:
     strategy: Strategy = Strategy.auto
     max_restarts: int = 0  # times trainer.nproc_per_node's launcher restarts all workers (from the last checkpoint)
     dist_timeout_s: float = 300.0  # seconds any collective waits for the other ranks before the run fails
+    on_divergence: DivergenceAction = DivergenceAction.rollback  # on a non-finite loss or gradient norm
+    max_rollbacks: int = 3  # rollbacks before a diverging run stops with exit code 3
+    rollback_lr_scale: float = 1.0  # factor on the learning rate after each rollback; 1 keeps it
+    overwrite: bool = False  # a fresh run may replace the checkpoints and metrics of an earlier run in its folder
 
 
 @dataclass
@@ -167,6 +176,9 @@ def validate(cfg: TrainConfig) -> None:
     check(o.lr > 0, f"optimizer.lr={o.lr} must be > 0")
     check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
            f"optimizer.betas={o.betas} must be two numbers in [0, 1)")
+    check(o.eps > 0, f"optimizer.eps={o.eps} must be > 0")
+    check(m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be > 0")
+    check(m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be > 0")
     check(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
     check(s.warmup_steps >= 0, f"scheduler.warmup_steps={s.warmup_steps} must be >= 0")
     check(0 <= s.min_lr_ratio <= 1, f"scheduler.min_lr_ratio={s.min_lr_ratio} must be in [0, 1]")
@@ -179,11 +191,21 @@ def validate(cfg: TrainConfig) -> None:
     check(t.save_every >= 0, f"trainer.save_every={t.save_every} must be >= 0 (0: save only at the end)")
     check(t.keep_last >= 0, f"trainer.keep_last={t.keep_last} must be >= 0 (0 keeps every checkpoint)")
     if t.resume not in (None, "auto"):
-        check(Path(t.resume).expanduser().is_dir(), f"trainer.resume={t.resume}: no such checkpoint folder; to "
-                                                     "continue a run, use trainer.resume=auto hydra.run.dir=RUN_DIR")
+        resume = Path(t.resume).expanduser()
+        check(resume.is_dir(), f"trainer.resume={t.resume}: no such checkpoint folder; to "
+                               "continue a run, use trainer.resume=auto hydra.run.dir=RUN_DIR")
+        check(not (resume / "checkpoints").is_dir(), f"trainer.resume={t.resume} is a run folder, not a checkpoint: "
+                                                     f"continue it with trainer.resume=auto hydra.run.dir={t.resume}, "
+                                                     f"or give one of its step folders ({t.resume}/checkpoints/step_N)")
     if m.init_from is not None:
-        check(Path(m.init_from).expanduser().is_dir(), f"model.init_from={m.init_from}: no such checkpoint folder")
+        init = Path(m.init_from).expanduser()
+        check(init.is_dir(), f"model.init_from={m.init_from}: no such checkpoint folder")
+        check(not (init / "checkpoints").is_dir(), f"model.init_from={m.init_from} is a run folder, not a checkpoint: "
+                                                   f"give one of its checkpoints, e.g. {m.init_from}/checkpoints/best "
+                                                   "or .../final")
     check_device("trainer.device", t.device)
+    check(t.max_rollbacks >= 0, f"trainer.max_rollbacks={t.max_rollbacks} must be >= 0")
+    check(0 < t.rollback_lr_scale <= 1, f"trainer.rollback_lr_scale={t.rollback_lr_scale} must be in (0, 1]")
     check(t.sample_every >= 0, f"trainer.sample_every={t.sample_every} must be >= 0 (0 disables samples)")
     check(t.sample_tokens > 0, f"trainer.sample_tokens={t.sample_tokens} must be > 0")
     check(t.sample_every == 0 or bool(t.sample_prompts),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 
 from omegaconf import MISSING
 
@@ -75,6 +76,8 @@ def validate_eval(cfg: EvalConfig) -> None:
     if cfg.max_tokens is not None:
         check(cfg.max_tokens > 0, f"max_tokens={cfg.max_tokens} must be > 0 (or null for the whole split)")
     check(cfg.out is None or bool(cfg.out), "out is empty: name the JSON file to write, e.g. out=eval.json")
+    check(cfg.out is None or not Path(cfg.out).expanduser().is_dir(),
+          f"out={cfg.out} is a folder: name the JSON file to write, e.g. out={Path(cfg.out or '.') / 'eval.json'}")
     if cfg.data is not None:
         validate_data(cfg.data)
     check_device("device", cfg.device)

@@ -15,9 +15,11 @@ lock file makes a second process wait for the first instead of building the same
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,14 +75,61 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
 
 
+class DamagedCache(DataError):
+    """A cache folder whose manifest, shards or tokenizer do not agree: truncated, deleted or corrupt."""
+
+
+def _checksum(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _damage(folder: Path, manifest: dict) -> str | None:
+    """What is wrong with a complete cache, checked on every open: the manifest's checksum, then each shard's
+    size against the manifest (exact where it recorded the sizes), then the tokenizer; None when all is well."""
+    if "checksum" in manifest and manifest["checksum"] != _checksum(manifest):
+        return f"{MANIFEST} does not match its checksum"
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    sizes = manifest.get("files", {})
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            file = folder / shard["file"]
+            if not file.is_file():
+                return f"{shard['file']} is missing"
+            size, recorded = file.stat().st_size, sizes.get(shard["file"])
+            if recorded is not None and size != recorded:
+                return f"{shard['file']} has {size:,} bytes where {MANIFEST} records {recorded:,}"
+            if size < (shard["start"] + shard["tokens"]) * itemsize:
+                return f"{shard['file']} is truncated ({size:,} bytes)"
+    try:
+        TextTokenizer.load(folder / TOKENIZER)
+    except Exception as e:  # the tokenizers library raises its own exception types
+        return f"{TOKENIZER} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return None
+
+
 def open_cache(folder: Path) -> TokenCache | None:
-    """The complete cache in `folder`, or None when there is none (or only an unfinished one)."""
+    """The complete cache in `folder`, or None when there is none (or only an unfinished one, or one of an
+    older format). A damaged one raises DamagedCache, saying what is wrong."""
     if not (folder / MANIFEST).is_file():
         return None
-    manifest = json.loads((folder / MANIFEST).read_text())
-    if manifest.get("format") != CACHE_FORMAT:
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DamagedCache(f"{folder}: {MANIFEST} is corrupt ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
         return None
+    problem = _damage(folder, manifest)
+    if problem is not None:
+        raise DamagedCache(f"{folder}: {problem}")
     return TokenCache(folder, manifest, TextTokenizer.load(folder / TOKENIZER))
+
+
+def _clear(folder: Path) -> None:
+    """Empty a cache folder for a rebuild, keeping its lock file (held by this process)."""
+    for entry in folder.iterdir():
+        if entry.name != ".lock":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
 
 def build_cache(folder: Path, source: SourceConfig, key: str, load: Callable[[], Splits],
@@ -92,7 +141,12 @@ def build_cache(folder: Path, source: SourceConfig, key: str, load: Callable[[],
     """
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(folder / ".lock"):
-        done = open_cache(folder)  # another process may have finished it while we waited for the lock
+        try:
+            done = open_cache(folder)  # another process may have finished it while we waited for the lock
+        except DamagedCache as e:
+            log.warning("The token cache is damaged (%s); rebuilding it", e)
+            _clear(folder)
+            done = None
         if done is not None:
             return done
         splits = load()
@@ -101,7 +155,11 @@ def build_cache(folder: Path, source: SourceConfig, key: str, load: Callable[[],
         else:
             tok = tokenizer()
             tok.save(folder / TOKENIZER)
-        progress = _read_json(folder / PROGRESS) or {}
+        try:
+            progress = _read_json(folder / PROGRESS) or {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            log.warning("%s is corrupt; tokenizing %s from the start", folder / PROGRESS, source.name)
+            progress = {}
         log.info("%s %s into %s", "Resuming the tokenization of" if progress else "Tokenizing", source.name, folder)
         dtype = token_dtype(tok.vocab_size)
         stats = {}
@@ -121,9 +179,10 @@ def build_cache(folder: Path, source: SourceConfig, key: str, load: Callable[[],
         if splits.val is None:  # one long text (or a few): the last val_fraction of its tokens validate
             stats["train"], stats["val"] = _split_tail(stats["train"], source.val_fraction)
         source_record = {k: v for k, v in as_plain_dict(source).items() if k != "weight"}  # weights: not the data
-        _write_json(folder / MANIFEST, {"format": CACHE_FORMAT, "dtype": dtype.name, "vocab_size": tok.vocab_size,
-                                        "eot_id": tok.eot_id, "source": source_record, "tokenizer": tokenizer_record,
-                                        "splits": stats})
+        manifest = {"format": CACHE_FORMAT, "dtype": dtype.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
+                    "source": source_record, "tokenizer": tokenizer_record, "splits": stats,
+                    "files": {f.name: f.stat().st_size for f in sorted(folder.glob("*.bin"))}}
+        _write_json(folder / MANIFEST, {**manifest, "checksum": _checksum(manifest)})
         (folder / PROGRESS).unlink(missing_ok=True)
     return open_cache(folder)
 
@@ -161,14 +220,15 @@ class _SplitWriter:
         on_progress(s["documents"], s["tokens"])
         for batch in ds.iter(batch_size=BATCH_DOCUMENTS):
             records = batch[column]
-            texts = [t for t in records if t]
-            flat = _encode_documents(texts, tok, self.dtype)
+            ends = [not c for c in batch["_continues"]] if "_continues" in batch else [True] * len(records)
+            texts, ends = [t for t in records if t], [e for t, e in zip(records, ends, strict=True) if t]
+            flat = _encode_documents(texts, ends, tok, self.dtype)
             if self.max_tokens is not None:
                 flat = flat[: self.max_tokens - s["tokens"] - pending["tokens"]]
             if out is None:
                 out = open(self.folder / f"{self.split}-{len(s['shards']):05d}.bin", "wb")
             out.write(flat.tobytes())
-            for key, value in [("records", len(records)), ("documents", len(texts)), ("tokens", len(flat)),
+            for key, value in [("records", len(records)), ("documents", sum(ends)), ("tokens", len(flat)),
                                ("text_bytes", sum(len(t.encode("utf-8")) for t in texts))]:
                 pending[key] += value
             on_progress(s["documents"] + pending["documents"], s["tokens"] + pending["tokens"])
@@ -200,16 +260,17 @@ class _SplitWriter:
         _write_json(self.folder / PROGRESS, self.progress)
 
 
-def _encode_documents(texts: list[str], tok: TextTokenizer, dtype: np.dtype) -> np.ndarray:
-    """The documents' ids, each closed by end-of-text. The tokenizer sees at most TOKENIZE_CHARS of text at a
-    time (or one longer document): its per-token Encoding objects, not the text, are what takes memory."""
+def _encode_documents(texts: list[str], ends: list[bool], tok: TextTokenizer, dtype: np.dtype) -> np.ndarray:
+    """The texts' ids, end-of-text after each that ends a document (a long file comes as several pieces). The
+    tokenizer sees at most TOKENIZE_CHARS of text at a time (or one longer text): its per-token Encoding
+    objects, not the text, are what takes memory."""
     eot = np.array([tok.eot_id], dtype=dtype)
     pieces, start, chars = [eot[:0]], 0, 0
     for end, text in enumerate(texts, 1):
         chars += len(text)
         if chars >= TOKENIZE_CHARS or end == len(texts):
-            for ids in tok.encode_batch(texts[start:end]):
-                pieces += [np.asarray(ids, dtype=dtype), eot]  # end-of-text closes every document
+            for ids, last in zip(tok.encode_batch(texts[start:end]), ends[start:end], strict=True):
+                pieces += [np.asarray(ids, dtype=dtype), eot] if last else [np.asarray(ids, dtype=dtype)]
             start, chars = end, 0
     return np.concatenate(pieces)
 

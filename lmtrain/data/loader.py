@@ -96,6 +96,7 @@ def _leave_stopping_to_main(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # a preemption notice, too
+    signal.set_wakeup_fd(-1)  # the main process's acknowledgment pipe is not ours to write to
 
 
 def _batch_loader(batches: Dataset, indices: Iterable, seed: int, num_workers: int, pin_memory: bool) -> DataLoader:

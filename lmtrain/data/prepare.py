@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmtrain.config import DataConfig, SourceConfig, SourceKind, TokenizerConfig, TokenizerKind
-from lmtrain.data.cache import CACHE_FORMAT, Progress, TokenCache, build_cache, open_cache
+from lmtrain.data.cache import CACHE_FORMAT, DamagedCache, Progress, TokenCache, build_cache, open_cache
 from lmtrain.data.sources import Splits, digest, load_splits, source_fingerprint
 from lmtrain.data.tokenizer import (
     TextTokenizer,
@@ -68,7 +68,10 @@ def prepare_data(cfg: DataConfig, tok_cfg: TokenizerConfig,
     folders = {key: root / "data" / digest([CACHE_FORMAT, source_fingerprint(s, key), tokenizer_key, s.max_tokens])
                for key, s in raw}
     for key, s in raw:
-        cache = open_cache(folders[key])
+        try:
+            cache = open_cache(folders[key])
+        except DamagedCache:
+            cache = None  # build_cache says what is wrong, and rebuilds it
         if cache is not None:
             log.info("Using tokenized %s from %s (%s training tokens)", s.name, cache.path,
                      f"{cache.num_tokens('train'):,}")
@@ -104,7 +107,11 @@ def _open_prepared(key: str, s: SourceConfig, tok_cfg: TokenizerConfig) -> Token
     """A cache folder named by path: complete, and made with the tokenizer this run asks for: the same
     tokenizer.json for tokenizer=file, else the same settings."""
     path = Path(os.path.expanduser(s.path or ""))
-    cache = open_cache(path)
+    try:
+        cache = open_cache(path)
+    except DamagedCache as e:  # a folder given by path is not ours to rebuild
+        raise DataError(f"{key}.path={s.path!r} is a damaged token cache ({e}); prepare it again, or delete "
+                        f"{path} and run `lmtrain prepare` for its data") from None
     if cache is None:
         raise DataError(f"{key}.path={s.path!r} is not a complete token cache (no current {path / 'manifest.json'}); "
                         "give a folder that `lmtrain prepare` printed, or prepare it again")

@@ -7,6 +7,7 @@ tokenization is found again without touching the network or reading the corpus.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import itertools
@@ -14,12 +15,14 @@ import json
 import os
 import sys
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 
-from lmtrain.config import SourceConfig, SourceKind
+from lmtrain.config import EncodingErrors, SourceConfig, SourceKind
+from lmtrain.data.text_files import jsonl_records, text_records
 from lmtrain.errors import DataError
 
 # Documents at or above this count are split by document; fewer (one long text, say) by the tail of the tokens.
@@ -63,6 +66,9 @@ def expand_files(patterns: list[str], key: str) -> list[Path]:
     files: list[Path] = []
     for pattern in patterns:
         expanded = os.path.expanduser(pattern)
+        if os.path.isdir(expanded):
+            raise DataError(f"{key}: {pattern!r} is a folder; give the files in it, e.g. "
+                            f"{key}=[{pattern.rstrip('/')}/*.txt] (or **/*.txt to include subfolders)")
         matches = sorted(glob.glob(expanded, recursive=True)) if glob.has_magic(expanded) else [expanded]
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
@@ -80,6 +86,8 @@ def expand_files(patterns: list[str], key: str) -> list[Path]:
 def source_fingerprint(cfg: SourceConfig, key: str = "data") -> str:
     """Identifies the documents a config selects, from names, sizes and dates only."""
     common = [cfg.text_column, cfg.val_fraction, cfg.max_documents]
+    if cfg.encoding_errors != EncodingErrors.strict or cfg.skip_bad_records:  # the default keeps older cache keys
+        common += [EncodingErrors(cfg.encoding_errors).value, cfg.skip_bad_records]
     if cfg.source == SourceKind.pystdlib:
         files = stdlib_files()
         return digest(["pystdlib", sys.version, [(str(f), f.stat().st_size) for f in files], common])
@@ -100,22 +108,35 @@ def load_splits(cfg: SourceConfig, key: str = "data") -> Splits:
     """
     if cfg.source == SourceKind.pystdlib:
         return _pystdlib_splits(cfg)
+    limited = False  # whether the reader applied data.max_documents itself
     if cfg.source == SourceKind.text_files:
-        train = _load_files(expand_files(cfg.train_files, f"{key}.train_files"))
-        val = _load_files(expand_files(cfg.val_files, f"{key}.val_files")) if cfg.val_files else None
+        train_files = expand_files(cfg.train_files, f"{key}.train_files")
+        train = _load_files(train_files, cfg)
+        val = _load_files(expand_files(cfg.val_files, f"{key}.val_files"), cfg) if cfg.val_files else None
         where = {"train": f"{key}.train_files", "validation": f"{key}.val_files"}
+        limited = train_files[0].suffix.lower() in _READERS
+        if val is None and _one_document_per_file(train_files) and len(train_files) < MIN_DOCS_FOR_DOCUMENT_SPLIT:
+            return Splits(train=train, val=None, text_column=cfg.text_column)  # a few long texts: split their tail
     else:
         train, val = _load_hf(cfg, key)
         where = {"train": f"{key}.path={cfg.path!r}", "validation": f"{key}.path={cfg.path!r}"}
     for split_name, ds in [("train", train), ("validation", val)]:
         if ds is not None:
             _check_documents(ds, cfg.text_column, split_name, where[split_name], key)
-    train = _limit(train, cfg.max_documents)
+    train = train if limited else _limit(train, cfg.max_documents)
     if val is None:
         train, val = _split_by_document(train, cfg.val_fraction)
-    else:
+    elif not limited:
         val = _limit(val, cfg.max_documents)
     return Splits(train=train, val=val, text_column=cfg.text_column)
+
+
+def source_texts(cfg) -> Iterator[str]:
+    """Every document of a data config (each source of a mixture), training and validation alike."""
+    for key, source in [(f"data.mixture.{i}", s) for i, s in enumerate(cfg.mixture)] or [("data", cfg)]:
+        splits = load_splits(source, key)
+        for ds in (splits.train, splits.val):
+            yield from (row[splits.text_column] for row in ds or [])
 
 
 def _pystdlib_splits(cfg: SourceConfig) -> Splits:
@@ -134,8 +155,30 @@ def _pystdlib_splits(cfg: SourceConfig) -> Splits:
 Loaded = datasets.Dataset | datasets.IterableDataset
 
 
-def _load_files(files: list[Path]) -> datasets.IterableDataset:
-    """Local files, streamed: read in chunks as tokenization goes, never converted to Arrow or held whole."""
+def _one_document_per_file(files: list[Path]) -> bool:
+    return _EXTENSION_BUILDERS[files[0].suffix.lower()] == "text"
+
+
+def _text_stream(files: list[str], cfg: SourceConfig) -> datasets.IterableDataset:
+    errors = EncodingErrors(cfg.encoding_errors).value
+    return text_records(files, cfg.text_column, errors, cfg.max_documents)
+
+
+def _jsonl_stream(files: list[str], cfg: SourceConfig) -> datasets.IterableDataset:
+    errors = EncodingErrors(cfg.encoding_errors).value
+    return jsonl_records(files, cfg.text_column, errors, cfg.skip_bad_records, cfg.max_documents)
+
+
+# Read by lmtrain itself, in pieces, with errors that name the file and the line or byte (lmtrain.data.text_files).
+_READERS = {".txt": _text_stream, ".md": _text_stream, ".jsonl": _jsonl_stream}
+
+
+def _load_files(files: list[Path], cfg: SourceConfig) -> datasets.IterableDataset:
+    """Local files, streamed: read in pieces as tokenization goes, never converted to Arrow or held whole."""
+    reader = _READERS.get(files[0].suffix.lower())
+    if reader is not None:
+        generate = functools.partial(reader, cfg=cfg)
+        return datasets.IterableDataset.from_generator(generate, gen_kwargs={"files": [str(f) for f in files]})
     builder = _EXTENSION_BUILDERS[files[0].suffix.lower()]
     kwargs = {"sample_by": "document"} if builder == "text" else {}
     return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True, **kwargs)
@@ -192,6 +235,8 @@ def _split_by_document(ds: Loaded, val_fraction: float) -> tuple[Loaded, Loaded 
         if sum(1 for _ in itertools.islice(ds, MIN_DOCS_FOR_DOCUMENT_SPLIT)) < MIN_DOCS_FOR_DOCUMENT_SPLIT:
             return ds, None  # the stream ended early: only its first records were read to know
         every = max(2, round(1 / val_fraction))  # every k-th document: deterministic and needs no length
+        if "_document" in next(iter(ds)):  # lmtrain's own readers number the documents (a file's pieces share one)
+            return (ds.filter(lambda r: r["_document"] % every != 0), ds.filter(lambda r: r["_document"] % every == 0))
         return (ds.filter(lambda _, i: i % every != 0, with_indices=True),
                 ds.filter(lambda _, i: i % every == 0, with_indices=True))
     if len(ds) < MIN_DOCS_FOR_DOCUMENT_SPLIT:

@@ -41,6 +41,11 @@ class TextTokenizer:
         self.unk_id: int | None = tokenizer.token_to_id(UNKNOWN)
 
     @property
+    def never_generated(self) -> list[int]:
+        """Ids a model must never draw: padding and the unknown-token stand for no text."""
+        return [i for i in (self.tokenizer.token_to_id(PAD), self.unk_id) if i is not None]
+
+    @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 

@@ -54,7 +54,8 @@ def sample_next(logits: Tensor, temperature: float, top_k: int = 0, top_p: float
     """One token id per row of logits (B, V): argmax at temperature 0, else a draw after top-k and top-p."""
     if temperature == 0:
         return logits.argmax(dim=-1)  # (B,)
-    logits = logits.float() / temperature
+    # Shifted so the largest is 0 before dividing: a tiny temperature then gives -inf, never inf - inf = nan.
+    logits = (logits.float() - logits.float().amax(dim=-1, keepdim=True)) / temperature
     if 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1): the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -70,14 +71,16 @@ def sample_next(logits: Tensor, temperature: float, top_k: int = 0, top_p: float
 @torch.no_grad()
 def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, *, temperature: float = 1.0,
                     top_k: int = 0, top_p: float = 1.0, stop_id: int | None = None, n_tokens: int | None = None,
-                    generator: torch.Generator | None = None, use_cache: bool = True) -> Iterator[int]:
+                    generator: torch.Generator | None = None, use_cache: bool = True,
+                    banned: list[int] = ()) -> Iterator[int]:
     """Yield new token ids one by one, for a model in eval mode.
 
     Stops after max_new_tokens or after yielding stop_id (end-of-text). Past the model's context (block_size
     tokens read), the window slides: each further token is predicted from the last block_size tokens alone,
     read afresh at positions 0.. as in training (learned and rotary positions alike), so the model forgets
     what came before them, and each step costs a forward of the whole window instead of one cached position.
-    n_tokens: ids at or above it (vocabulary padding the tokenizer cannot decode) are never drawn.
+    n_tokens: ids at or above it (vocabulary padding the tokenizer cannot decode) are never drawn, nor are the
+    ids in `banned` (padding, the unknown-token).
     """
     block = model.cfg.block_size
     if not 0 < len(prompt) <= block:
@@ -92,6 +95,7 @@ def generate_tokens(model: GPT, prompt: list[int], max_new_tokens: int, *, tempe
         logits = model(idx, cache=cache)[:, -1].float()  # (1, V): the next token's scores
         if n_tokens is not None:
             logits[:, n_tokens:] = float("-inf")
+        logits[:, list(banned)] = float("-inf")
         token = sample_next(logits, temperature, top_k, top_p, generator)  # (1,)
         yield int(token)
         if int(token) == stop_id:
@@ -128,7 +132,8 @@ def sample_texts(model: GPT, tokenizer: TextTokenizer, prompts: list[list[int]],
     for prompt in prompts:
         prompt = fit_context(prompt, model.cfg.block_size)
         new = list(generate_tokens(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
-                                   stop_id=tokenizer.eot_id, n_tokens=tokenizer.vocab_size, generator=generator))
+                                   stop_id=tokenizer.eot_id, n_tokens=tokenizer.vocab_size, generator=generator,
+                                   banned=tokenizer.never_generated))
         texts.append(tokenizer.decode(prompt + new, skip_special=True))
     model.train(was_training)
     return texts

@@ -1,0 +1,108 @@
+"""Command-line keys checked against the schema before Hydra composes anything.
+
+For `model.foo=1` Hydra answers "use +model.foo=1", which it then accepts and lmtrain refuses: two errors,
+and the hint leads away from the key the user meant. Checking each `a.b.c=value` override against the
+command's dataclass schema first gives one line naming the unknown key and the nearest existing one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+
+from lmtrain.errors import ConfigError
+
+_PACKAGED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # an installed lmtrain.configs
+
+
+def _strip(tp: object) -> object:
+    """`X | None` -> X; `list[X]` -> list[X] kept; anything else as it is."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
+def _fields(schema: type) -> dict[str, object]:
+    return {f.name: t for f in dataclasses.fields(schema)
+            for t in [typing.get_type_hints(schema)[f.name]]}
+
+
+def _groups(config_dirs: list[str]) -> set[str]:
+    """Config group folders (experiment, hydra, ...): `group=choice` selects a file, not a schema field."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("lmtrain.configs")
+    roots = [Path(p) for p in (spec.submodule_search_locations or [])] if spec else [_PACKAGED_CONFIGS]
+    roots += [Path(d) for d in config_dirs]
+    return {p.name for root in roots if root.is_dir() for p in root.iterdir() if p.is_dir()}
+
+
+def unknown_key(schema: type, key: str) -> str | None:
+    """None when `key` (dotted, list indices as numbers) names a field of `schema`; else a one-line error
+    naming the first unknown part and the nearest existing key."""
+    parts, node, done = key.split("."), schema, []
+    for part in parts:
+        node = _strip(node)
+        if typing.get_origin(node) is list and part.isdigit():
+            node, done = typing.get_args(node)[0], done + [part]
+            continue
+        if not dataclasses.is_dataclass(node):
+            return None  # a value (dict, any): nothing to check below it
+        fields = _fields(node)
+        if part not in fields:
+            prefix = ".".join(done + [""])
+            near = difflib.get_close_matches(part, list(fields), n=1, cutoff=0.5)
+            hint = f"did you mean {prefix}{near[0]}?" if near else f"its keys are {', '.join(sorted(fields))}"
+            return f"{key}: unknown key {part!r} in {prefix.rstrip('.') or 'the config'}; {hint}"
+        node, done = fields[part], done + [part]
+    return None
+
+
+def _config_dirs(argv: list[str]) -> list[str]:
+    dirs = [os.path.expanduser(argv[i + 1]) for i, a in enumerate(argv[:-1]) if a in ("--config-dir", "-cd")]
+    return dirs + [os.path.expanduser(a.split("=", 1)[1]) for a in argv if a.startswith("--config-dir=")]
+
+
+def check_config_dirs(argv: list[str]) -> None:
+    """Every YAML file of a user's --config-dir parses: a syntax error is one line naming the file and line,
+    not the long traceback Hydra shows when it meets the file."""
+    import yaml
+
+    for folder in _config_dirs(argv):
+        for file in sorted(Path(folder).rglob("*.yaml")):
+            try:
+                yaml.safe_load(file.read_text(encoding="utf-8"))
+            except yaml.MarkedYAMLError as e:
+                mark = e.problem_mark or e.context_mark
+                where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                raise ConfigError(f"{file}{where}: {e.problem or e.context}; fix the YAML syntax there") from None
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{file}: not readable YAML ({str(e).splitlines()[0]})") from None
+
+
+def check_overrides(schema: type, argv: list[str]) -> None:
+    """Raise ConfigError for the first `key=value` override whose key the schema does not have.
+
+    `+key=value` (Hydra's explicit addition), `~key` (deletion), hydra.* and config group choices pass
+    through: Hydra and the schema check at conversion handle them.
+    """
+    config_dirs = _config_dirs(argv)
+    groups = None
+    for arg in argv:
+        if arg.startswith(("-", "+", "~")) or "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0]
+        if key.split(".")[0] == "hydra" or "/" in key:
+            continue
+        if "." not in key:  # a top-level key may be a group choice (experiment=...) rather than a field
+            groups = _groups(config_dirs) if groups is None else groups
+            if key in groups:
+                continue
+        problem = unknown_key(schema, key)
+        if problem is not None:
+            raise ConfigError(problem)
