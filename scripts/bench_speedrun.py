@@ -86,7 +86,7 @@ def train(recipe: str, data: Path, run_dir: Path, eval_every: int, extra: list[s
     output = result.stdout + result.stderr
     if result.returncode != 0:
         raise SystemExit(f"lmtrain train {' '.join(overrides)} failed:\n{output[-3000:]}")
-    match = re.search(r"block \d+\) on \S+, ([^,\n]+)", output)  # "... on cpu, fp32" / "on cpu, bf16 autocast"
+    match = re.search(r"Precision (\w+): ", output)  # the trainer's "Precision bf16: <why auto chose it>" line
     return read_metrics(run_dir / "metrics.jsonl"), match[1].strip() if match else "?"
 
 
