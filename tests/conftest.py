@@ -45,3 +45,22 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     """Run `lmtrain ARGS` in a fresh process, as a user would, with `input` on stdin; returns the CompletedProcess."""
     return subprocess.run([sys.executable, "-m", "lmtrain", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})}, input=input)
+
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # deterministic sums, and a tiny model gains nothing from threads
+
+
+def start(*args: str, cwd: Path | None = None) -> subprocess.Popen:
+    """`lmtrain train ARGS` started in the background, one thread, output (stdout and stderr) readable as it comes."""
+    return subprocess.Popen([sys.executable, "-m", "lmtrain", "train", *args], stdout=subprocess.PIPE, cwd=cwd,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **ONE_THREAD})
+
+
+def read_until(proc: subprocess.Popen, *fragments: str) -> str:
+    """Read the process's output until a line holds every fragment; returns all output read."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if all(f in line for f in fragments):
+            return "".join(seen)
+    raise AssertionError(f"the run ended before printing {fragments!r}:\n" + "".join(seen))

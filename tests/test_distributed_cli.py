@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from lmtrain.metrics import read_metrics
 
-from conftest import FAST_TRAIN, TINY_MODEL, run_cli
+from conftest import FAST_TRAIN, ONE_THREAD, TINY_MODEL, read_until, run_cli, start
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,6 @@ COMMON = [*TINY_MODEL, *(o for o in FAST_TRAIN if not o.startswith("trainer.batc
           "trainer.save_every=10", "trainer.dist_timeout_s=30"]
 ONE = [*COMMON, "trainer.batch_size=8", "trainer.max_steps=20"]  # 1 rank x 8
 TWO = [*COMMON, "trainer.batch_size=4", "trainer.max_steps=20"]  # 2 ranks x 4
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
@@ -49,20 +48,6 @@ def assert_losses_match(run: Path, reference: Path, steps: range, tol: float) ->
     assert sorted(got) == list(steps)
     for step in steps:
         assert abs(got[step] - want[step]) <= tol, (step, got[step], want[step])
-
-
-def start(*args: str, cwd: Path | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lmtrain", "train", *args], stdout=subprocess.PIPE, cwd=cwd,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **ONE_THREAD})
-
-
-def read_until(proc: subprocess.Popen, *fragments: str) -> str:
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if all(f in line for f in fragments):
-            return "".join(seen)
-    raise AssertionError(f"the run ended before printing {fragments!r}:\n" + "".join(seen))
 
 
 def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:

@@ -1,6 +1,5 @@
 """Killing, stopping and resuming `lmtrain train` through the real CLI, against one uninterrupted run."""
 
-import os
 import shlex
 import signal
 import subprocess
@@ -13,14 +12,13 @@ from safetensors.torch import load_file
 
 from lmtrain.metrics import read_metrics
 
-from conftest import FAST_TRAIN, TINY_MODEL, run_cli
+from conftest import FAST_TRAIN, ONE_THREAD, TINY_MODEL, read_until, run_cli, start
 
 pytestmark = pytest.mark.slow
 
 # 40 steps with dropout (so the RNG state matters), validation every 10 steps, a checkpoint every 20.
 RUN = [*TINY_MODEL, *FAST_TRAIN, "model.dropout=0.1", "trainer.max_steps=40", "trainer.eval_every=10",
        "trainer.save_every=20"]
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # a tiny model gains nothing from threads on a shared CPU
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
@@ -31,21 +29,6 @@ def reference(tmp_path_factory) -> Path:
     result = run_cli("train", *RUN, f"hydra.run.dir={run}", env=ONE_THREAD)
     assert result.returncode == 0, result.stdout + result.stderr
     return run
-
-
-def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "lmtrain", "train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **ONE_THREAD})
-
-
-def read_until(proc: subprocess.Popen, *fragments: str) -> str:
-    """Read the process's output until a line holds every fragment; returns all output read."""
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if all(f in line for f in fragments):
-            return "".join(seen)
-    raise AssertionError("the run ended before printing " + repr(fragments) + ":\n" + "".join(seen))
 
 
 def logged(run: Path) -> list[dict]:

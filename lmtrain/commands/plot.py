@@ -11,9 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
-from lmtrain.commands.summarize import parse_args
-from lmtrain.errors import ConfigError, reports_user_errors
-from lmtrain.sweeps.runs import OBJECTIVES
+from lmtrain.commands.summarize import chosen_runs
+from lmtrain.errors import reports_user_errors
 
 log = logging.getLogger("lmtrain")
 USAGE = "usage: lmtrain plot DIR [DIR ...] [metric=val_loss|best_val_loss|train_loss] [out=FILE.png]"
@@ -22,16 +21,9 @@ USAGE = "usage: lmtrain plot DIR [DIR ...] [metric=val_loss|best_val_loss|train_
 @reports_user_errors
 def plot_command(argv: list[str]) -> Path:
     from lmtrain.sweeps.plots import plot_run, plot_runs
-    from lmtrain.sweeps.report import read_runs
     from lmtrain.sweeps.summary import sort_runs, swept_keys
 
-    folders, options = parse_args(argv, ("metric", "out"))
-    metric = options.get("metric", "val_loss")
-    if metric not in OBJECTIVES:
-        raise ConfigError(f"metric={metric} must be one of {', '.join(OBJECTIVES)}")
-    runs = read_runs(folders)
-    if not runs:
-        raise ConfigError(f"no runs (folders with metrics.jsonl or status.json) under {' '.join(map(str, folders))}")
+    folders, options, metric, runs = chosen_runs(argv, ("metric", "out"))
     if len(runs) == 1:
         out = Path(options.get("out", runs[0].folder / "loss.png"))
         plot_run(runs[0], out)

@@ -34,17 +34,25 @@ def parse_args(argv: list[str], options: tuple[str, ...]) -> tuple[list[Path], d
     return folders, values
 
 
-@reports_user_errors
-def summarize_command(argv: list[str]) -> None:
-    from lmtrain.sweeps.report import read_runs, summarize
+def chosen_runs(argv: list[str], options: tuple[str, ...]) -> tuple[list[Path], dict[str, str], str, list]:
+    """What `summarize` and `plot` share: the folders, the options, the checked metric and the runs found."""
+    from lmtrain.sweeps.report import read_runs
 
-    folders, options = parse_args(argv, ("metric", "sort", "out"))
-    metric = options.get("metric", "val_loss")
+    folders, values = parse_args(argv, options)
+    metric = values.get("metric", "val_loss")
     if metric not in OBJECTIVES:
         raise ConfigError(f"metric={metric} must be one of {', '.join(OBJECTIVES)}")
     runs = read_runs(folders)
     if not runs:
         raise ConfigError(f"no runs (folders with metrics.jsonl or status.json) under {' '.join(map(str, folders))}")
+    return folders, values, metric, runs
+
+
+@reports_user_errors
+def summarize_command(argv: list[str]) -> None:
+    from lmtrain.sweeps.report import summarize
+
+    folders, options, metric, runs = chosen_runs(argv, ("metric", "sort", "out"))
     out = Path(options["out"]) if "out" in options else folders[0] if len(folders) == 1 else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
