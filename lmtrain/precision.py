@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 
 from lmtrain import distributed
-from lmtrain.checkpoint import write_json
 from lmtrain.config import ModelConfig, Precision
-from lmtrain.mfu import cache_file, machine_key, peak_flops
+from lmtrain.mfu import cache_file, cached_measurement, machine_key, peak_flops
 
 log = logging.getLogger(__name__)
 
@@ -146,21 +145,9 @@ def _cached_step_speedup(model: torch.nn.Module, cfg: ModelConfig, batch: int, d
     shape = json.dumps({**{k: str(v) for k, v in vars(cfg).items() if k not in ("name", "init_from")},
                         "batch": batch}, sort_keys=True)
     key = f"{machine_key(device, 'bf16 step')} | {hashlib.sha1(shape.encode()).hexdigest()[:16]}"
-    path = cache_file().with_name(STEP_CACHE_FILE)
-    try:
-        cached = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError):
-        cached = {}  # unreadable: measured again and rewritten
-    if isinstance(cached.get(key), (int, float)) and cached[key] > 0:
-        return float(cached[key])
-    log.info("Timing this model's training step in bf16 and fp32 (once for this shape; cached in %s)", path)
-    speedup = step_speedup(model, cfg, batch, device)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, {**cached, key: speedup})
-    except OSError as e:
-        log.warning("Could not cache the measured step speed in %s: %s", path, e)
-    return speedup
+    return cached_measurement(cache_file().with_name(STEP_CACHE_FILE), key,
+                              lambda: step_speedup(model, cfg, batch, device),
+                              "bf16 speed-up of this model's training step, timed in bf16 and fp32")
 
 
 def step_speedup(model: torch.nn.Module, cfg: ModelConfig, batch: int, device: torch.device,

@@ -257,3 +257,31 @@ def test_the_peak_probe_leaves_the_global_rng_alone():
     torch.manual_seed(1)
     mfu.probe_peak_flops(CPU, "fp32", repeats=1, min_seconds=0.0)
     assert torch.equal(torch.rand(4), expected)
+
+
+def _rank_choice(rank: int, init_file: str, cache_root: str, speedups: list[float], results: str) -> None:
+    """One gloo rank: its own cache and its own (faked) step timing; writes the choice it ends with."""
+    import os
+
+    import torch.distributed as dist
+    os.environ["LMTRAIN_CACHE"] = os.path.join(cache_root, str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(speedups))
+    precision.peak_flops = lambda device, name: (1e12, "faked")
+    precision.step_speedup = lambda *args, **kwargs: speedups[rank]
+    model, cfg = tiny_gpt()
+    choice = confirm_on_model(MATMUL_BF16, model, cfg, 8, CPU)
+    with open(os.path.join(results, str(rank)), "w") as f:
+        f.write(f"{choice.name}|{choice.reason}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("speedups", "expected"), [([1.3, 1.4], "bf16"), ([1.3, 0.9], "fp32")])
+def test_every_rank_keeps_bf16_or_none_does(tmp_path, speedups, expected):
+    results = tmp_path / "results"
+    results.mkdir()
+    torch.multiprocessing.spawn(_rank_choice, args=(str(tmp_path / "init"), str(tmp_path / "cache"), speedups,
+                                                    str(results)), nprocs=2)
+    choices = [(results / str(rank)).read_text().split("|") for rank in range(2)]
+    assert [name for name, _ in choices] == [expected, expected]
+    if expected == "fp32":  # the rank that measured bf16 faster says why it still runs fp32
+        assert "another rank measured" in choices[0][1] and "measured only 0.90x" in choices[1][1]
