@@ -16,6 +16,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -141,21 +142,27 @@ def _matmul_seconds(device: torch.device, precision: str, size: int) -> float:
 
 def measured_peak_flops(device: torch.device, precision: str, reprobe: bool = False) -> float:
     """This machine's measured peak for `precision`, from the cache unless `reprobe` (then measured and stored)."""
-    path, key = cache_file(), machine_key(device, precision)
+    return cached_measurement(cache_file(), machine_key(device, precision),
+                              lambda: probe_peak_flops(device, precision), f"{precision} matmul peak for MFU", reprobe)
+
+
+def cached_measurement(path: Path, key: str, measure: Callable[[], float], what: str, remeasure: bool = False) -> float:
+    """The positive figure stored under `key` in the JSON file `path`, or, when absent (or `remeasure`), the
+    result of `measure()`, stored there for next time. An unreadable file is measured again and rewritten."""
     try:
         cached = json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
-        cached = {}  # unreadable: measured again and rewritten
-    if not reprobe and isinstance(cached.get(key), (int, float)) and cached[key] > 0:
+        cached = {}
+    if not remeasure and isinstance(cached.get(key), (int, float)) and cached[key] > 0:
         return float(cached[key])
-    log.info("Measuring this machine's %s matmul peak for MFU (once; cached in %s)", precision, path)
-    peak = probe_peak_flops(device, precision)
+    log.info("Measuring this machine's %s (once; cached in %s)", what, path)
+    figure = measure()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, {**cached, key: peak})
+        write_json(path, {**cached, key: figure})
     except OSError as e:
-        log.warning("Could not cache the measured peak in %s: %s", path, e)
-    return peak
+        log.warning("Could not cache the measured %s in %s: %s", what, path, e)
+    return figure
 
 
 def peak_flops(device: torch.device, precision: str, reprobe: bool = False) -> tuple[float, str]:

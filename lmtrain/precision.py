@@ -1,8 +1,10 @@
 """A run's number format: what `precision=auto` picks on this device and why, autocast, and fp16's loss scaling.
 
-- CPU: bf16 only where the CPU has native bf16 instructions (AMX or AVX512-BF16) and its matmuls measure
-  faster than fp32's (the measured peaks of lmtrain.mfu, probed once per machine and cached); fp32
-  otherwise. Without those instructions every bf16 matmul is emulated and several times slower.
+- CPU: bf16 only where the CPU has native bf16 instructions (AMX or AVX512-BF16), its matmuls measure
+  faster than fp32's (the measured peaks of lmtrain.mfu, probed once per machine and cached), and, for a
+  model small enough that a step takes under a second, its own training step measures faster in bf16
+  too (`confirm_on_model`: small matmuls gain less from bf16 and pay for the casts); fp32 otherwise.
+  Without those instructions every bf16 matmul is emulated and several times slower.
 - CUDA: bf16 at compute capability 8.0 and above (Ampere on); below it bf16 is emulated, so fp16 with a
   GradScaler: the loss is scaled up before the backward pass so small gradients do not flush to zero, the
   gradients are unscaled before clipping, and a step whose gradients hold inf or NaN is skipped (counted).
@@ -13,21 +15,28 @@ Weights and optimizer state stay float32 in every mode: autocast runs the matmul
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import platform
+import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import torch
 
-from lmtrain.config import Precision
-from lmtrain.mfu import peak_flops
+from lmtrain import distributed
+from lmtrain.config import ModelConfig, Precision
+from lmtrain.mfu import cache_file, cached_measurement, machine_key, peak_flops
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_BF16_SPEEDUP = 1.2  # on a CPU, bf16 must measure at least this much faster than fp32 for auto to pick it
+MIN_STEP_SPEEDUP = 1.05  # ... and the model's own training step at least this much faster
+STEP_PROBE_MAX_SECONDS = 1.0  # a step estimated longer is large-matmul work, which the matmul probe speaks for
+STEP_CACHE_FILE = "bf16_step_speedup.json"
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,64 @@ def _choose_cuda(setting: Precision, device: torch.device, key: str) -> Precisio
         log.warning("%s=bf16 on a GPU of compute capability %d.%d, which emulates bf16 (slow, and no flash "
                     "attention); %s=auto picks fp16 with loss scaling", key, major, minor, key)
     return PrecisionChoice(setting.value, f"{key}={setting.value}")
+
+
+def confirm_on_model(choice: PrecisionChoice, model: torch.nn.Module, cfg: ModelConfig, batch: int,
+                     device: torch.device) -> PrecisionChoice:
+    """`auto`'s choice on a CPU, with bf16 kept only if this model's training step (forward and backward at
+    `batch` sequences) measures at least MIN_STEP_SPEEDUP faster in bf16 than in fp32, and only if every
+    rank keeps it (one collective, on every rank). Measured once per machine, model shape and batch, and
+    cached beside the matmul peaks. A model whose step would take over STEP_PROBE_MAX_SECONDS is not timed:
+    its matmuls are large, and the matmul probe already speaks for them."""
+    if device.type != "cpu":
+        return choice
+    speedup = None
+    if choice.name == "bf16":
+        estimate = model.flops_per_token() * batch * cfg.block_size / peak_flops(device, "bf16")[0]
+        if estimate <= STEP_PROBE_MAX_SECONDS:
+            speedup = _cached_step_speedup(model, cfg, batch, device)
+    keep = choice.name == "bf16" and (speedup is None or speedup >= MIN_STEP_SPEEDUP)
+    every_rank_keeps = distributed.smallest(int(keep), device) == 1
+    step = f"this model's training step (batch {batch} x {cfg.block_size})"
+    if every_rank_keeps:
+        return choice if speedup is None else PrecisionChoice(
+            "bf16", f"{choice.reason}; {step} measured {speedup:.2f}x fp32's speed in bf16")
+    if choice.name != "bf16":
+        return choice
+    if not keep:
+        return PrecisionChoice("fp32", f"{choice.reason}, but {step} measured only {speedup:.2f}x fp32's speed "
+                                       "in bf16")
+    return PrecisionChoice("fp32", f"{choice.reason}, but another rank measured {step} no faster in bf16")
+
+
+def _cached_step_speedup(model: torch.nn.Module, cfg: ModelConfig, batch: int, device: torch.device) -> float:
+    shape = json.dumps({**{k: str(v) for k, v in vars(cfg).items() if k not in ("name", "init_from")},
+                        "batch": batch}, sort_keys=True)
+    key = f"{machine_key(device, 'bf16 step')} | {hashlib.sha1(shape.encode()).hexdigest()[:16]}"
+    return cached_measurement(cache_file().with_name(STEP_CACHE_FILE), key,
+                              lambda: step_speedup(model, cfg, batch, device),
+                              "bf16 speed-up of this model's training step, timed in bf16 and fp32")
+
+
+def step_speedup(model: torch.nn.Module, cfg: ModelConfig, batch: int, device: torch.device,
+                 repeats: int = 3) -> float:
+    """fp32's step time over bf16's: the best of `repeats` forward and backward passes of `model` on random
+    tokens in each, taken in turn after one untimed pass each. The weights do not change, the gradients are
+    cleared after, and the global RNG (dropout's) is left where it was."""
+    tokens = torch.randint(cfg.vocab_size, (batch, cfg.block_size), device=device,
+                           generator=torch.Generator(device=device).manual_seed(0))
+    best = {"fp32": float("inf"), "bf16": float("inf")}
+    with torch.random.fork_rng(devices=[]):
+        for i in range(repeats + 1):
+            for name in best:
+                start = time.perf_counter()
+                with autocast_for(device, PrecisionChoice(name, "")):
+                    loss = model(tokens, tokens)
+                loss.backward()
+                if i:  # the first pass of each is warm-up
+                    best[name] = min(best[name], time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    return best["fp32"] / best["bf16"]
 
 
 def autocast_for(device: torch.device, choice: PrecisionChoice) -> contextlib.AbstractContextManager:

@@ -21,7 +21,7 @@ import torch
 
 from lmtrain import distributed, parallel
 from lmtrain.clock import RunClock
-from lmtrain.config import Strategy, TrainConfig, as_plain_dict
+from lmtrain.config import Precision, Strategy, TrainConfig, as_plain_dict
 from lmtrain.console import PreparationProgress, print_table, progress_bar, wants_progress_bar
 from lmtrain.data.loader import train_loader, val_batches
 from lmtrain.data.prepare import prepare_data
@@ -29,13 +29,13 @@ from lmtrain.divergence import DivergenceGuard
 from lmtrain.errors import ConfigError
 from lmtrain.eta import Eta
 from lmtrain.loggers import build_loggers
-from lmtrain.memory import format_bytes, micro_batches, peak_memory, trial_step
+from lmtrain.memory import configured_size, format_bytes, micro_batches, peak_memory, trial_step
 from lmtrain.metrics import MetricsLog, recorded_figures, summary_table
 from lmtrain.mfu import Mfu
 from lmtrain.model import GPT
 from lmtrain.model.generation import encode_prompt, sample_texts
 from lmtrain.optim import build_optimizer, lr_at, set_lr
-from lmtrain.precision import TrainingPrecision, choose
+from lmtrain.precision import TrainingPrecision, choose, confirm_on_model
 from lmtrain.preflight import init_from_checked, warn_before_training
 from lmtrain.signals import StopSignals
 from lmtrain.train_state import Checkpointer
@@ -108,7 +108,7 @@ class Trainer:
         self.world, self.device = distributed.setup(self.device, t.dist_timeout_s,
                                                     group_of_one=t.strategy in (Strategy.ddp, Strategy.fsdp))
         strategy = parallel.resolve(t.strategy, self.world)
-        self.precision = TrainingPrecision(choose(t.precision, self.device), self.device)
+        precision = choose(t.precision, self.device)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
             torch.backends.cudnn.allow_tf32 = True
@@ -124,6 +124,10 @@ class Trainer:
         self.model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab, vocab_multiple=vocab_multiple)
         self.model = GPT(self.model_cfg).to(self.device)
         self.model.activation_checkpointing = t.activation_checkpointing
+        if t.precision == Precision.auto:  # before compiling: the probe runs the model eagerly
+            precision = confirm_on_model(precision, self.model, self.model_cfg,
+                                         configured_size(t.micro_batch_size, t.batch_size) or t.batch_size, self.device)
+        self.precision = TrainingPrecision(precision, self.device)
         self.compiled = t.compile if t.compile is not None else self.device.type == "cuda"
         if self.compiled:
             self.model.compile_blocks()

@@ -1,5 +1,6 @@
-"""The precision a run picks for each detected capability (faked), fp16's loss scaling on the CPU, MFU's peaks
-(exact GPU names, the measured-peak cache, never above 100%), and tokens/s without warm-up."""
+"""The precision a run picks for each detected capability (faked) and for its model's own step, fp16's loss
+scaling on the CPU, MFU's peaks (exact GPU names, the measured-peak cache, never above 100%), and tokens/s
+without warm-up."""
 
 import json
 import logging
@@ -9,9 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from lmtrain import clock, mfu, precision
-from lmtrain.config import Precision
+from lmtrain.config import ModelConfig, Precision
 from lmtrain.metrics import read_metrics
-from lmtrain.precision import PrecisionChoice, TrainingPrecision, choose
+from lmtrain.model import GPT
+from lmtrain.precision import PrecisionChoice, TrainingPrecision, choose, confirm_on_model
 
 from conftest import FAST_TRAIN, TINY_MODEL, run_cli
 
@@ -47,6 +49,51 @@ def test_explicit_bf16_without_native_bf16_warns_with_the_measured_slowdown(monk
     with caplog.at_level(logging.WARNING):
         assert choose(Precision.bf16, CPU).name == "bf16"  # the user's choice stands
     assert "measured 8.0x slower than fp32" in caplog.text and "trainer.precision=auto picks fp32" in caplog.text
+
+
+MATMUL_BF16 = PrecisionChoice("bf16", "the CPU has AVX512-BF16; bf16 matmuls measured 3.0x fp32's speed")
+
+
+def tiny_gpt(**overrides) -> tuple[GPT, ModelConfig]:
+    cfg = ModelConfig(vocab_size=68, d_model=32, n_heads=2, n_layers=1, d_ff=64, block_size=16, **overrides)
+    return GPT(cfg), cfg
+
+
+@pytest.mark.parametrize(("speedup", "expected", "words"), [(0.9, "fp32", "measured only 0.90x"),
+                                                            (1.3, "bf16", "measured 1.30x")])
+def test_auto_keeps_bf16_only_where_the_models_own_step_measures_faster(tmp_path, monkeypatch, speedup, expected,
+                                                                        words):
+    monkeypatch.setenv("LMTRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(precision, "peak_flops", lambda device, name: (1e12, "faked"))
+    timed = []
+    monkeypatch.setattr(precision, "step_speedup", lambda *args, **kwargs: timed.append(args[2]) or speedup)
+    model, cfg = tiny_gpt()
+    choice = confirm_on_model(MATMUL_BF16, model, cfg, 8, CPU)
+    assert choice.name == expected and words in choice.reason and "batch 8 x 16" in choice.reason
+    assert confirm_on_model(MATMUL_BF16, model, cfg, 8, CPU).name == expected
+    assert timed == [8]  # measured once, then read from the cache
+    confirm_on_model(MATMUL_BF16, model, cfg, 16, CPU)  # another batch is another shape: measured again
+    assert timed == [8, 16] and len(json.loads((tmp_path / "bf16_step_speedup.json").read_text())) == 2
+
+
+def test_no_step_is_timed_for_a_large_model_or_an_fp32_choice(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMTRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(precision, "step_speedup", lambda *args, **kwargs: pytest.fail("a step was timed"))
+    model, cfg = tiny_gpt()
+    monkeypatch.setattr(precision, "peak_flops", lambda device, name: (1e3, "faked"))  # a step would take hours
+    assert confirm_on_model(MATMUL_BF16, model, cfg, 8, CPU) == MATMUL_BF16
+    no_native = PrecisionChoice("fp32", "this CPU has no native bf16 instructions (AMX or AVX512-BF16)")
+    assert confirm_on_model(no_native, model, cfg, 8, CPU) == no_native
+
+
+def test_the_step_probe_changes_no_weight_no_gradient_and_no_random_state():
+    model, cfg = tiny_gpt(dropout=0.1)
+    weights = {name: w.clone() for name, w in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert precision.step_speedup(model, cfg, 4, CPU, repeats=1) > 0
+    assert torch.equal(torch.get_rng_state(), rng)  # dropout drew from a forked RNG
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(weights[name], w) for name, w in model.state_dict().items())
 
 
 @pytest.mark.parametrize(("capability", "expected"), [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
@@ -210,3 +257,31 @@ def test_the_peak_probe_leaves_the_global_rng_alone():
     torch.manual_seed(1)
     mfu.probe_peak_flops(CPU, "fp32", repeats=1, min_seconds=0.0)
     assert torch.equal(torch.rand(4), expected)
+
+
+def _rank_choice(rank: int, init_file: str, cache_root: str, speedups: list[float], results: str) -> None:
+    """One gloo rank: its own cache and its own (faked) step timing; writes the choice it ends with."""
+    import os
+
+    import torch.distributed as dist
+    os.environ["LMTRAIN_CACHE"] = os.path.join(cache_root, str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(speedups))
+    precision.peak_flops = lambda device, name: (1e12, "faked")
+    precision.step_speedup = lambda *args, **kwargs: speedups[rank]
+    model, cfg = tiny_gpt()
+    choice = confirm_on_model(MATMUL_BF16, model, cfg, 8, CPU)
+    with open(os.path.join(results, str(rank)), "w") as f:
+        f.write(f"{choice.name}|{choice.reason}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("speedups", "expected"), [([1.3, 1.4], "bf16"), ([1.3, 0.9], "fp32")])
+def test_every_rank_keeps_bf16_or_none_does(tmp_path, speedups, expected):
+    results = tmp_path / "results"
+    results.mkdir()
+    torch.multiprocessing.spawn(_rank_choice, args=(str(tmp_path / "init"), str(tmp_path / "cache"), speedups,
+                                                    str(results)), nprocs=2)
+    choices = [(results / str(rank)).read_text().split("|") for rank in range(2)]
+    assert [name for name, _ in choices] == [expected, expected]
+    if expected == "fp32":  # the rank that measured bf16 faster says why it still runs fp32
+        assert "another rank measured" in choices[0][1] and "measured only 0.90x" in choices[1][1]
