@@ -23,12 +23,16 @@ import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from lmtrain import distributed
-from lmtrain.config import ModelConfig, Precision
+from lmtrain.config import Precision
 from lmtrain.mfu import cache_file, cached_measurement, machine_key, peak_flops
+
+if TYPE_CHECKING:
+    from lmtrain.model import GPT
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +117,7 @@ def _choose_cuda(setting: Precision, device: torch.device, key: str) -> Precisio
     return PrecisionChoice(setting.value, f"{key}={setting.value}")
 
 
-def confirm_on_model(choice: PrecisionChoice, model: torch.nn.Module, cfg: ModelConfig, batch: int,
-                     device: torch.device) -> PrecisionChoice:
+def confirm_on_model(choice: PrecisionChoice, model: GPT, batch: int, device: torch.device) -> PrecisionChoice:
     """`auto`'s choice on a CPU, with bf16 kept only if this model's training step (forward and backward at
     `batch` sequences) measures at least MIN_STEP_SPEEDUP faster in bf16 than in fp32, and only if every
     rank keeps it (one collective, on every rank). Measured once per machine, model shape and batch, and
@@ -122,11 +125,11 @@ def confirm_on_model(choice: PrecisionChoice, model: torch.nn.Module, cfg: Model
     its matmuls are large, and the matmul probe already speaks for them."""
     if device.type != "cpu":
         return choice
-    speedup = None
+    speedup, cfg = None, model.cfg
     if choice.name == "bf16":
         estimate = model.flops_per_token() * batch * cfg.block_size / peak_flops(device, "bf16")[0]
         if estimate <= STEP_PROBE_MAX_SECONDS:
-            speedup = _cached_step_speedup(model, cfg, batch, device)
+            speedup = _cached_step_speedup(model, batch, device)
     keep = choice.name == "bf16" and (speedup is None or speedup >= MIN_STEP_SPEEDUP)
     every_rank_keeps = distributed.smallest(int(keep), device) == 1
     step = f"this model's training step (batch {batch} x {cfg.block_size})"
@@ -141,21 +144,20 @@ def confirm_on_model(choice: PrecisionChoice, model: torch.nn.Module, cfg: Model
     return PrecisionChoice("fp32", f"{choice.reason}, but another rank measured {step} no faster in bf16")
 
 
-def _cached_step_speedup(model: torch.nn.Module, cfg: ModelConfig, batch: int, device: torch.device) -> float:
-    shape = json.dumps({**{k: str(v) for k, v in vars(cfg).items() if k not in ("name", "init_from")},
+def _cached_step_speedup(model: GPT, batch: int, device: torch.device) -> float:
+    shape = json.dumps({**{k: str(v) for k, v in vars(model.cfg).items() if k not in ("name", "init_from")},
                         "batch": batch}, sort_keys=True)
     key = f"{machine_key(device, 'bf16 step')} | {hashlib.sha1(shape.encode()).hexdigest()[:16]}"
     return cached_measurement(cache_file().with_name(STEP_CACHE_FILE), key,
-                              lambda: step_speedup(model, cfg, batch, device),
+                              lambda: step_speedup(model, batch, device),
                               "bf16 speed-up of this model's training step, timed in bf16 and fp32")
 
 
-def step_speedup(model: torch.nn.Module, cfg: ModelConfig, batch: int, device: torch.device,
-                 repeats: int = 3) -> float:
+def step_speedup(model: GPT, batch: int, device: torch.device, repeats: int = 3) -> float:
     """fp32's step time over bf16's: the best of `repeats` forward and backward passes of `model` on random
     tokens in each, taken in turn after one untimed pass each. The weights do not change, the gradients are
     cleared after, and the global RNG (dropout's) is left where it was."""
-    tokens = torch.randint(cfg.vocab_size, (batch, cfg.block_size), device=device,
+    tokens = torch.randint(model.cfg.vocab_size, (batch, model.cfg.block_size), device=device,
                            generator=torch.Generator(device=device).manual_seed(0))
     best = {"fp32": float("inf"), "bf16": float("inf")}
     with torch.random.fork_rng(devices=[]):

@@ -125,7 +125,7 @@ class Trainer:
         self.model = GPT(self.model_cfg).to(self.device)
         self.model.activation_checkpointing = t.activation_checkpointing
         if t.precision == Precision.auto:  # before compiling: the probe runs the model eagerly
-            precision = confirm_on_model(precision, self.model, self.model_cfg,
+            precision = confirm_on_model(precision, self.model,
                                          configured_size(t.micro_batch_size, t.batch_size) or t.batch_size, self.device)
         self.precision = TrainingPrecision(precision, self.device)
         self.compiled = t.compile if t.compile is not None else self.device.type == "cuda"

@@ -54,9 +54,8 @@ def test_explicit_bf16_without_native_bf16_warns_with_the_measured_slowdown(monk
 MATMUL_BF16 = PrecisionChoice("bf16", "the CPU has AVX512-BF16; bf16 matmuls measured 3.0x fp32's speed")
 
 
-def tiny_gpt(**overrides) -> tuple[GPT, ModelConfig]:
-    cfg = ModelConfig(vocab_size=68, d_model=32, n_heads=2, n_layers=1, d_ff=64, block_size=16, **overrides)
-    return GPT(cfg), cfg
+def tiny_gpt(**overrides) -> GPT:
+    return GPT(ModelConfig(vocab_size=68, d_model=32, n_heads=2, n_layers=1, d_ff=64, block_size=16, **overrides))
 
 
 @pytest.mark.parametrize(("speedup", "expected", "words"), [(0.9, "fp32", "measured only 0.90x"),
@@ -66,31 +65,31 @@ def test_auto_keeps_bf16_only_where_the_models_own_step_measures_faster(tmp_path
     monkeypatch.setenv("LMTRAIN_CACHE", str(tmp_path))
     monkeypatch.setattr(precision, "peak_flops", lambda device, name: (1e12, "faked"))
     timed = []
-    monkeypatch.setattr(precision, "step_speedup", lambda *args, **kwargs: timed.append(args[2]) or speedup)
-    model, cfg = tiny_gpt()
-    choice = confirm_on_model(MATMUL_BF16, model, cfg, 8, CPU)
+    monkeypatch.setattr(precision, "step_speedup", lambda *args, **kwargs: timed.append(args[1]) or speedup)
+    model = tiny_gpt()
+    choice = confirm_on_model(MATMUL_BF16, model, 8, CPU)
     assert choice.name == expected and words in choice.reason and "batch 8 x 16" in choice.reason
-    assert confirm_on_model(MATMUL_BF16, model, cfg, 8, CPU).name == expected
+    assert confirm_on_model(MATMUL_BF16, model, 8, CPU).name == expected
     assert timed == [8]  # measured once, then read from the cache
-    confirm_on_model(MATMUL_BF16, model, cfg, 16, CPU)  # another batch is another shape: measured again
+    confirm_on_model(MATMUL_BF16, model, 16, CPU)  # another batch is another shape: measured again
     assert timed == [8, 16] and len(json.loads((tmp_path / "bf16_step_speedup.json").read_text())) == 2
 
 
 def test_no_step_is_timed_for_a_large_model_or_an_fp32_choice(tmp_path, monkeypatch):
     monkeypatch.setenv("LMTRAIN_CACHE", str(tmp_path))
     monkeypatch.setattr(precision, "step_speedup", lambda *args, **kwargs: pytest.fail("a step was timed"))
-    model, cfg = tiny_gpt()
+    model = tiny_gpt()
     monkeypatch.setattr(precision, "peak_flops", lambda device, name: (1e3, "faked"))  # a step would take hours
-    assert confirm_on_model(MATMUL_BF16, model, cfg, 8, CPU) == MATMUL_BF16
+    assert confirm_on_model(MATMUL_BF16, model, 8, CPU) == MATMUL_BF16
     no_native = PrecisionChoice("fp32", "this CPU has no native bf16 instructions (AMX or AVX512-BF16)")
-    assert confirm_on_model(no_native, model, cfg, 8, CPU) == no_native
+    assert confirm_on_model(no_native, model, 8, CPU) == no_native
 
 
 def test_the_step_probe_changes_no_weight_no_gradient_and_no_random_state():
-    model, cfg = tiny_gpt(dropout=0.1)
+    model = tiny_gpt(dropout=0.1)
     weights = {name: w.clone() for name, w in model.state_dict().items()}
     rng = torch.get_rng_state()
-    assert precision.step_speedup(model, cfg, 4, CPU, repeats=1) > 0
+    assert precision.step_speedup(model, 4, CPU, repeats=1) > 0
     assert torch.equal(torch.get_rng_state(), rng)  # dropout drew from a forked RNG
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(weights[name], w) for name, w in model.state_dict().items())
@@ -268,8 +267,8 @@ def _rank_choice(rank: int, init_file: str, cache_root: str, speedups: list[floa
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=len(speedups))
     precision.peak_flops = lambda device, name: (1e12, "faked")
     precision.step_speedup = lambda *args, **kwargs: speedups[rank]
-    model, cfg = tiny_gpt()
-    choice = confirm_on_model(MATMUL_BF16, model, cfg, 8, CPU)
+    model = tiny_gpt()
+    choice = confirm_on_model(MATMUL_BF16, model, 8, CPU)
     with open(os.path.join(results, str(rank)), "w") as f:
         f.write(f"{choice.name}|{choice.reason}")
     dist.destroy_process_group()
