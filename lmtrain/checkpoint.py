@@ -175,13 +175,18 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def nonfinite_names(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors holding a NaN or an infinity: a diverged model's."""
+    return [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
 def save_checkpoint(path: Path, model: nn.Module | dict[str, torch.Tensor] | None, config: dict,
                     tokenizer: TextTokenizer, extra: Callable[[Path], None] | None = None) -> Path:
     """Write a checkpoint folder atomically, replacing one at `path`; `extra(folder)` adds more files.
     `model` may be its weights already gathered, or None when `extra` writes them another way (shards)."""
 
     tensors = None if model is None else model if isinstance(model, dict) else model_tensors(model)
-    nonfinite = [name for name, t in (tensors or {}).items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    nonfinite = nonfinite_names(tensors or {})
     if nonfinite:  # a NaN model is never a checkpoint: best/, final/ and every step folder stay usable
         raise CheckpointError(f"refusing to save {path}: non-finite weights in {', '.join(nonfinite[:5])}")
 

@@ -20,15 +20,12 @@ import torch
 from torch import nn
 
 from lmtrain import distributed, parallel
+from lmtrain.checkpoint import nonfinite_names
 from lmtrain.config import DivergenceAction, TrainerConfig
 from lmtrain.errors import CheckpointError, Diverged
 from lmtrain.train_state import TrainingCheckpoint, step_candidates
 
 log = logging.getLogger(__name__)
-
-
-def all_finite(tensors: dict[str, torch.Tensor]) -> bool:
-    return all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
 
 
 class DivergenceGuard:
@@ -113,7 +110,7 @@ def newest_finite(root: Path, rank: int = 0) -> TrainingCheckpoint | None:
         except CheckpointError as e:
             log.warning("Cannot roll back to %s: %s", folder.name, e)
             continue
-        if checkpoint.weights is None or all_finite(checkpoint.weights):
+        if checkpoint.weights is None or not nonfinite_names(checkpoint.weights):
             return checkpoint
         log.warning("Cannot roll back to %s: its weights are not finite", folder.name)
     return None

@@ -17,6 +17,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -83,6 +84,7 @@ def machine_key(device: torch.device, precision: str) -> str:
     return f"{processor} | {precision} | {torch.get_num_threads()} threads | torch {torch.__version__}"
 
 
+@cache
 def cpu_model() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():

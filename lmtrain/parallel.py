@@ -48,7 +48,7 @@ class Parallel:
         return self.strategy == Strategy.fsdp
 
 
-def wrap(model: nn.Module, strategy: Strategy, world: World, device: torch.device, bf16: bool) -> Parallel:
+def wrap(model: nn.Module, strategy: Strategy, device: torch.device, bf16: bool) -> Parallel:
     """Wrap `model` for `strategy` (already resolved); build the optimizer after this, over model.parameters().
     Compile the blocks (GPT.compile_blocks) before: FSDP2 then shards the compiled blocks, as torchtitan does."""
     if strategy == Strategy.fsdp:

@@ -300,8 +300,8 @@ class Checkpointer:
         self._check_tokenizer(checkpoint.folder, f"trainer.resume={resume}")
         checkpoint.apply(model, optimizer, loader, self.sharded, self.world.rank)
         step = checkpoint.state["step"]
-        if checkpoint.folder.resolve().parent == self.root.resolve() and self.world.main:  # this run's own
-            self._rewind_metrics(checkpoint.state["metrics_bytes"], f"after step {step}")
+        if checkpoint.folder.resolve().parent == self.root.resolve():  # this run's own
+            self.rewind_metrics(checkpoint.state)
         if init_from is not None:
             log.info("model.init_from is not used: the weights come from the checkpoint being resumed")
         log.info("Resuming from %s at step %d", checkpoint.folder, step)

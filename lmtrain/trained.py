@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from lmtrain.checkpoint import CONFIG, TOKENIZER, WEIGHTS, load_weights, read_config
+from lmtrain.checkpoint import CONFIG, TOKENIZER, WEIGHTS, load_weights, nonfinite_names, read_config
 from lmtrain.config import ModelConfig, to_config
 from lmtrain.data.tokenizer import TextTokenizer
 from lmtrain.errors import CheckpointError, ConfigError
@@ -54,7 +54,7 @@ def load_trained(path: str | Path, device: torch.device) -> TrainedModel:
         raise CheckpointError(f"{folder / CONFIG} has no usable model settings: {e}") from None
     model = GPT(model_cfg)
     load_weights(folder, model)
-    nonfinite = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    nonfinite = nonfinite_names(dict(model.named_parameters()))
     if nonfinite:  # written before lmtrain refused to save such weights: a diverged run
         raise CheckpointError(f"{folder / WEIGHTS} holds non-finite weights ({', '.join(nonfinite[:3])}): the run had "
                               "diverged when it was saved; use an earlier checkpoint")

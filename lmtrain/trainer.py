@@ -131,7 +131,7 @@ class Trainer:
         self.compiled = t.compile if t.compile is not None else self.device.type == "cuda"
         if self.compiled:
             self.model.compile_blocks()
-        self.parallel = parallel.wrap(self.model, strategy, self.world, self.device, self.precision.name == "bf16")
+        self.parallel = parallel.wrap(self.model, strategy, self.device, self.precision.name == "bf16")
         self.forward = self.parallel.forward  # the GPT or its DDP wrapper; compilation, if on, is inside, per block
         self.optimizer = build_optimizer(self.model, cfg.optimizer, self.device.type)
 

@@ -157,7 +157,8 @@ def bench_case(spec: str, device: torch.device, precision: str, compile_model: b
                console: Console) -> list[dict]:
     """Rows of both ways for one case, printed as each finishes."""
     preset, overrides, cfg, batch = parse_case(spec)
-    mfu = Mfu(device, precision, GPT(cfg).flops_per_token())
+    model = GPT(cfg)  # for its FLOPs per token and parameter count; each run builds its own
+    mfu = Mfu(device, precision, model.flops_per_token())
     corpus = write_corpus(workdir)
     warmup = args.warmup if args.warmup is not None else (5 if compile_model else 3)
     rows = []
@@ -176,7 +177,7 @@ def bench_case(spec: str, device: torch.device, precision: str, compile_model: b
             rate = statistics.median(rates) if rates else float("nan")
             medians[way] = rate
             row = {"case": spec, "model": cfg.name, "layers": cfg.n_layers, "d_model": cfg.d_model,
-                   "block_size": cfg.block_size, "batch": batch, "params": GPT(cfg).num_params(), "way": way,
+                   "block_size": cfg.block_size, "batch": batch, "params": model.num_params(), "way": way,
                    "round": round_ + 1, "precision": precision, "compile": compile_model, "windows": len(rates),
                    "tokens_per_s": rate, "mfu": mfu(rate) if rates else None, "peak_flops": mfu.peak,
                    "peak_source": mfu.source, "peak_memory": peak_memory, "seconds": time.perf_counter() - start}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 import torch
 
 from lmtrain.metrics import read_metrics
+from lmtrain.mfu import cpu_model
 
 CPU_MODEL = ["model.n_layers=4", "model.d_model=128", "model.n_heads=4", "model.d_ff=512", "model.block_size=64"]
 
@@ -62,9 +62,7 @@ def main() -> None:
                         help="model overrides")
     args = parser.parse_args()
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
-    device = torch.cuda.get_device_name(0) if gpus else f"CPU: {cpu}, {os.cpu_count()} cores"
+    device = torch.cuda.get_device_name(0) if gpus else f"CPU: {cpu_model()}, {os.cpu_count()} cores"
     print(f"{device}; torch {torch.__version__}; per-rank batch {args.batch}; {' '.join(args.model)}", flush=True)
     cases = [("single", 1), ("ddp", 1)] if args.single else []
     cases = list(dict.fromkeys(cases + [(strategy, n) for strategy in args.strategy for n in args.procs]))

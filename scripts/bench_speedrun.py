@@ -38,17 +38,17 @@ from rich.console import Console
 from rich.table import Table
 
 from lmtrain.metrics import read_metrics
+from lmtrain.mfu import cpu_model
+from lmtrain.precision import cpu_flags
 
 RECIPES = {"nanogpt": "shakespeare_char", "speedrun": "shakespeare_char_speedrun"}
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 def cpu_description() -> dict:
-    """The CPU's model name and which of ISA_FLAGS /proc/cpuinfo lists (what lscpu shows as Flags)."""
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
-    return {"model": name, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    """The CPU's model name and which of ISA_FLAGS its flags list (what lscpu shows as Flags)."""
+    flags = cpu_flags()
+    return {"model": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "isa": {flag: flag in flags for flag in ISA_FLAGS}}
 

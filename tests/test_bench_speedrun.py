@@ -37,6 +37,9 @@ def test_an_evaluation_without_a_step_record_before_it_is_refused():
                                                                            "elapsed_s": 2.0}], 1.886)
 
 
-def test_the_cpu_description_names_the_instruction_sets():
+def test_the_cpu_description_names_the_instruction_sets(monkeypatch):
     cpu = bench.cpu_description()
     assert set(cpu["isa"]) == {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"} and cpu["model"]
+    monkeypatch.setattr(bench, "cpu_flags", lambda: frozenset({"fma", "avx2", "avx512_bf16"}))
+    assert bench.cpu_description()["isa"] == {"avx2": True, "avx512f": False, "avx512_bf16": True,
+                                              "amx_bf16": False, "amx_tile": False}

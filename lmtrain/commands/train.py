@@ -102,6 +102,8 @@ def train(cfg: DictConfig) -> float:
 
 def _continue_hint(run_dir: Path) -> str:
     """How to continue: only when a checkpoint exists to continue from."""
-    if not (run_dir / "checkpoints" / "latest.json").is_file():
+    from lmtrain.train_state import LATEST  # torch and safetensors: imported only when a run stops
+
+    if not (run_dir / "checkpoints" / LATEST).is_file():
         return "No checkpoint was saved yet, so there is nothing to continue; start the run again."
     return f"Continue from the last checkpoint saved with:\n  {resume_command(run_dir)}"

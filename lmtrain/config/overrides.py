@@ -28,8 +28,8 @@ def _strip(tp: object) -> object:
 
 
 def _fields(schema: type) -> dict[str, object]:
-    return {f.name: t for f in dataclasses.fields(schema)
-            for t in [typing.get_type_hints(schema)[f.name]]}
+    hints = typing.get_type_hints(schema)  # evaluates every annotation: once per schema
+    return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
 
 
 def _groups(config_dirs: list[str]) -> set[str]:

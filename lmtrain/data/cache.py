@@ -85,8 +85,8 @@ def _checksum(manifest: dict) -> str:
 
 
 def _damage(folder: Path, manifest: dict) -> str | None:
-    """What is wrong with a complete cache, checked on every open: the manifest's checksum, then each shard's
-    size against the manifest (exact where it recorded the sizes), then the tokenizer; None when all is well."""
+    """What is wrong with a complete cache's manifest and shards, checked on every open: the manifest's checksum,
+    then each shard's size against the manifest (exact where it recorded the sizes); None when all is well."""
     if "checksum" in manifest and manifest["checksum"] != _checksum(manifest):
         return f"{MANIFEST} does not match its checksum"
     itemsize = np.dtype(manifest["dtype"]).itemsize
@@ -101,10 +101,6 @@ def _damage(folder: Path, manifest: dict) -> str | None:
                 return f"{shard['file']} has {size:,} bytes where {MANIFEST} records {recorded:,}"
             if size < (shard["start"] + shard["tokens"]) * itemsize:
                 return f"{shard['file']} is truncated ({size:,} bytes)"
-    try:
-        TextTokenizer.load(folder / TOKENIZER)
-    except Exception as e:  # the tokenizers library raises its own exception types
-        return f"{TOKENIZER} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
     return None
 
 
@@ -122,7 +118,12 @@ def open_cache(folder: Path) -> TokenCache | None:
     problem = _damage(folder, manifest)
     if problem is not None:
         raise DamagedCache(f"{folder}: {problem}")
-    return TokenCache(folder, manifest, TextTokenizer.load(folder / TOKENIZER))
+    try:
+        tokenizer = TextTokenizer.load(folder / TOKENIZER)
+    except Exception as e:  # the tokenizers library raises its own exception types
+        raise DamagedCache(f"{folder}: {TOKENIZER} cannot be read "
+                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return TokenCache(folder, manifest, tokenizer)
 
 
 def _clear(folder: Path) -> None:

@@ -18,6 +18,7 @@ import codecs
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from lmtrain.errors import DataError
@@ -69,11 +70,19 @@ def text_records(files: list[str], column: str, errors: str, max_documents: int 
             yield {column: held, "_document": index, "_continues": False}
 
 
-def _bad(file: str, line: int, why: str, skip: bool, skipped: list) -> None:
+@dataclass
+class _Skipped:
+    """Bad records skipped in one file: their count and the first one's words (memory stays flat)."""
+    count: int = 0
+    first: str | None = None
+
+
+def _bad(file: str, line: int, why: str, skip: bool, skipped: _Skipped) -> None:
     if not skip:
         raise DataError(f"{file}, line {line}: {why}; fix the line, or skip such records with "
                         "data.skip_bad_records=true")
-    skipped.append(f"line {line}: {why}")
+    skipped.count += 1
+    skipped.first = skipped.first or f"line {line}: {why}"
 
 
 def jsonl_records(files: list[str], column: str, errors: str, skip_bad: bool,
@@ -81,7 +90,7 @@ def jsonl_records(files: list[str], column: str, errors: str, skip_bad: bool,
     """One record per line: {column: text, "_document": its index, "_continues": False}."""
     count = 0
     for file in files:
-        skipped: list[str] = []
+        skipped = _Skipped()
         offset = 0
         with open(file, "rb") as f:
             for number, raw in enumerate(f, 1):
@@ -101,7 +110,7 @@ def jsonl_records(files: list[str], column: str, errors: str, skip_bad: bool,
                     _bad(file, number, f"a JSON {type(record).__name__}, not an object", skip_bad, skipped)
                     continue
                 if column not in record:
-                    if count == 0 and not skipped:  # the first record: more likely the wrong column than a bad line
+                    if count == 0 and not skipped.count:  # the first record: more likely a wrong column than a bad line
                         raise DataError(f"data.text_column={column!r} is not a field of {file}, line {number}; "
                                         f"its fields are {sorted(record)}")
                     _bad(file, number, f"no {column!r} field (data.text_column)", skip_bad, skipped)
@@ -114,6 +123,6 @@ def jsonl_records(files: list[str], column: str, errors: str, skip_bad: bool,
                     return
                 yield {column: text, "_document": count, "_continues": False}
                 count += 1
-        if skipped:
+        if skipped.count:
             log.warning("Skipped %d bad records in %s (data.skip_bad_records=true); the first: %s",
-                        len(skipped), file, skipped[0])
+                        skipped.count, file, skipped.first)
