@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-from lmtrain import completion
+from lmtrain.commands import completion
 
 # command -> (module with a `main` Hydra app, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -57,7 +57,7 @@ def _check_command_line(command: str, argv: list[str]) -> None:
     from lmtrain.config import SCHEMAS
     from lmtrain.config.overrides import check_config_dirs, check_overrides
     from lmtrain.errors import USER_ERROR_EXIT, ConfigError
-    from lmtrain.run_dir import note_existing
+    from lmtrain.runs.run_dir import note_existing
 
     try:
         check_config_dirs(argv)

@@ -16,6 +16,8 @@ from rich.logging import RichHandler
 from rich.measure import Measurement
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from lmtrain.errors import in_multirun
+
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)  # for commands whose stdout is their output (generate)
 
@@ -39,13 +41,29 @@ class _PlainFormatter(logging.Formatter):
         return f"[{self.formatTime(record, '%H:%M:%S')}] {level}{text}"
 
 
+def job_tag() -> str:
+    """`[job 3] ` in a job of a multirun, so the lines of parallel jobs can be told apart; else ``."""
+    if not in_multirun():
+        return ""
+    from hydra.core.hydra_config import HydraConfig
+
+    return f"[job {HydraConfig.get().job.get('num', '?')}] "
+
+
+def parallel_job() -> bool:
+    """A job of a multirun whose launcher may run jobs side by side (anything but Hydra's basic launcher)."""
+    if not in_multirun():
+        return False
+    from hydra.core.hydra_config import HydraConfig
+
+    return "BasicLauncher" not in str(HydraConfig.get().launcher.get("_target_", ""))
+
+
 def make_console_handler(stderr: bool = False) -> logging.Handler:
     """The terminal log handler; Hydra's job_logging config builds it with `(): lmtrain.console.make_console_handler`.
 
     stderr: log there, leaving stdout to a command's output (`lmtrain generate > out.txt` keeps only the text).
     """
-    from lmtrain.sweeps.jobs import job_tag
-
     target = err_console if stderr else console
     message = job_tag().replace("%", "%%") + "%(message)s"  # a sweep job's lines carry its number
     if target.is_terminal:
@@ -78,8 +96,6 @@ def quiet_libraries() -> None:
 
 def wants_progress_bar(setting: bool | None, target: Console = console) -> bool:
     """A live bar on a terminal, none elsewhere nor in jobs run side by side, unless the config forces it."""
-    from lmtrain.sweeps.jobs import parallel_job
-
     return target.is_terminal and not parallel_job() if setting is None else setting
 
 

@@ -12,8 +12,8 @@ Each case runs two ways, alternately for --rounds rounds (bare first in even rou
 - `lmtrain`: the real `lmtrain train` command on a synthetic 65-character corpus (character tokens), with
   the same model, batch, precision and compile setting; its logged tokens/s, read from metrics.jsonl.
 Both report the median of 10-step windows after the step time settles (bare: after --warmup steps; lmtrain:
-its own warm-up rule, lmtrain/clock.py), and `lmtrain/bare` is the ratio of those medians within a round.
-MFU is against lmtrain.mfu's peak (a GPU's data sheet, or this machine's measured matmul peak, cached).
+its own warm-up rule, lmtrain/training/clock.py), and `lmtrain/bare` is the ratio of those medians within a round.
+MFU is against lmtrain.training.mfu's peak (a GPU's data sheet, or this machine's measured matmul peak, cached).
 On a shared machine wrap it in `flock /tmp/lmtrain-bench.lock` and read the ratios, not the absolute figures.
 """
 
@@ -35,12 +35,12 @@ from rich.console import Console
 from rich.table import Table
 
 from lmtrain.config import ModelConfig, OptimizerConfig, Precision
-from lmtrain.metrics import read_metrics
-from lmtrain.mfu import Mfu, cpu_model, peak_flops
+from lmtrain.distributed.world import pick_device
 from lmtrain.model import GPT
-from lmtrain.optim import build_optimizer
-from lmtrain.precision import PrecisionChoice, autocast_for, choose, native_cpu_bf16
-from lmtrain.trainer import pick_device
+from lmtrain.runs.metrics import read_metrics
+from lmtrain.training.mfu import Mfu, cpu_model, peak_flops
+from lmtrain.training.optim import build_optimizer
+from lmtrain.training.precision import PrecisionChoice, autocast_for, choose, native_cpu_bf16
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "model"
 # nanoGPT's CPU shakespeare_char shape and its 6-layer shape (vocab 68: 65 characters and 3 special tokens),

@@ -121,7 +121,7 @@ def loader_against_training(cache_root: Path) -> dict:
     from lmtrain.data.cache import open_cache
     from lmtrain.data.loader import MixtureLoader, TrainLoader
     from lmtrain.model import GPT
-    from lmtrain.optim import build_optimizer
+    from lmtrain.training.optim import build_optimizer
 
     torch.set_num_threads(os.cpu_count() or 1)
     (folder,) = [p.parent for p in cache_root.glob("data/*/manifest.json")]

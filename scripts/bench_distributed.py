@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from lmtrain.metrics import read_metrics
-from lmtrain.mfu import cpu_model
+from lmtrain.runs.metrics import read_metrics
+from lmtrain.training.mfu import cpu_model
 
 CPU_MODEL = ["model.n_layers=4", "model.d_model=128", "model.n_heads=4", "model.d_ff=512", "model.block_size=64"]
 

@@ -37,9 +37,9 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from lmtrain.metrics import read_metrics
-from lmtrain.mfu import cpu_model
-from lmtrain.precision import cpu_flags
+from lmtrain.runs.metrics import read_metrics
+from lmtrain.training.mfu import cpu_model
+from lmtrain.training.precision import cpu_flags
 
 RECIPES = {"nanogpt": "shakespeare_char", "speedrun": "shakespeare_char_speedrun"}
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")

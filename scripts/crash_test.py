@@ -39,10 +39,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lmtrain.checkpoint import read_json
 from lmtrain.errors import CheckpointError
-from lmtrain.metrics import read_metrics
-from lmtrain.train_state import TrainingCheckpoint
+from lmtrain.runs.checkpoint import read_json
+from lmtrain.runs.metrics import read_metrics
+from lmtrain.training.state import TrainingCheckpoint
 
 SETTINGS = ["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.block_size=16",
             "model.dropout=0.1", "data.max_documents=150", "tokenizer.vocab_size=300", "trainer.batch_size=8",

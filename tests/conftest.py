@@ -21,6 +21,9 @@ FAST_TRAIN = ["data.max_documents=150", "tokenizer.vocab_size=300", "trainer.bat
               "trainer.precision=fp32"]  # auto would pick bf16 on some CPUs: tests compare figures across machines
 
 
+QUIET_TRAIN = ["trainer.save_every=0", "trainer.sample_every=0", "trainer.eval_every=100"]  # the steps only
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory) -> Path:
     """Every test shares one token cache of its own: nothing read from or written to ~/.cache."""
@@ -64,3 +67,18 @@ def read_until(proc: subprocess.Popen, *fragments: str) -> str:
         if all(f in line for f in fragments):
             return "".join(seen)
     raise AssertionError(f"the run ended before printing {fragments!r}:\n" + "".join(seen))
+
+
+def make_trainer(run_dir: Path, *overrides: str):
+    """A Trainer in this process, built as `lmtrain train` builds it, so a test can reach into its step."""
+    from hydra import compose, initialize_config_module
+
+    from lmtrain.config import register_configs, to_train_config
+    from lmtrain.training.loop import Trainer
+    from lmtrain.training.setup import build_parts
+
+    register_configs()
+    with initialize_config_module(config_module="lmtrain.configs", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*TINY_MODEL, *FAST_TRAIN, *QUIET_TRAIN, *overrides])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return Trainer(build_parts(to_train_config(cfg), run_dir))

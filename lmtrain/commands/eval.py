@@ -45,14 +45,15 @@ def results_file(ev: EvalConfig, checkpoint: Path) -> Path:
 def main(cfg: DictConfig) -> None:
     ev = to_config(cfg, EvalConfig)
 
-    from lmtrain.checkpoint import TOKENIZER, write_json
     from lmtrain.console import count_bar, err_console, quiet_libraries, wants_progress_bar
     from lmtrain.data.prepare import prepare_data
     from lmtrain.data.sources import source_texts
-    from lmtrain.evaluation import check_no_unknown, evaluate_shards, first_tokens, windows
-    from lmtrain.precision import autocast_for, choose
-    from lmtrain.trained import load_trained
-    from lmtrain.trainer import pick_device
+    from lmtrain.distributed.world import pick_device
+    from lmtrain.files import write_json
+    from lmtrain.model.evaluation import check_no_unknown, evaluate_shards, first_tokens, windows
+    from lmtrain.runs.checkpoint import TOKENIZER
+    from lmtrain.runs.trained import load_trained
+    from lmtrain.training.precision import autocast_for, choose
 
     quiet_libraries()
     device = pick_device(ev.device, "device")

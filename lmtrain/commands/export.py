@@ -20,12 +20,12 @@ def main(cfg: DictConfig) -> None:
     ex = to_config(cfg, ExportConfig)
     import torch  # imported late: --help and config errors stay fast
 
-    from lmtrain.export import export_hf, hf_architecture
-    from lmtrain.trained import load_trained
+    from lmtrain.hf.export import export_hf, hf_architecture
+    from lmtrain.runs.trained import load_trained
 
     trained = load_trained(ex.checkpoint, torch.device("cpu"))
     arch = hf_architecture(trained.model.cfg)  # refuses what transformers cannot compute, before any work
-    out = export_hf(trained, ex.out, ex.overwrite)
+    out = export_hf(trained.model, trained.tokenizer, trained.path, ex.out, ex.overwrite)
     log.info("Exported %s as a transformers %s model to %s; load it with "
              "AutoModelForCausalLM.from_pretrained(%r) and AutoTokenizer.from_pretrained(%r)",
              trained.path, {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[arch], out, str(out), str(out))

@@ -22,7 +22,7 @@ from lmtrain.errors import ConfigError, reports_user_errors
 if TYPE_CHECKING:
     import torch
 
-    from lmtrain.trained import TrainedModel
+    from lmtrain.runs.trained import TrainedModel
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -95,9 +95,9 @@ def app(cfg: DictConfig) -> None:
     gen = to_config(cfg, GenerateConfig)
     import torch  # imported late: --help and config errors stay fast
 
+    from lmtrain.distributed.world import pick_device
     from lmtrain.model.generation import encode_prompt, fit_context
-    from lmtrain.trained import load_trained
-    from lmtrain.trainer import pick_device
+    from lmtrain.runs.trained import load_trained
 
     device = pick_device(gen.device, "device")
     trained = load_trained(gen.checkpoint, device)

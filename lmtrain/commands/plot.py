@@ -20,8 +20,8 @@ USAGE = "usage: lmtrain plot DIR [DIR ...] [metric=val_loss|best_val_loss|train_
 
 @reports_user_errors
 def plot_command(argv: list[str]) -> Path:
-    from lmtrain.sweeps.plots import plot_run, plot_runs
-    from lmtrain.sweeps.summary import sort_runs, swept_keys
+    from lmtrain.runs.sweeps.plots import plot_run, plot_runs
+    from lmtrain.runs.sweeps.summary import sort_runs, swept_keys
 
     folders, options, metric, runs = chosen_runs(argv, ("metric", "out"))
     if len(runs) == 1:

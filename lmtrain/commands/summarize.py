@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from lmtrain.errors import ConfigError, reports_user_errors
-from lmtrain.sweeps.runs import OBJECTIVES
+from lmtrain.runs.sweeps.runs import OBJECTIVES
 
 USAGE = "usage: lmtrain summarize DIR [DIR ...] [metric=val_loss|best_val_loss|train_loss] [sort=KEY] [out=DIR]"
 
@@ -36,7 +36,7 @@ def parse_args(argv: list[str], options: tuple[str, ...]) -> tuple[list[Path], d
 
 def chosen_runs(argv: list[str], options: tuple[str, ...]) -> tuple[list[Path], dict[str, str], str, list]:
     """What `summarize` and `plot` share: the folders, the options, the checked metric and the runs found."""
-    from lmtrain.sweeps.report import read_runs
+    from lmtrain.runs.sweeps.report import read_runs
 
     folders, values = parse_args(argv, options)
     metric = values.get("metric", "val_loss")
@@ -50,7 +50,7 @@ def chosen_runs(argv: list[str], options: tuple[str, ...]) -> tuple[list[Path], 
 
 @reports_user_errors
 def summarize_command(argv: list[str]) -> None:
-    from lmtrain.sweeps.report import summarize
+    from lmtrain.runs.sweeps.report import summarize
 
     folders, options, metric, runs = chosen_runs(argv, ("metric", "sort", "out"))
     out = Path(options["out"]) if "out" in options else folders[0] if len(folders) == 1 else None

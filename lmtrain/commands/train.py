@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import shlex
 import signal
 import sys
@@ -15,11 +16,11 @@ from omegaconf import DictConfig
 from lmtrain.config import register_configs, to_train_config
 from lmtrain.console import quiet_libraries
 from lmtrain.errors import Diverged, RunStopped, in_multirun, reports_user_errors
-from lmtrain.run_dir import open_run_dir
-from lmtrain.sweeps.callback import finish_sweep
-from lmtrain.sweeps.jobs import finished_objective, register_job_name_resolver
-from lmtrain.sweeps.runs import objective_value, read_records
-from lmtrain.sweeps.status import recorded_status
+from lmtrain.runs.run_dir import open_run_dir
+from lmtrain.runs.sweeps.callback import finish_sweep
+from lmtrain.runs.sweeps.jobs import finished_objective, register_job_name_resolver
+from lmtrain.runs.sweeps.runs import objective_value, read_records
+from lmtrain.runs.sweeps.status import recorded_status
 
 register_configs()
 register_job_name_resolver()
@@ -58,7 +59,7 @@ def main() -> None:
 def extra_overrides(argv: list[str]) -> list[str]:
     """Added to the command line before Hydra composes (cli.py): under torchrun or srun, every rank's share of
     one run directory."""
-    from lmtrain.launch import shared_run_dir_overrides
+    from lmtrain.distributed.launch import shared_run_dir_overrides
 
     return shared_run_dir_overrides(argv)
 
@@ -80,13 +81,13 @@ def train(cfg: DictConfig) -> float:
                 job.facts.update(job.previous, objective=objective, value=done)
                 return done
         quiet_libraries()
-        from lmtrain import launch  # imported late: --help and config errors stay fast
+        from lmtrain.distributed import launch  # imported late: --help and config errors stay fast
+        from lmtrain.training.run import run_training
 
         launch.resume_after_restart(train_cfg)
         run.claim(train_cfg.trainer.resume, train_cfg.trainer.overwrite)
         nproc = launch.processes_to_start(train_cfg.trainer.nproc_per_node, train_cfg.trainer.device)
-        result = launch.start_workers(train_cfg, run_dir, nproc) if nproc > 1 else \
-            launch.run_training(train_cfg, run_dir)
+        result = launch.start(run_training, train_cfg, run_dir, nproc)
         if result.interrupted:
             raise RunStopped(signal.SIGINT, f"Interrupted. {_continue_hint(run_dir)}") from None
         if result.stopped_by is not None:
@@ -94,6 +95,9 @@ def train(cfg: DictConfig) -> float:
             raise RunStopped(signal.Signals(result.stopped_by),
                              f"Continue this {what} with:\n  {resume_command(run_dir)}")
         value = objective_value(read_records(run_dir / "metrics.jsonl"), objective)
+        if value is None:  # resumed from another folder's checkpoint with nothing left to train: its own figures
+            value = {"val_loss": result.val_loss, "best_val_loss": result.best_val_loss}.get(objective)
+            value = value if value is not None and math.isfinite(value) else None
         if value is None:
             raise Diverged(f"training diverged: the final {objective} is {result.val_loss} (trainer.objective)")
         job.facts.update(objective=objective, value=value, steps=result.steps)
@@ -102,7 +106,7 @@ def train(cfg: DictConfig) -> float:
 
 def _continue_hint(run_dir: Path) -> str:
     """How to continue: only when a checkpoint exists to continue from."""
-    from lmtrain.train_state import LATEST  # torch and safetensors: imported only when a run stops
+    from lmtrain.runs.checkpoint import LATEST  # torch and safetensors: imported only when a run stops
 
     if not (run_dir / "checkpoints" / LATEST).is_file():
         return "No checkpoint was saved yet, so there is nothing to continue; start the run again."

@@ -96,7 +96,7 @@ class TrainerConfig:
     eval_every: int = 100  # optimizer steps between validation passes (and one at the end)
     eval_batches: int = 20  # micro-batches per validation pass
     device: str = "auto"  # auto: cuda if available, else cpu; or cpu, cuda, cuda:1, ...
-    precision: Precision = Precision.auto  # auto, fp32, bf16 or fp16 (lmtrain/precision.py says what auto picks)
+    precision: Precision = Precision.auto  # auto, fp32, bf16 or fp16 (training/precision.py: what auto picks)
     compile: bool | None = None  # torch.compile the model; None: on for CUDA, off on CPU
     activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, more compute
     seed: int = 1337  # seeds data order, initialisation and dropout

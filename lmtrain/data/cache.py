@@ -33,6 +33,7 @@ from lmtrain.config import SourceConfig, as_plain_dict
 from lmtrain.data.sources import Splits
 from lmtrain.data.tokenizer import TextTokenizer
 from lmtrain.errors import DataError
+from lmtrain.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def build_cache(folder: Path, source: SourceConfig, key: str, load: Callable[[],
         manifest = {"format": CACHE_FORMAT, "dtype": dtype.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
                     "source": source_record, "tokenizer": tokenizer_record, "splits": stats,
                     "files": {f.name: f.stat().st_size for f in sorted(folder.glob("*.bin"))}}
-        _write_json(folder / MANIFEST, {**manifest, "checksum": _checksum(manifest)})
+        write_json(folder / MANIFEST, {**manifest, "checksum": _checksum(manifest)})
         (folder / PROGRESS).unlink(missing_ok=True)
     return open_cache(folder)
 
@@ -242,7 +243,7 @@ class _SplitWriter:
         if out is not None:
             self._finish_shard(out, pending, start)
         s["done"] = True
-        _write_json(self.folder / PROGRESS, self.progress)
+        write_json(self.folder / PROGRESS, self.progress)
 
     def _finish_shard(self, out, pending: dict, start: float) -> None:
         """Make the shard durable, then record it: a crash between the two only costs redoing this shard."""
@@ -258,7 +259,7 @@ class _SplitWriter:
         for key in pending:
             s[key] += pending[key]
         s["seconds"] = round(s["seconds"] + time.perf_counter() - start, 3)
-        _write_json(self.folder / PROGRESS, self.progress)
+        write_json(self.folder / PROGRESS, self.progress)
 
 
 def _encode_documents(texts: list[str], ends: list[bool], tok: TextTokenizer, dtype: np.dtype) -> np.ndarray:
@@ -299,13 +300,3 @@ def _split_tail(train: dict, val_fraction: float) -> tuple[dict, dict]:
 
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    """Write atomically: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=2))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -1,0 +1,145 @@
+"""A run folder read back: its swept overrides (.hydra/overrides.yaml), status.json and metrics.jsonl.
+
+Every figure here comes from metrics.jsonl, the run's own record; nothing is re-measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmtrain.runs.sweeps.status import read_status
+
+# What a sweep can optimize, each read from metrics.jsonl (trainer.objective names one; lower is better).
+OBJECTIVES = ("val_loss", "best_val_loss", "train_loss")
+
+# Overrides that say where or how a job ran, not what it trained: left out of job names and summaries.
+UNINTERESTING_KEYS = ("hydra.", "trainer.resume", "trainer.progress", "data.cache_dir")
+
+
+@dataclass
+class Run:
+    """One run's facts, as its folder records them."""
+
+    folder: Path
+    job: int | None = None  # the job number in its sweep, when it was one
+    overrides: dict[str, str] = field(default_factory=dict)  # key -> value as given on the command line
+    status: str = "-"  # completed, failed, stopped, diverged, running; "-" when there is no status.json
+    error: str = ""
+    val_loss: float | None = None  # the last validation loss
+    best_val_loss: float | None = None
+    best_step: int | None = None  # the step of best_val_loss
+    train_loss: float | None = None  # the last logged training loss
+    steps: int = 0
+    tokens: int = 0
+    wall_s: float = 0.0  # training wall time, summed over restarts
+    tokens_per_s: float | None = None  # mean of the logged training throughputs
+    val_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val_loss)
+    train_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    lr_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, lr)
+
+    def metric(self, name: str) -> float | None:
+        value = getattr(self, name)
+        return value if value is not None and math.isfinite(value) else None
+
+
+def read_records(path: Path) -> list[dict]:
+    """metrics.jsonl's records; a last line cut short by a crash is skipped."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def objective_value(records: list[dict], objective: str) -> float | None:
+    """The value of `objective` for a run with these metrics.jsonl records (None when it has none)."""
+    run = Run(Path("."))
+    _fill_from_metrics(run, records)
+    return run.metric(objective)
+
+
+def _fill_from_metrics(run: Run, records: list[dict]) -> None:
+    previous_elapsed = 0.0
+    segment_end = 0.0
+    for r in records:
+        elapsed = r.get("elapsed_s")
+        if elapsed is not None:
+            if elapsed < previous_elapsed:  # a resumed run's clock restarts: close the earlier segment
+                run.wall_s += segment_end
+            previous_elapsed = segment_end = elapsed
+        if "val_loss" in r:
+            run.val_curve.append((r["step"], r["val_loss"]))
+        if "loss" in r:
+            run.train_curve.append((r["step"], r["loss"]))
+            run.steps, run.tokens = r["step"], r.get("tokens", run.tokens)
+            if "lr" in r:
+                run.lr_curve.append((r["step"], r["lr"]))
+    run.wall_s += segment_end
+    if run.val_curve:
+        run.val_loss = run.val_curve[-1][1]
+        finite = [(loss, step) for step, loss in run.val_curve if loss is not None and math.isfinite(loss)]
+        if finite:
+            run.best_val_loss, run.best_step = min(finite)
+    if run.train_curve:
+        run.train_loss = run.train_curve[-1][1]
+    speeds = [r["tokens_per_s"] for r in records if r.get("tokens_per_s") is not None]  # null while warming up
+    run.tokens_per_s = sum(speeds) / len(speeds) if speeds else None
+
+
+def _job_number(folder: Path) -> int | None:
+    head = folder.name.split("_", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def read_overrides(folder: Path) -> dict[str, str]:
+    """The run's command-line overrides (.hydra/overrides.yaml), less those that say only where it ran."""
+    path = folder / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return {}
+    from omegaconf import OmegaConf
+
+    out = {}
+    for item in OmegaConf.to_container(OmegaConf.load(path)) or []:
+        key, _, value = str(item).partition("=")
+        key = key.lstrip("+~")
+        if not key.startswith(UNINTERESTING_KEYS):
+            out[key] = value
+    return out
+
+
+def read_run(folder: Path) -> Run:
+    folder = Path(folder)
+    run = Run(folder, job=_job_number(folder), overrides=read_overrides(folder))
+    status = read_status(folder)
+    if status is not None:
+        run.status = status.get("status", "-")
+        run.error = status.get("error") or (status.get("signal", "") if run.status == "stopped" else "")
+        run.job = status.get("job", run.job)
+    metrics = folder / "metrics.jsonl"
+    if metrics.is_file():
+        _fill_from_metrics(run, read_records(metrics))
+    return run
+
+
+def is_run_folder(folder: Path) -> bool:
+    return any((folder / name).exists() for name in ("metrics.jsonl", "status.json", ".hydra/overrides.yaml"))
+
+
+def find_runs(roots: list[Path]) -> list[Path]:
+    """Every run folder at or under each root (a run, a sweep, a folder of sweeps), in a stable order."""
+    found: list[Path] = []
+    for root in roots:
+        root = Path(root)
+        if is_run_folder(root) and not (root / "multirun.yaml").exists():
+            found.append(root)
+            continue
+        candidates = {p.parent for name in ("metrics.jsonl", "status.json") for p in root.rglob(name)}
+        candidates |= {p.parent.parent for p in root.rglob(".hydra/overrides.yaml")}
+        found += sorted((c for c in candidates if "checkpoints" not in c.relative_to(root).parts),
+                        key=lambda p: (_job_number(p) is None, _job_number(p) or 0, str(p)))
+    return list(dict.fromkeys(found))

@@ -1,0 +1,137 @@
+"""Run folders: a fresh run never replaces an earlier one, one process trains in a folder at a time, and a
+failed start leaves no folder behind (but never removes one the user had)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from lmtrain.errors import ConfigError
+from lmtrain.runs import run_dir
+from lmtrain.runs.run_dir import LOCK, RunLock, note_existing, open_run_dir
+
+from conftest import FAST_TRAIN, TINY_MODEL, run_cli
+
+
+def hydra_scaffolding(folder: Path, log_text: str = "") -> Path:
+    """What Hydra writes before lmtrain's code runs: .hydra/ and the log file."""
+    (folder / ".hydra").mkdir(parents=True)
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        (folder / ".hydra" / name).write_text("{}")
+    (folder / "train.log").write_text(log_text)
+    return folder
+
+
+def test_a_second_lock_names_the_holder_and_a_dead_holders_lock_is_taken_over(tmp_path, caplog):
+    first = RunLock(tmp_path)
+    first.acquire()
+    with pytest.raises(ConfigError, match=r"is in use: PID \d+ on .* is training there now"):
+        RunLock(tmp_path).acquire()
+    first.release()
+    assert not (tmp_path / LOCK).exists()
+
+    (tmp_path / LOCK).write_text("PID 999999999 on elsewhere\n")  # left by a process killed with SIGKILL
+    with caplog.at_level(logging.WARNING):
+        lock = RunLock(tmp_path)
+        lock.acquire()
+    assert "left by PID 999999999 on elsewhere, which is no longer running" in caplog.text
+    lock.release()
+
+
+def test_a_fresh_start_refuses_a_folder_holding_a_run(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    with open_run_dir(tmp_path) as run, pytest.raises(ConfigError, match="trainer.resume=auto.*trainer.overwrite"):
+        run.claim(None, overwrite=False)
+    with open_run_dir(tmp_path) as run:
+        run.claim("auto", overwrite=False)  # continuing it is what the folder is for
+    (tmp_path / "checkpoints" / "step_000002").mkdir(parents=True)
+    with open_run_dir(tmp_path) as run:
+        run.claim(None, overwrite=True)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_failed_start_removes_only_a_folder_it_created(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_dir, "_EXISTED", set())
+    monkeypatch.setattr(run_dir, "_NAMED", set())
+    (tmp_path / "mine").mkdir()  # the user's empty folder, holding a run folder this start named and created
+    note_existing([f"hydra.run.dir={tmp_path}/mine/run"])
+    named_new = hydra_scaffolding(tmp_path / "mine" / "run")
+    with pytest.raises(ConfigError), open_run_dir(named_new):
+        raise ConfigError("a config mistake")
+    assert not named_new.exists() and (tmp_path / "mine").is_dir()
+    created = hydra_scaffolding(tmp_path / "outputs" / "2026-01-01" / "10-00-00")
+    with pytest.raises(ConfigError), open_run_dir(created):
+        (created / "train.log").write_text("ERROR: a config mistake\n")
+        raise ConfigError("a config mistake")
+    assert not created.exists() and not created.parent.exists()
+
+    logged_before = hydra_scaffolding(tmp_path / "earlier", log_text="an earlier start's log\n")
+    named = tmp_path / "named"
+    named.mkdir()
+    note_existing([f"hydra.run.dir={named}"])  # the dispatcher saw it before Hydra created anything in it
+    hydra_scaffolding(named)
+    for folder in (logged_before, named):
+        with pytest.raises(ConfigError), open_run_dir(folder):
+            raise ConfigError("a config mistake")
+        assert folder.is_dir()
+
+    with_results = hydra_scaffolding(tmp_path / "trained")
+    with pytest.raises(KeyboardInterrupt), open_run_dir(with_results):
+        (with_results / "metrics.jsonl").write_text('{"step": 1}\n')
+        raise KeyboardInterrupt
+    assert (with_results / "metrics.jsonl").is_file()
+
+
+def test_a_sweep_jobs_failed_start_keeps_its_folder(tmp_path):
+    job = hydra_scaffolding(tmp_path / "multirun" / "0")
+    with pytest.raises(ConfigError), open_run_dir(job, keep_on_failure=True):
+        (job / "status.json").write_text('{"status": "failed"}')  # what the sweep summary reads
+        raise ConfigError("a config mistake")
+    assert (job / "status.json").is_file()
+
+
+def test_only_rank_0_of_a_torchrun_start_locks_guards_and_cleans_up_the_shared_folder(tmp_path, monkeypatch):
+    shared = hydra_scaffolding(tmp_path / "run")
+    first = RunLock(shared)
+    first.acquire()  # rank 0 of the same run
+    (shared / "metrics.jsonl").write_text("")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError), open_run_dir(shared) as run:
+        run.claim(None, overwrite=False)  # neither refused by rank 0's lock nor taking a second one
+        raise ConfigError("a config mistake")
+    assert shared.is_dir() and (shared / LOCK).is_file()
+    first.release()
+
+
+@pytest.mark.slow
+def test_cli_failed_starts_leave_no_folder_and_finished_runs_are_not_replaced(tmp_path):
+    bad = run_cli("train", *TINY_MODEL, "trainer.eval_every=0", cwd=tmp_path)
+    assert bad.returncode == 2 and "trainer.eval_every=0 must be > 0" in bad.stdout + bad.stderr
+    missing = run_cli("train", *TINY_MODEL, f"model.init_from={tmp_path}/nowhere", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert not any((tmp_path / "outputs").glob("*/*")), "a failed start left a run folder"
+
+    run = tmp_path / "run"
+    first = run_cli("train", *TINY_MODEL, *FAST_TRAIN, "trainer.max_steps=2", f"hydra.run.dir={run}")
+    assert first.returncode == 0, first.stderr
+    final = (run / "checkpoints" / "final" / "model.safetensors").read_bytes()
+    metrics = (run / "metrics.jsonl").read_text()
+    again = run_cli("train", *TINY_MODEL, *FAST_TRAIN, "trainer.max_steps=1", f"hydra.run.dir={run}")
+    output = again.stdout + again.stderr
+    assert again.returncode == 2 and "already holds a run" in output and "Traceback" not in output
+    assert (run / "checkpoints" / "final" / "model.safetensors").read_bytes() == final
+    assert (run / "metrics.jsonl").read_text() == metrics
+    assert run.is_dir(), "the refused start removed the user's run"
+
+
+def test_a_run_folder_that_cannot_be_created_is_refused_before_hydra(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_dir, "_EXISTED", set())
+    monkeypatch.setattr(run_dir, "_NAMED", set())
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConfigError, match=r"hydra.run.dir=.*/a_file/run: .*a_file is a file, not a folder"):
+        note_existing([f"hydra.run.dir={tmp_path}/a_file/run"])
+    note_existing([f"hydra.run.dir={tmp_path}/new/run"])  # creatable: fine, and not the user's
+    assert run_dir._EXISTED == set()
