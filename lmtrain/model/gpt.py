@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from lmtrain.config import Mlp, ModelConfig, Norm, PosEmb
-from lmtrain.model.loss import cross_entropy
+from lmtrain.model.loss import head_loss
 
 
 class KVCache:
@@ -199,6 +199,7 @@ class GPT(nn.Module):
         # more compute. A training setting (trainer.activation_checkpointing), so not part of ModelConfig.
         self.activation_checkpointing = False
         self.compiled_blocks: list[nn.Module] | None = None  # set by compile_blocks: the blocks under torch.compile
+        self.loss_region = head_loss  # the final norm, head and loss; compile_blocks compiles it too
         rows = padded_vocab(cfg)  # vocab_size rounded up to model.vocab_multiple
         self.tok_emb = nn.Embedding(rows, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos_emb == PosEmb.learned else None
@@ -261,20 +262,23 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, rope, cache, i, use_reentrant=False)
             else:
                 x = block(x, rope, cache, i)
-        x = self.norm_f(x)
-        logits = self.lm_head(x)  # (B, T, V_padded), in the compute dtype
+        if targets is not None:  # the final norm, head and loss in one region: no whole (B, T, V) logits
+            norm = self.norm_f
+            return self.loss_region(x, targets, norm.weight, getattr(norm, "bias", None), self.lm_head.weight,
+                                    rms=self.cfg.norm == Norm.rmsnorm, eps=self.cfg.norm_eps,
+                                    vocab_size=self.cfg.vocab_size, softcap=self.cfg.logit_softcap)
+        logits = self.lm_head(self.norm_f(x))  # (B, T, V_padded), in the compute dtype
         if self.cfg.logit_softcap > 0:  # Gemma 2's soft cap: smooth, and |logit| < softcap whatever the weights
             logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
-        if targets is None:
-            return logits[..., :self.cfg.vocab_size]  # (B, T, V): the padding's scores are never seen
-        # softmax in float32, in chunks, over the real vocabulary only
-        return cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), vocab_size=self.cfg.vocab_size)
+        return logits[..., :self.cfg.vocab_size]  # (B, T, V): the padding's scores are never seen
 
     def compile_blocks(self) -> None:
-        """Regional compilation: each block goes through torch.compile on its own. The blocks share their
-        code and shapes, so they share one compiled graph (per mode: training, evaluation), and a deep model
-        compiles as fast as a shallow one. The modules and their state_dict keys stay as they are."""
+        """Regional compilation: each block goes through torch.compile on its own, and so does the region after
+        the last one (final norm, head and loss: lmtrain.model.loss.head_loss). The blocks share their code and
+        shapes, so they share one compiled graph (per mode: training, evaluation), and a deep model compiles as
+        fast as a shallow one. The modules and their state_dict keys stay as they are."""
         self.compiled_blocks = [torch.compile(block) for block in self.blocks]
+        self.loss_region = torch.compile(head_loss)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count, tied weights once. non_embedding leaves out the token and position tables

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from lmtrain.config import ModelConfig
 from lmtrain.data.loader import shift
 from lmtrain.model import GPT
-from lmtrain.model.loss import cross_entropy
+from lmtrain.model.loss import head_loss, linear_cross_entropy
 from lmtrain.training.loop import accumulate_gradients
 
 
@@ -57,28 +57,76 @@ def saved_for_backward(fn) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return fn(), saved
 
 
-@pytest.mark.parametrize("rows_per_chunk", [1, 5, 8, 37, 100])
-def test_chunked_cross_entropy_equals_the_plain_one_in_float32(rows_per_chunk):
+def plain_loss(hidden, weight, targets, vocab, softcap=0.0):
+    """The reference: whole logits through nn.Linear's matmul, F.cross_entropy in float32."""
+    logits = F.linear(hidden, weight[:vocab])
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits.float(), targets)
+
+
+def head_case(dtype=torch.float32):
     torch.manual_seed(0)
-    logits = torch.randn(37, 11, requires_grad=True)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = (0.5 * torch.randn(11 + 5, 16)).requires_grad_()  # 5 rows of vocabulary padding
     targets = torch.randint(0, 11, (37,))
     targets[[3, 20]] = -100  # ignored positions count in neither the sum nor the mean
-    expected = F.cross_entropy(logits, targets)
-    (expected_grad,) = torch.autograd.grad(expected, logits)
-    loss = cross_entropy(logits, targets, chunk_elements=rows_per_chunk * 11)
-    (grad,) = torch.autograd.grad(loss, logits)
-    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-8)
+    return hidden, weight, targets
 
 
-def test_chunked_cross_entropy_keeps_no_float32_copy_of_the_logits():
-    logits = torch.randn(64, 50, dtype=torch.bfloat16, requires_grad=True)
-    targets = torch.randint(0, 50, (64,))
-    _, plain = saved_for_backward(lambda: F.cross_entropy(logits.float(), targets))
-    assert any(t.dtype == torch.float32 and t.numel() == 64 * 50 for t in plain)  # what chunking avoids
-    loss, chunked = saved_for_backward(lambda: cross_entropy(logits, targets, chunk_elements=16 * 50))
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+@pytest.mark.parametrize("rows_per_chunk", [1, 5, 8, 37, 100])
+def test_chunked_linear_cross_entropy_equals_the_plain_loss_in_float32(rows_per_chunk, softcap):
+    hidden, weight, targets = head_case()
+    expected = plain_loss(hidden, weight, targets, 11, softcap)
+    expected_grads = torch.autograd.grad(expected, (hidden, weight))
+    loss = linear_cross_entropy(hidden, weight, targets, 11, softcap, chunk_elements=rows_per_chunk * 11)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-5)
+    for grad, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6)
+    assert grads[1][11:].abs().sum() == 0  # the padding rows take no part
+
+
+def test_linear_cross_entropy_in_bf16_autocast_is_within_1e_2_of_the_plain_loss():
+    hidden, weight, targets = head_case()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = plain_loss(hidden, weight, targets, 11)
+        loss = linear_cross_entropy(hidden, weight, targets, 11, chunk_elements=8 * 11)
+    expected_grads = torch.autograd.grad(expected, (hidden, weight))
+    grads = torch.autograd.grad(loss, (hidden, weight))
     assert loss.dtype == torch.float32
-    assert not any(t.dtype == torch.float32 and t.numel() > 1 for t in chunked)
-    assert max(t.numel() for t in chunked) == 16 * 50  # bf16 views of one chunk of the logits, nothing larger
-    loss.backward()
-    assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad).all()
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-2)
+    for grad, want in zip(grads, expected_grads, strict=True):
+        assert grad.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(grad, want, rtol=0, atol=1e-2)
+
+
+@pytest.mark.slow
+def test_compiled_head_region_equals_the_eager_one_and_the_plain_loss():
+    """torch.compile of the final norm, head and loss (inductor's C++ backend here, Triton on CUDA)."""
+    hidden, weight, targets = head_case()
+    x = hidden.detach().view(1, 37, 16).requires_grad_()
+    norm = (1 + 0.1 * torch.randn(16)).requires_grad_()
+    kwargs = dict(rms=True, eps=1e-5, vocab_size=11, softcap=3.0)
+    compiled = torch.compile(head_loss)(x, targets.view(1, 37), norm, None, weight, **kwargs)
+    compiled_grads = torch.autograd.grad(compiled, (x, norm, weight))
+    normed = F.rms_norm(x, (16,), norm, 1e-5).view(37, 16)
+    expected = plain_loss(normed, weight, targets, 11, softcap=3.0)
+    expected_grads = torch.autograd.grad(expected, (x, norm, weight))
+    torch.testing.assert_close(compiled, expected, rtol=0, atol=1e-5)
+    for grad, want in zip(compiled_grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_loss_keeps_no_logits_for_the_backward_pass_and_computes_no_gradient_without_grad():
+    hidden, weight, targets = head_case()
+    _, plain = saved_for_backward(lambda: plain_loss(hidden, weight, targets, 11))
+    assert any(t.numel() == 37 * 11 for t in plain)  # what the fused loss avoids
+    loss, fused = saved_for_backward(lambda: linear_cross_entropy(hidden, weight, targets, 11, chunk_elements=8 * 11))
+    assert not any(t.numel() >= 37 * 11 and t.shape[-1] == 11 for t in fused)
+    assert sorted(tuple(t.shape) for t in fused) == [(), (16, 16), (37, 16)]  # the count and the two gradients
+    with torch.no_grad():
+        _, saved = saved_for_backward(lambda: linear_cross_entropy(hidden, weight, targets, 11))
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, 11), loss.detach())
+    assert saved == []
