@@ -43,22 +43,50 @@ def local_main_first(world: World, long_timeout_s: float = 24 * 3600) -> Iterato
     dist.destroy_process_group(group)
 
 
-def agree(step_loss: torch.Tensor, received: signal.Signals | None) -> tuple[torch.Tensor, signal.Signals | None]:
-    """Once per optimizer step: the loss averaged over all ranks, and whether any rank was asked to stop.
+class StepAgreement:
+    """Once per optimizer step: the loss averaged over the ranks, and whether any rank was asked to stop.
 
-    Every rank gets the same answers, so all of them stop after the same step. One small all-reduce carries
-    both; a second one, only when stopping, agrees on which signal to report (the largest number wins).
+    Both travel in one small all-reduce of (loss, one slot per signal number), which never waits for the
+    device: the flags are read one step late. The reduced flags of step s are copied to host memory behind
+    step s's work (pinned, with an event, on CUDA) and read at step s + 1, once that copy is done, while the
+    device works through step s + 1. So a signal that reaches any rank during step s stops every rank after
+    step s + 1, the same step everywhere; with one process there is no lag. The largest signal number
+    received wins the report, as Python numbers them.
     """
-    if not active():
-        return step_loss, received
-    both = torch.stack([step_loss.float(), torch.tensor(float(received or 0), device=step_loss.device)])
-    dist.all_reduce(both)
-    loss = both[0] / dist.get_world_size()
-    if both[1].item() == 0:
-        return loss, None
-    number = torch.tensor(int(received or 0), device=step_loss.device)
-    dist.all_reduce(number, op=dist.ReduceOp.MAX)
-    return loss, signal.Signals(int(number.item()))
+
+    SLOTS = 65  # signal numbers 1-64 (Linux's real-time signals end at 64); slot 0 holds the loss
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._last: tuple[torch.Tensor, torch.cuda.Event | None] | None = None  # last step's flags, host side
+
+    def __call__(self, step_loss: torch.Tensor, received: signal.Signals | None
+                 ) -> tuple[torch.Tensor, signal.Signals | None]:
+        if not active():
+            return step_loss, received
+        both = torch.zeros(self.SLOTS, device=self.device)  # a fill on the device: no copy from the host
+        both[0] = step_loss.float()
+        if received is not None:
+            both[int(received)] = 1.0
+        dist.all_reduce(both)
+        last, self._last = self._last, self._to_host(both)
+        return both[0] / dist.get_world_size(), None if last is None else self._read(*last)
+
+    def _to_host(self, both: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        if both.device.type != "cuda":
+            return both, None
+        host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+        host.copy_(both, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    @staticmethod
+    def _read(flags: torch.Tensor, done: torch.cuda.Event | None) -> signal.Signals | None:
+        if done is not None:
+            done.synchronize()  # the previous step's all-reduce and copy: the device is already past them
+        numbers = flags.numpy()[1:].nonzero()[0] + 1  # host memory, read as numpy: not a device read
+        return signal.Signals(int(numbers.max())) if len(numbers) else None
 
 
 def smallest(value: int, device: torch.device) -> int:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from lmtrain.config import DivergenceAction, TrainerConfig
-from lmtrain.distributed import collectives, strategies
+from lmtrain.distributed import strategies
 from lmtrain.errors import CheckpointError, Diverged
 from lmtrain.model.weights import nonfinite_names
 from lmtrain.runs.checkpoint import step_candidates
@@ -55,11 +55,12 @@ class DivergenceGuard:
 
     def found(self) -> int | None:
         """The first step with a non-finite loss or gradient norm since the last rollback, or None (syncs).
-        Every rank gets the same answer (the earliest over the ranks), so all of them roll back together."""
-        never = torch.iinfo(torch.long).max
+        Every rank gets the same answer without talking to the others: the loss it observed is the mean over
+        the ranks (one non-finite rank makes it non-finite everywhere) and the gradient norm is of the
+        gradients after DDP's all-reduce or over FSDP2's shards, the same on every rank; so all of them roll
+        back together."""
         step = int(self._first_bad.item())
-        step = collectives.smallest(step if step >= 0 else never, self._device)
-        return step if step != never else None
+        return step if step >= 0 else None
 
     def describe(self) -> str:
         loss, norm = self._bad_values.tolist()

@@ -4,7 +4,7 @@ Its parts arrive built (lmtrain.training.setup assembles them); each concern is 
 
     batches                       the loader's (input, target) pairs: the shift happened there (loader.shift)
     forward, loss, backward       accumulate_gradients over the micro-batches, autocast by the precision
-    agree                         the mean loss over ranks, and whether any rank was asked to stop
+    agree                         the mean loss over ranks, and whether any rank was asked to stop (one step late)
     clip, step                    TrainingPrecision.step: unscale (fp16), clip, optimizer step
     guard                         DivergenceGuard.observe: a non-finite loss or gradient norm rolls back
     log, evaluate, save, sample   every trainer.log_every / eval_every / save_every / sample_every steps
@@ -108,12 +108,13 @@ class Trainer:
         train_loss, fields = float("nan"), {"loss": "-", "lr": "-", "speed": "-", "mfu": "-"}
         with progress_bar(wants_progress_bar(t.progress) and self.world.main) as bar, StopSignals() as stop:
             self.stop, stopping = stop, None  # stopping: the signal every rank agreed to stop on
+            agree = collectives.StepAgreement(self.device)  # no host sync: every rank reads it a step late
             task = bar.add_task("train", total=self.total_steps, completed=self.step, **fields)
             while self.step < self.total_steps and stopping is None:
                 lr = self._set_lr()
                 completed_epochs = self.train_loader.completed_epochs
                 step_loss = self._forward_backward([next(batches) for _ in range(t.grad_accum_steps)])
-                step_loss, stopping = collectives.agree(step_loss, stop.received)  # mean over ranks; any stop
+                step_loss, stopping = agree(step_loss, stop.received)  # mean over ranks; any stop
                 self._count_epoch(step_loss, completed_epochs)
                 logging_step = (self.step + 1) % t.log_every == 0 or self.step + 1 == self.total_steps
                 grad_norm = self.precision.step(self.optimizer, self.params, t.grad_clip, want_norm=logging_step)
