@@ -155,10 +155,11 @@ def test_unknown_gpus_get_no_data_sheet_peak():
 
 @pytest.fixture
 def fake_probe(monkeypatch, tmp_path):
-    """The probe returns 1, 2, 3 ... TFLOP/s on successive calls; the cache lives in tmp_path."""
+    """The probe returns 1, 2, 3 ... TFLOP/s on successive calls, uncontended; the cache lives in tmp_path."""
     monkeypatch.setenv("LMTRAIN_CACHE", str(tmp_path))
     calls = []
-    monkeypatch.setattr(mfu, "probe_peak_flops", lambda device, prec: calls.append(prec) or len(calls) * 1e12)
+    monkeypatch.setattr(mfu, "probe_peak_flops",
+                        lambda device, prec: calls.append(prec) or mfu.PeakReading(len(calls) * 1e12, 1.0))
     return calls
 
 
@@ -168,7 +169,8 @@ def test_the_measured_peak_is_cached_once_reused_and_reprobed_on_request(fake_pr
     assert fake_probe == ["fp32"]
     assert mfu.peak_flops(CPU, "bf16")[0] == 2e12  # another precision is measured on its own
     cached = json.loads((tmp_path / mfu.CACHE_FILE).read_text())
-    assert cached == {mfu.machine_key(CPU, "fp32"): 1e12, mfu.machine_key(CPU, "bf16"): 2e12}
+    assert cached == {mfu.machine_key(CPU, "fp32"): {"flops": 1e12, "cpu_share": 1.0},
+                      mfu.machine_key(CPU, "bf16"): {"flops": 2e12, "cpu_share": 1.0}}
     assert f"| {torch.get_num_threads()} threads |" in mfu.machine_key(CPU, "fp32")
     assert mfu.peak_flops(CPU, "fp32", reprobe=True)[0] == 3e12  # scripts/bench.py --probe
     assert mfu.peak_flops(CPU, "fp32")[0] == 3e12 and len(fake_probe) == 3
@@ -183,6 +185,40 @@ def test_an_mfu_above_100_percent_reprobes_once_then_is_never_reported(fake_prob
         assert meter(3e6) is None  # 150% again: the peak cannot be trusted, nothing is reported
         assert meter(1e5) is None
     assert len(fake_probe) == 2
+
+
+def test_a_contended_timing_loses_to_an_uncontended_one_even_when_faster():
+    # (FLOP/s, the share of its threads' wall time the process got)
+    assert mfu.best_reading([(5e11, 0.95), (9e11, 0.5), (7e11, 0.99)]) == mfu.PeakReading(7e11, 0.99)
+    reading = mfu.best_reading([(1e11, 0.4), (3e11, 0.6)])  # all contended: the best, flagged
+    assert reading == mfu.PeakReading(3e11, 0.6) and not reading.clean
+
+
+def test_a_busy_probe_never_lowers_the_cached_peak_and_is_measured_again_until_clean(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("LMTRAIN_CACHE", str(tmp_path))
+    readings = iter([mfu.PeakReading(2e11, 0.5), mfu.PeakReading(1e11, 0.4), mfu.PeakReading(1.5e11, 0.45),
+                     mfu.PeakReading(0.2e11, 0.1), mfu.PeakReading(3e11, 0.97),
+                     mfu.PeakReading(0.1e11, 0.05), mfu.PeakReading(0.1e11, 0.05), mfu.PeakReading(0.1e11, 0.05)])
+    calls = []
+    monkeypatch.setattr(mfu, "probe_peak_flops", lambda device, prec: calls.append(1) or next(readings))
+    with caplog.at_level(logging.WARNING):
+        assert mfu.peak_flops(CPU, "fp32") == (2e11, "measured fp32 matmul, under load (50% of the CPU)")
+    assert len(calls) == mfu.PROBE_ATTEMPTS and "was busy while measuring" in caplog.text
+    # the next run measures again, since no clean reading is cached: one busy probe, then a clean one
+    assert mfu.peak_flops(CPU, "fp32") == (3e11, "measured fp32 matmul")
+    assert len(calls) == 5
+    assert mfu.peak_flops(CPU, "fp32")[0] == 3e11 and len(calls) == 5  # clean and cached: no probe
+    # asked to measure again (bench.py --probe) in a busy moment: the lower reading is not kept
+    assert mfu.peak_flops(CPU, "fp32", reprobe=True) == (3e11, "measured fp32 matmul") and len(calls) == 8
+    key = mfu.machine_key(CPU, "fp32")
+    assert json.loads((tmp_path / mfu.CACHE_FILE).read_text())[key] == {"flops": 3e11, "cpu_share": 0.97}
+
+
+def test_a_cached_peak_from_an_older_lmtrain_counts_as_contended(monkeypatch, tmp_path):
+    monkeypatch.setenv("LMTRAIN_CACHE", str(tmp_path))
+    (tmp_path / mfu.CACHE_FILE).write_text(json.dumps({mfu.machine_key(CPU, "fp32"): 1.6e10}))  # a bare number
+    monkeypatch.setattr(mfu, "probe_peak_flops", lambda device, prec: mfu.PeakReading(3.4e11, 1.0))
+    assert mfu.peak_flops(CPU, "fp32") == (3.4e11, "measured fp32 matmul")
 
 
 def test_tokens_per_s_leaves_out_warm_up_and_timed_phases(monkeypatch):
@@ -238,13 +274,13 @@ def test_no_logged_mfu_is_above_100_percent_even_from_an_under_measured_peak(tmp
     cache = tmp_path / "cache"
     cache.mkdir()
     key = mfu.machine_key(CPU, "fp32")
-    (cache / mfu.CACHE_FILE).write_text(json.dumps({key: 1e6}))  # 1 MFLOP/s
+    (cache / mfu.CACHE_FILE).write_text(json.dumps({key: {"flops": 1e6, "cpu_share": 1.0}}))  # 1 MFLOP/s
     run = tmp_path / "run"
     result = run_cli("train", *TINY_MODEL, *FAST_TRAIN, "trainer.precision=fp32", "trainer.max_steps=6",
                      f"data.cache_dir={private_cache}", f"hydra.run.dir={run}", env={"LMTRAIN_CACHE": str(cache)})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "the peak was under-measured; measuring it again" in result.stdout
-    assert json.loads((cache / mfu.CACHE_FILE).read_text())[key] > 1e9  # re-measured and cached
+    assert json.loads((cache / mfu.CACHE_FILE).read_text())[key]["flops"] > 1e9  # re-measured and cached
     logged = [r["mfu"] for r in read_metrics(run / "metrics.jsonl") if "mfu" in r]
     assert logged and all(m is None or 0 < m <= 1 for m in logged)
 
