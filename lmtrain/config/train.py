@@ -97,7 +97,9 @@ class TrainerConfig:
     eval_batches: int = 20  # micro-batches per validation pass
     device: str = "auto"  # auto: cuda if available, else cpu; or cpu, cuda, cuda:1, ...
     precision: Precision = Precision.auto  # auto, fp32, bf16 or fp16 (training/precision.py: what auto picks)
-    compile: bool | None = None  # torch.compile the model; None: on for CUDA, off on CPU
+    # torch.compile the blocks and the loss region: true, false, or auto: on where this run is long enough to
+    # repay the compile time at the speed-up measured for this machine, precision and shape (cached)
+    compile: str = "auto"
     activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, more compute
     seed: int = 1337  # seeds data order, initialisation and dropout
     num_workers: int = 0  # data loader worker processes; 0 loads in the training process
@@ -204,6 +206,7 @@ def validate(cfg: TrainConfig) -> None:
                                                    f"give one of its checkpoints, e.g. {m.init_from}/checkpoints/best "
                                                    "or .../final")
     check_device("trainer.device", t.device)
+    check(t.compile.lower() in ("auto", "true", "false"), f"trainer.compile={t.compile} must be true, false or auto")
     check(t.max_rollbacks >= 0, f"trainer.max_rollbacks={t.max_rollbacks} must be >= 0")
     check(0 < t.rollback_lr_scale <= 1, f"trainer.rollback_lr_scale={t.rollback_lr_scale} must be in (0, 1]")
     check(t.sample_every >= 0, f"trainer.sample_every={t.sample_every} must be >= 0 (0 disables samples)")

@@ -280,6 +280,10 @@ class GPT(nn.Module):
         self.compiled_blocks = [torch.compile(block) for block in self.blocks]
         self.loss_region = torch.compile(head_loss)
 
+    def uncompile(self) -> None:
+        """Back to the eager blocks and loss region (after compile_blocks; a no-op otherwise)."""
+        self.compiled_blocks, self.loss_region = None, head_loss
+
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count, tied weights once. non_embedding leaves out the token and position tables
         (with tied embeddings that also removes the LM head, which is the same matrix)."""

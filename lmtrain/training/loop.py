@@ -78,7 +78,7 @@ class Trainer:
     def __init__(self, parts: Parts):
         p = parts
         self.cfg, self.run_dir, self.world, self.device = p.cfg, p.run_dir, p.world, p.device
-        self.tokenizer, self.model_cfg, self.model, self.compiled = p.tokenizer, p.model_cfg, p.model, p.compiled
+        self.tokenizer, self.model_cfg, self.model, self.compilation = p.tokenizer, p.model_cfg, p.model, p.compilation
         self.precision, self.parallel, self.optimizer = p.precision, p.parallel, p.optimizer
         self.forward = p.parallel.forward  # the GPT or its DDP wrapper; compilation, if on, is inside, per block
         self.params = [param for param in p.model.parameters() if param.requires_grad]
@@ -290,8 +290,9 @@ class Trainer:
         log.info("Training %d steps of %s tokens (batch %d x accumulation %d x block %d%s; micro-batch %d) on %s, %s%s",
                  self.total_steps, f"{self.tokens_per_step:,}", t.batch_size, t.grad_accum_steps, m.block_size,
                  f" x {self.world.size} ranks" if self.world.size > 1 else "", self.micro.size, self.device,
-                 self.precision.name, ", compiled per block" if self.compiled else "")
+                 self.precision.name, ", compiled per block" if self.compilation.on else "")
         log.info("Precision %s: %s", self.precision.name, self.precision.choice.reason)
+        log.info("Compilation %s: %s", "on" if self.compilation.on else "off", self.compilation.reason)
         log.info(describe(self.world, self.parallel.strategy.value, self.device))
         log.info("Run directory: %s", self.run_dir)
 

@@ -10,9 +10,10 @@ The order matters, and is this:
  4. the data, tokenized once per node (local rank 0 first, the others then find the cache);
  5. the model, its vocabulary taken from the tokenizer;
  6. `precision=auto` confirmed on the model's own step, eagerly: before compiling;
- 7. compiling, block by block, then the parallel wrapper (FSDP2 shards the compiled blocks);
- 8. the optimizer, over the wrapped (for FSDP2: sharded) parameters;
- 9. the loaders: whole global batches, of which this rank trains on its rows;
+ 7. the loaders: whole global batches, of which this rank trains on its rows; so the run's length is known;
+ 8. compiling, block by block (`trainer.compile=auto` measures once per shape whether this run repays it),
+    then the parallel wrapper (FSDP2 shards the compiled blocks);
+ 9. the optimizer, over the wrapped (for FSDP2: sharded) parameters;
 10. MFU, metrics.jsonl and the loggers (metrics' clock starts here, just before training);
 11. the divergence guard and the checkpoints: `trainer.resume` restores weights, optimizer, loader and the
     guard's state here (or `model.init_from`'s weights are loaded);
@@ -43,6 +44,8 @@ from lmtrain.model import GPT
 from lmtrain.model.generation import encode_prompt
 from lmtrain.runs.loggers import build_loggers
 from lmtrain.runs.metrics import MetricsLog
+from lmtrain.training.compilation import CompileChoice
+from lmtrain.training.compilation import choose as choose_compile
 from lmtrain.training.divergence import DivergenceGuard
 from lmtrain.training.memory import MicroBatches, configured_size, micro_batches, trial_step
 from lmtrain.training.mfu import Mfu
@@ -64,7 +67,7 @@ class Parts:
     model_cfg: ModelConfig  # cfg.model with vocab_size and vocab_multiple filled in
     model: GPT  # the bare model, what checkpoints save; FSDP2 shards it in place
     precision: TrainingPrecision
-    compiled: bool  # blocks compiled with torch.compile
+    compilation: CompileChoice  # blocks and loss region under torch.compile, and why
     parallel: Parallel  # the forward to call (the model or its DDP wrapper) and DDP's gradient sync
     optimizer: Optimizer
     train_loader: TrainLoader
@@ -119,17 +122,19 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
         choice = confirm_on_model(choice, model, configured_size(t.micro_batch_size, t.batch_size) or t.batch_size,
                                   device)
     precision = TrainingPrecision(choice, device)
-    compiled = t.compile if t.compile is not None else device.type == "cuda"  # 7
-    if compiled:
-        model.compile_blocks()
-    parallel = strategies.wrap(model, strategy, device, precision.name == "bf16")
-    optimizer = build_optimizer(model, cfg.optimizer, device.type)  # 8
 
-    block, batch = model_cfg.block_size, t.batch_size * world.size  # 9: the loaders hand out whole global batches
+    block, batch = model_cfg.block_size, t.batch_size * world.size  # 7: the loaders hand out whole global batches
     loader = train_loader(data, block, batch, t.seed, t.num_workers, pin_memory=device.type == "cuda",
                           rows=world.rows(batch))
     validation = val_batches(data, block, batch, t.eval_batches, world.rows)
     total_steps = t.max_steps or t.epochs * max(1, loader.batches_per_epoch // t.grad_accum_steps)
+
+    micro_size = configured_size(t.micro_batch_size, t.batch_size) or t.batch_size  # 8
+    passes_per_step = t.grad_accum_steps * t.batch_size // micro_size
+    compilation = choose_compile(t.compile, model, micro_size, total_steps, passes_per_step, device, precision.name,
+                                 precision.autocast)
+    parallel = strategies.wrap(model, strategy, device, precision.name == "bf16")
+    optimizer = build_optimizer(model, cfg.optimizer, device.type)  # 9
 
     # 10. MFU per device: every rank's tokens/s over all devices' peak, i.e. each rank's share of the FLOPs
     mfu = Mfu(device, precision.name, model.flops_per_token() / world.size)
@@ -149,5 +154,5 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
     micro = micro_batches(t.micro_batch_size, t.batch_size, device, trial_step(  # 12
         model, model, tokenizer.vocab_size, block, device, precision.autocast))
     micro.size = collectives.smallest(micro.size, device)  # every rank runs as many micro-batches
-    return Parts(cfg, run_dir, world, device, tokenizer, model_cfg, model, precision, compiled, parallel, optimizer,
+    return Parts(cfg, run_dir, world, device, tokenizer, model_cfg, model, precision, compilation, parallel, optimizer,
                  loader, validation, total_steps, mfu, metrics, checkpoints, divergence, micro, prompts, resumed)

@@ -24,7 +24,7 @@ def test_defaults_compose_into_the_schema():
     cfg = to_train_config(composed())
     assert cfg.model.name == "gpt_tiny" and cfg.data.source == "pystdlib" and cfg.tokenizer.kind == "bpe"
     assert cfg.optimizer.lr == 2e-3 and cfg.optimizer.betas == [0.9, 0.999] and cfg.optimizer.weight_decay == 0.01
-    assert cfg.trainer.grad_clip == 1.0 and cfg.trainer.compile is None
+    assert cfg.trainer.grad_clip == 1.0 and cfg.trainer.compile == "auto"
 
 
 def test_adamw_preset_holds_the_general_defaults():

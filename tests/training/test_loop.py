@@ -25,6 +25,7 @@ from lmtrain.distributed.world import World
 from lmtrain.model import GPT
 from lmtrain.runs.checkpoint import read_config
 from lmtrain.runs.metrics import MetricsLog, read_metrics
+from lmtrain.training.compilation import CompileChoice
 from lmtrain.training.divergence import DivergenceGuard
 from lmtrain.training.loop import Trainer
 from lmtrain.training.memory import MicroBatches
@@ -54,7 +55,8 @@ def hand_made_parts(run_dir: Path, steps: int) -> Parts:
     world = World()
     return Parts(
         cfg=cfg, run_dir=run_dir, world=world, device=device, tokenizer=tokenizer, model_cfg=model_cfg, model=model,
-        precision=precision, compiled=False, parallel=strategies.wrap(model, Strategy.single, device, False),
+        precision=precision, compilation=CompileChoice(False, "test"),
+        parallel=strategies.wrap(model, Strategy.single, device, False),
         optimizer=build_optimizer(model, cfg.optimizer, "cpu"),
         train_loader=TrainLoader([train], block, batch, seed=0), val_batches=eval_batches([val], block, batch, 2),
         total_steps=steps, mfu=Mfu(device, "fp32", model.flops_per_token()),
