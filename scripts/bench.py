@@ -1,7 +1,8 @@
 """Training tokens/s and MFU: the real `lmtrain train` against a bare PyTorch loop of the same model and step.
 
-    python scripts/bench.py                              # default cases: fp32, and bf16 where native; compile off
-    python scripts/bench.py --case gpt_tiny,block_size=64,batch=12 --precision fp32 --compile off on --rounds 3
+    python scripts/bench.py                              # default cases: fp32, and bf16 where native; eager, compiled
+    python scripts/bench.py --case gpt_tiny,block_size=64,batch=12 --precision fp32 --compile off --rounds 3
+    python scripts/bench.py --threads 1                  # one thread each: steadier figures on a shared machine
     python scripts/bench.py --probe                      # measure this machine's matmul peaks again (MFU's cache)
     python scripts/bench.py --json bench.json            # also write the results as JSON
 
@@ -13,15 +14,24 @@ Each case runs two ways, alternately for --rounds rounds (bare first in even rou
   the same model, batch, precision and compile setting; its logged tokens/s, read from metrics.jsonl.
 Both report the median of 10-step windows after the step time settles (bare: after --warmup steps; lmtrain:
 its own warm-up rule, lmtrain/training/clock.py), and `lmtrain/bare` is the ratio of those medians within a round.
+With `--compile off on` (the default) a second table puts each way's compiled rate over its eager one.
 MFU is against lmtrain.training.mfu's peak (a GPU's data sheet, or this machine's measured matmul peak, cached).
-On a shared machine wrap it in `flock /tmp/lmtrain-bench.lock` and read the ratios, not the absolute figures.
+Each run also gives its CPU share: the CPU time the process (bare) or the `lmtrain train` process used over its
+wall time times its threads; well below 1 means other work held the cores and the figure is low. The load
+average is recorded before each run. On a shared machine wrap it in `flock /tmp/lmtrain-bench.lock`, read
+the ratios, not the absolute figures, and prefer rounds whose CPU share is near 1.
+The loss region (final norm, head, cross-entropy) is timed apart, forward and backward on random hidden
+states: milliseconds per step and, on CUDA, the memory it adds (peak over what was allocated before).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import random
+import resource
 import statistics
 import subprocess
 import sys
@@ -80,14 +90,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def free_device_memory(device: torch.device) -> None:
+    """Hand the cached CUDA memory of a finished run back, so the next run (another process) can have it."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def bare(cfg: ModelConfig, batch: int, device: torch.device, precision: str, compile_model: bool, warmup: int,
-         steps: int) -> tuple[list[float], int | None]:
-    """Tokens/s of each WINDOW-step window of a plain training loop, after `warmup` untimed steps, and the
-    peak CUDA memory (None on a CPU)."""
+         steps: int) -> tuple[list[float], int | None, float]:
+    """Tokens/s of each WINDOW-step window of a plain training loop, after `warmup` untimed steps, the peak
+    CUDA memory (None on a CPU) and the CPU share of the timed windows."""
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
     if compile_model:
-        model.compile_blocks()  # as the trainer compiles: per block
+        model.compile_blocks()  # as the trainer compiles: per block, and the loss region
     forward = model
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -116,14 +133,54 @@ def bare(cfg: ModelConfig, batch: int, device: torch.device, precision: str, com
     for i in range(warmup):
         step(i)
     sync(device)
-    rates = []
+    rates, wall, cpu = [], 0.0, time.process_time()
     for w in range(max(1, steps // WINDOW)):
         start = time.perf_counter()
         for i in range(WINDOW):
             step(w * WINDOW + i)
         sync(device)  # the GPU may still be working through queued steps
-        rates.append(WINDOW * batch * cfg.block_size / (time.perf_counter() - start))
-    return rates, torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        seconds = time.perf_counter() - start
+        wall += seconds
+        rates.append(WINDOW * batch * cfg.block_size / seconds)
+    share = (time.process_time() - cpu) / (wall * torch.get_num_threads())
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return rates, peak, share
+
+
+def loss_region(cfg: ModelConfig, batch: int, device: torch.device, precision: str, compile_model: bool,
+                repeats: int = 10) -> dict:
+    """The final norm, LM head and cross-entropy alone, forward and backward on random hidden states, as the
+    model runs them: milliseconds per micro-batch (the best of `repeats` after 3 untimed) and, on CUDA, the
+    memory the region adds at its peak over what its inputs and the head already hold."""
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device)
+    if compile_model:
+        model.compile_blocks()
+    x = torch.randn(batch, cfg.block_size, cfg.d_model, device=device, requires_grad=True)
+    targets = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=device)
+    choice = PrecisionChoice(precision, "bench")
+
+    def run() -> None:
+        with autocast_for(device, choice):
+            loss = model.loss(x, targets)
+        loss.backward()
+        x.grad = None
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        run()
+    sync(device)
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    added = torch.cuda.max_memory_allocated(device) - before if device.type == "cuda" else None
+    return {"loss_ms": 1e3 * best, "loss_peak_memory": added}
 
 
 def write_corpus(folder: Path, chars: int = 300_000) -> Path:
@@ -135,22 +192,26 @@ def write_corpus(folder: Path, chars: int = 300_000) -> Path:
 
 
 def lmtrain_train(preset: str, overrides: dict[str, str], batch: int, precision: str, compile_model: bool,
-                  steps: int, corpus: Path, run_dir: Path) -> tuple[list[float], int | None]:
-    """The logged tokens/s of a real `lmtrain train` run of the case (every window after its warm-up), and the
-    peak CUDA memory it logged (None on a CPU)."""
+                  steps: int, corpus: Path, run_dir: Path, threads: int) -> tuple[list[float], int | None, float]:
+    """The logged tokens/s of a real `lmtrain train` run of the case (every window after its warm-up), the peak
+    CUDA memory it logged (None on a CPU) and its CPU share over the whole run (start-up included)."""
     args = [f"model={preset}", *[f"model.{k}={v}" for k, v in overrides.items()], f"trainer.batch_size={batch}",
             "data=text_files", f"data.train_files=[{corpus}]", f"data.cache_dir={run_dir.parent / 'cache'}",
             "tokenizer=char", f"trainer.max_steps={steps}", f"trainer.eval_every={steps}", "trainer.eval_batches=1",
             "trainer.save_every=0", f"trainer.log_every={WINDOW}", f"trainer.precision={precision}",
             f"trainer.compile={str(compile_model).lower()}", "optimizer.lr=1e-3", "scheduler.warmup_steps=10",
             f"hydra.run.dir={run_dir}"]
-    result = subprocess.run([sys.executable, "-m", "lmtrain", "train", *args], capture_output=True, text=True)
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "lmtrain", "train", *args], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    after, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"lmtrain train failed ({result.returncode}):\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     records = read_metrics(run_dir / "metrics.jsonl")
     # every full window; the last one may be cut short by max_steps, and it ends with the final evaluation
     rates = [r["tokens_per_s"] for r in records if r.get("tokens_per_s") is not None and r["step"] % WINDOW == 0]
-    return rates, max((r["peak_memory"] for r in records if "peak_memory" in r), default=None)
+    return rates, max((r["peak_memory"] for r in records if "peak_memory" in r), default=None), cpu / (wall * threads)
 
 
 def bench_case(spec: str, device: torch.device, precision: str, compile_model: bool, args, workdir: Path,
@@ -161,29 +222,35 @@ def bench_case(spec: str, device: torch.device, precision: str, compile_model: b
     mfu = Mfu(device, precision, model.flops_per_token())
     corpus = write_corpus(workdir)
     warmup = args.warmup if args.warmup is not None else (5 if compile_model else 3)
+    loss = loss_region(cfg, batch, device, precision, compile_model)
+    free_device_memory(device)
     rows = []
     for round_ in range(args.rounds):
         steps = args.steps
         ways = ["bare", "lmtrain"] if round_ % 2 == 0 else ["lmtrain", "bare"]
         medians = {}
         for way in ways:
-            start = time.perf_counter()
+            load, start = os.getloadavg()[0], time.perf_counter()
             if way == "bare":
-                rates, peak_memory = bare(cfg, batch, device, precision, compile_model, warmup, steps)
+                rates, peak_memory, share = bare(cfg, batch, device, precision, compile_model, warmup, steps)
+                free_device_memory(device)  # the lmtrain run, another process, needs the GPU's memory
             else:
                 run_dir = workdir / f"run_{len(list(workdir.glob('run_*')))}"
-                rates, peak_memory = lmtrain_train(preset, overrides, batch, precision, compile_model,
-                                                   steps + warmup, corpus, run_dir)
+                rates, peak_memory, share = lmtrain_train(preset, overrides, batch, precision, compile_model,
+                                                          steps + warmup, corpus, run_dir, torch.get_num_threads())
             rate = statistics.median(rates) if rates else float("nan")
             medians[way] = rate
             row = {"case": spec, "model": cfg.name, "layers": cfg.n_layers, "d_model": cfg.d_model,
                    "block_size": cfg.block_size, "batch": batch, "params": model.num_params(), "way": way,
                    "round": round_ + 1, "precision": precision, "compile": compile_model, "windows": len(rates),
                    "tokens_per_s": rate, "mfu": mfu(rate) if rates else None, "peak_flops": mfu.peak,
-                   "peak_source": mfu.source, "peak_memory": peak_memory, "seconds": time.perf_counter() - start}
+                   "peak_source": mfu.source, "peak_memory": peak_memory, "cpu_share": share, "load_average": load,
+                   "threads": torch.get_num_threads(), "seconds": time.perf_counter() - start, **loss}
             rows.append(row)
+            mfu_text = "-" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
             console.print(f"{spec} {precision} compile {'on' if compile_model else 'off'} round {round_ + 1} "
-                          f"{way}: {rate:,.0f} tokens/s over {len(rates)} windows")
+                          f"{way}: {rate:,.0f} tokens/s, MFU {mfu_text}, over {len(rates)} windows; CPU share "
+                          f"{share:.2f}, load average {load:.2f}")
         ratio = medians["lmtrain"] / medians["bare"]
         for row in rows[-2:]:
             row["lmtrain_over_bare"] = ratio
@@ -191,16 +258,46 @@ def bench_case(spec: str, device: torch.device, precision: str, compile_model: b
     return rows
 
 
+def compile_rows(rows: list[dict]) -> list[dict]:
+    """For each case, precision, way and round run both eagerly and compiled: compiled tokens/s over eager's."""
+    out = []
+    for r in rows:
+        if not r["compile"]:
+            continue
+        eager = next((e for e in rows if not e["compile"] and all(e[k] == r[k] for k in
+                                                                  ("case", "precision", "way", "round"))), None)
+        if eager is not None:
+            out.append({k: r[k] for k in ("case", "model", "layers", "d_model", "batch", "block_size", "precision",
+                                          "way", "round")} | {"eager": eager["tokens_per_s"],
+                                                              "compiled": r["tokens_per_s"],
+                                                              "compiled_over_eager": r["tokens_per_s"] /
+                                                              eager["tokens_per_s"]})
+    return out
+
+
 def results_table(rows: list[dict], title: str) -> Table:
     table = Table(title=f"Training throughput on {title}", title_justify="left")
     for col in ["model", "params", "batch x block", "precision", "compile", "round", "way", "tokens/s", "MFU",
-                "lmtrain/bare"]:
+                "CPU share", "lmtrain/bare", "loss ms", "loss memory"]:
         table.add_column(col, justify="left" if col in ("model", "way") else "right")
     for r in rows:
         mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        memory = "-" if r["loss_peak_memory"] is None else f"{r['loss_peak_memory'] / 2**20:,.0f} MiB"
         table.add_row(f"{r['model']} {r['layers']}L/{r['d_model']}", f"{r['params'] / 1e6:.2f}M",
                       f"{r['batch']} x {r['block_size']}", r["precision"], "on" if r["compile"] else "off",
-                      str(r["round"]), r["way"], f"{r['tokens_per_s']:,.0f}", mfu, f"{r['lmtrain_over_bare']:.3f}")
+                      str(r["round"]), r["way"], f"{r['tokens_per_s']:,.0f}", mfu, f"{r['cpu_share']:.2f}",
+                      f"{r['lmtrain_over_bare']:.3f}", f"{r['loss_ms']:.1f}", memory)
+    return table
+
+
+def compile_table(rows: list[dict]) -> Table:
+    table = Table(title="Compiled against eager (tokens/s)", title_justify="left")
+    for col in ["model", "batch x block", "precision", "round", "way", "eager", "compiled", "compiled/eager"]:
+        table.add_column(col, justify="left" if col in ("model", "way") else "right")
+    for r in rows:
+        table.add_row(f"{r['model']} {r['layers']}L/{r['d_model']}", f"{r['batch']} x {r['block_size']}",
+                      r["precision"], str(r["round"]), r["way"], f"{r['eager']:,.0f}", f"{r['compiled']:,.0f}",
+                      f"{r['compiled_over_eager']:.3f}")
     return table
 
 
@@ -216,7 +313,9 @@ def main() -> None:
     parser.add_argument("--case", action="append", help="preset[,key=value...][,batch=N]; repeatable")
     parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16"],
                         help="default: fp32, and bf16 where the CPU has it natively (CUDA: what auto picks)")
-    parser.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off"])
+    parser.add_argument("--compile", nargs="+", choices=["off", "on"], default=["off", "on"],
+                        help="eager, compiled or both (default; a second table compares them)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for both ways (default: torch's)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--warmup", type=int, default=None, help="bare's untimed steps (default: 3 eager, 5 compiled)")
     parser.add_argument("--steps", type=int, default=100, help="timed steps per run (windows of 10)")
@@ -226,6 +325,8 @@ def main() -> None:
     args = parser.parse_args()
 
     device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as the trainer: TF32 for float32 matmuls
         torch.backends.cudnn.allow_tf32 = True
@@ -246,9 +347,12 @@ def main() -> None:
                     workdir.mkdir()
                     rows += bench_case(spec, device, precision, compiled == "on", args, workdir, console)
     console.print(results_table(rows, title))
+    compiled = compile_rows(rows)
+    if compiled:
+        console.print(compile_table(compiled))
     if args.json:
         report = {"device": title, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                  "results": rows}
+                  "results": rows, "compiled_over_eager": compiled}
         args.json.write_text(json.dumps(report, indent=2) + "\n")
         console.print(f"wrote {args.json}")
 

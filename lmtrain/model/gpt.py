@@ -262,15 +262,20 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, rope, cache, i, use_reentrant=False)
             else:
                 x = block(x, rope, cache, i)
-        if targets is not None:  # the final norm, head and loss in one region: no whole (B, T, V) logits
-            norm = self.norm_f
-            return self.loss_region(x, targets, norm.weight, getattr(norm, "bias", None), self.lm_head.weight,
-                                    rms=self.cfg.norm == Norm.rmsnorm, eps=self.cfg.norm_eps,
-                                    vocab_size=self.cfg.vocab_size, softcap=self.cfg.logit_softcap)
+        if targets is not None:
+            return self.loss(x, targets)
         logits = self.lm_head(self.norm_f(x))  # (B, T, V_padded), in the compute dtype
         if self.cfg.logit_softcap > 0:  # Gemma 2's soft cap: smooth, and |logit| < softcap whatever the weights
             logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         return logits[..., :self.cfg.vocab_size]  # (B, T, V): the padding's scores are never seen
+
+    def loss(self, x: Tensor, targets: Tensor) -> Tensor:
+        """The mean cross-entropy of the last block's output x (B, T, C) against targets (B, T): the final norm,
+        the head and the loss in one region (compiled with the blocks), never the whole (B, T, V) logits."""
+        norm = self.norm_f
+        return self.loss_region(x, targets, norm.weight, getattr(norm, "bias", None), self.lm_head.weight,
+                                rms=self.cfg.norm == Norm.rmsnorm, eps=self.cfg.norm_eps,
+                                vocab_size=self.cfg.vocab_size, softcap=self.cfg.logit_softcap)
 
     def compile_blocks(self) -> None:
         """Regional compilation: each block goes through torch.compile on its own, and so does the region after

@@ -111,13 +111,20 @@ def test_bench_script_runs_bare_and_lmtrain_train_side_by_side(tmp_path):
     out = tmp_path / "bench.json"
     case = "gpt_tiny,n_layers=1,d_model=32,n_heads=2,d_ff=64,block_size=16,vocab_size=68,batch=4"
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--case", case, "--precision", "fp32",
-                             "--warmup", "1", "--steps", "20", "--rounds", "2", "--json", str(out)],
+                             "--warmup", "1", "--steps", "20", "--rounds", "2", "--compile", "off", "on", "--json",
+                             str(out)],
                             capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Training throughput on" in result.stdout and "gpt_tiny 1L/32" in result.stdout
     assert "round 1 bare:" in result.stdout and "lmtrain/bare =" in result.stdout  # each run printed as it ends
-    rows = json.loads(out.read_text())["results"]
-    assert [(r["round"], r["way"]) for r in rows] == [(1, "bare"), (1, "lmtrain"), (2, "lmtrain"), (2, "bare")]
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    order = [(1, "bare"), (1, "lmtrain"), (2, "lmtrain"), (2, "bare")]
+    assert [(r["compile"], r["round"], r["way"]) for r in rows] == [(c, *run) for c in (False, True) for run in order]
     for r in rows:
         assert r["windows"] >= 1 and r["tokens_per_s"] > 0 and (r["mfu"] is None or 0 < r["mfu"] <= 1)
-        assert r["lmtrain_over_bare"] > 0
+        assert r["lmtrain_over_bare"] > 0 and 0 < r["cpu_share"] and r["loss_ms"] > 0 and r["loss_peak_memory"] is None
+    assert "MFU" in result.stdout and "Compiled against eager" in result.stdout
+    ratios = report["compiled_over_eager"]  # each way and round, compiled over eager
+    assert [(r["way"], r["round"]) for r in ratios] == [("bare", 1), ("lmtrain", 1), ("lmtrain", 2), ("bare", 2)]
+    assert all(r["compiled_over_eager"] == pytest.approx(r["compiled"] / r["eager"]) for r in ratios)
