@@ -50,7 +50,7 @@ from lmtrain.model import GPT
 from lmtrain.runs.metrics import read_metrics
 from lmtrain.training.mfu import Mfu, cpu_model, peak_flops
 from lmtrain.training.optim import build_optimizer
-from lmtrain.training.precision import PrecisionChoice, autocast_for, choose, native_cpu_bf16
+from lmtrain.training.precision import PrecisionChoice, autocast_for, choose, native_cpu_bf16, use_tf32
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "model"
 # nanoGPT's CPU shakespeare_char shape and its 6-layer shape (vocab 68: 65 characters and 3 special tokens),
@@ -327,9 +327,7 @@ def main() -> None:
     device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # as the trainer: TF32 for float32 matmuls
-        torch.backends.cudnn.allow_tf32 = True
+    use_tf32(device)  # as the trainer
     precisions = args.precision or default_precisions(device)
     console = Console(width=None if sys.stdout.isatty() else 140)  # a pipe or a log file: wide enough for the table
     title = device_name(device)

@@ -81,14 +81,22 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+def sdpa_takes_grouped_heads(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether SDPA's flash kernel can take fewer key/value heads than query heads (enable_gqa) here: CUDA at
+    compute capability 8.0 and above, in fp16 or bf16. Its docs list only the flash and math kernels as taking
+    grouped heads, and math materialises the (T x T) scores: below 8.0 (no flash), or in fp32, k and v are
+    repeated instead, which the memory-efficient kernel takes."""
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(device) >= (8, 0))
+
+
 def grouped_heads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, bool]:
-    """k and v as SDPA should get them for q (B, nh, T, hs), and its enable_gqa flag. With fewer key/value
-    heads, SDPA's grouped heads avoid copying k and v, but its docs list only the flash kernel (CUDA,
-    fp16/bf16) and the math one as taking them; elsewhere k and v are repeated to one head per query head."""
+    """k and v as SDPA should get them for q (B, nh, T, hs), and its enable_gqa flag (sdpa_takes_grouped_heads);
+    otherwise k and v repeated to one head per query head."""
     groups = q.shape[1] // k.shape[1]
     if groups == 1:
         return k, v, False
-    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+    if sdpa_takes_grouped_heads(q.device, q.dtype):
         return k, v, True
     return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), False  # (B, nh, T, hs)
 

@@ -103,6 +103,8 @@ class MicroBatches:
                 pass
             self._halve("a trial step at start-up ran out of memory")
         _free_cached_memory(self.device)
+        if self.device.type == "cuda":  # the logged peak is the training's, not the search's
+            torch.cuda.reset_peak_memory_stats(self.device)
         log.info("trainer.micro_batch_size=auto: micro-batch %d fits (accumulating %d per batch of %d)",
                  self.size, self.batch_size // self.size, self.batch_size)
 

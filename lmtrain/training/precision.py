@@ -173,6 +173,14 @@ def step_speedup(model: GPT, batch: int, device: torch.device, repeats: int = 3)
     return best["fp32"] / best["bf16"]
 
 
+def use_tf32(device: torch.device) -> None:
+    """TF32 tensor cores for any float32 matmul and convolution left outside autocast, on CUDA, through the
+    fp32_precision settings (torch 2.9 on; the older allow_tf32 flags must not be mixed with them)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+
+
 def autocast_for(device: torch.device, choice: PrecisionChoice) -> contextlib.AbstractContextManager:
     if choice.name == "fp32":
         return contextlib.nullcontext()

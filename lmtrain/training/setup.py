@@ -50,7 +50,7 @@ from lmtrain.training.divergence import DivergenceGuard
 from lmtrain.training.memory import MicroBatches, configured_size, micro_batches, trial_step
 from lmtrain.training.mfu import Mfu
 from lmtrain.training.optim import Optimizer, build_optimizer
-from lmtrain.training.precision import TrainingPrecision, choose, confirm_on_model
+from lmtrain.training.precision import TrainingPrecision, choose, confirm_on_model, use_tf32
 from lmtrain.training.preflight import init_from_checked
 from lmtrain.training.state import Checkpointer
 
@@ -103,9 +103,7 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
     world, device = join_world(device, t.dist_timeout_s, group_of_one=t.strategy in (Strategy.ddp, Strategy.fsdp))
     strategy = strategies.resolve(t.strategy, world)  # 3
     choice = choose(t.precision, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
-        torch.backends.cudnn.allow_tf32 = True
+    use_tf32(device)
     seed_everything(t.seed)
 
     with collectives.local_main_first(world), \
