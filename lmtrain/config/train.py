@@ -95,6 +95,13 @@ class TrainerConfig:
     log_every: int = 10  # optimizer steps between log lines
     eval_every: int = 100  # optimizer steps between validation passes (and one at the end)
     eval_batches: int = 20  # micro-batches per validation pass
+    # a speedrun's target: training ends after the first validation pass (all eval_batches) at or below it
+    target_val_loss: float | None = None
+    # with target_val_loss: each periodic validation first scores this many of the eval_batches (a fixed random
+    # subset of the windows), and the whole pass follows only when they read at most the target plus
+    # eval_screen_margin; 0: every pass is whole. Whether the target is reached is always decided on the whole pass
+    eval_screen_batches: int = 0
+    eval_screen_margin: float = 0.05  # nats above target_val_loss at which a screening pass calls for the whole one
     device: str = "auto"  # auto: cuda if available, else cpu; or cpu, cuda, cuda:1, ...
     precision: Precision = Precision.auto  # auto, fp32, bf16 or fp16 (training/precision.py: what auto picks)
     # torch.compile the blocks and the loss region: true, false, or auto: on where this run is long enough to
@@ -207,6 +214,11 @@ def validate(cfg: TrainConfig) -> None:
                                                    "or .../final")
     check_device("trainer.device", t.device)
     check(t.compile.lower() in ("auto", "true", "false"), f"trainer.compile={t.compile} must be true, false or auto")
+    check(0 <= t.eval_screen_batches < t.eval_batches, f"trainer.eval_screen_batches={t.eval_screen_batches} must be "
+                                                       f">= 0 and below trainer.eval_batches={t.eval_batches}")
+    check(t.eval_screen_batches == 0 or t.target_val_loss is not None,
+          f"trainer.eval_screen_batches={t.eval_screen_batches} screens for trainer.target_val_loss: set that too")
+    check(t.eval_screen_margin >= 0, f"trainer.eval_screen_margin={t.eval_screen_margin} must be >= 0")
     check(t.max_rollbacks >= 0, f"trainer.max_rollbacks={t.max_rollbacks} must be >= 0")
     check(0 < t.rollback_lr_scale <= 1, f"trainer.rollback_lr_scale={t.rollback_lr_scale} must be in (0, 1]")
     check(t.sample_every >= 0, f"trainer.sample_every={t.sample_every} must be >= 0 (0 disables samples)")

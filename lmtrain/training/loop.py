@@ -91,6 +91,7 @@ class Trainer:
         self.val_loss, self.best_val_loss = float("nan"), float("inf")
         self.saved: tuple[int, Path | None] = (-1, None)  # the step and folder of the last step checkpoint
         self.stop: StopSignals | None = None  # set while fit() runs: an evaluation stops at its next batch
+        self.reached_target = False  # a whole validation pass read at most trainer.target_val_loss
         if p.resumed is not None:
             self._restore(p.resumed)
 
@@ -110,7 +111,7 @@ class Trainer:
             self.stop, stopping = stop, None  # stopping: the signal every rank agreed to stop on
             agree = collectives.StepAgreement(self.device)  # no host sync: every rank reads it a step late
             task = bar.add_task("train", total=self.total_steps, completed=self.step, **fields)
-            while self.step < self.total_steps and stopping is None:
+            while self.step < self.total_steps and stopping is None and not self.reached_target:
                 lr = self._set_lr()
                 completed_epochs = self.train_loader.completed_epochs
                 step_loss = self._forward_backward([next(batches) for _ in range(t.grad_accum_steps)])
@@ -134,7 +135,7 @@ class Trainer:
                     log.info("%s", note)
                 self._evaluate_save_sample(clock)
                 bar.update(task, completed=self.step, **fields)
-            if self.step < self.total_steps:
+            if self.step < self.total_steps and not self.reached_target:
                 return self._stopped(stopping, time.perf_counter() - start)
             self._finish(clock, finished)
         return self._result(train_loss, start, clock, finished)
@@ -166,7 +167,7 @@ class Trainer:
         t, s = self.cfg.trainer, self.step
         if s % t.eval_every == 0 and s < self.total_steps:
             with clock.phase("eval"):
-                self._record_eval()
+                self._record_eval(screen=True)
         if t.save_every and s % t.save_every == 0 and s < self.total_steps:
             with clock.phase("save"):
                 self._save()
@@ -179,8 +180,12 @@ class Trainer:
         if finished:
             log.info("This run finished at step %d already: nothing left to train", self.step)
             return
-        with clock.phase("eval"):
-            self._record_eval()
+        if self.reached_target:
+            log.info("Step %d reached trainer.target_val_loss=%g (validation loss %.4f): training ends here",
+                     self.step, self.cfg.trainer.target_val_loss, self.val_loss)
+        else:
+            with clock.phase("eval"):
+                self._record_eval()
         with clock.phase("save"):
             self.checkpoints.save_final(self.model)
             self._save()  # last: a checkpoint at the final step means the whole run is done
@@ -198,12 +203,12 @@ class Trainer:
         return result
 
     @torch.no_grad()
-    def evaluate(self) -> float | None:
-        """Mean loss over the fixed validation batches, each rank scoring its rows of every batch; None when a
-        stop signal cut the pass short."""
+    def evaluate(self, n_batches: int | None = None) -> float | None:
+        """Mean loss over the fixed validation batches (the first n_batches of them; None: all), each rank scoring
+        its rows of every batch; None when a stop signal cut the pass short."""
         self.model.eval()
         total = torch.zeros(2, device=self.device)  # (loss summed over rows, rows)
-        for i in range(len(self.val_batches)):
+        for i in range(n_batches or len(self.val_batches)):
             if self.stop is not None and self.stop.received and not collectives.active():  # ranks stop together
                 self.model.train()
                 return None
@@ -216,10 +221,24 @@ class Trainer:
         total = collectives.sum_across(total)  # each rank scored its own rows
         return (total[0] / total[1]).item()
 
-    def _record_eval(self) -> None:
+    def _record_eval(self, screen: bool = False) -> None:
+        """A validation pass, logged and recorded; with `screen` and trainer.eval_screen_batches, the whole pass
+        only when the first batches read within trainer.eval_screen_margin of trainer.target_val_loss."""
+        t = self.cfg.trainer
+        if screen and t.eval_screen_batches:
+            screened = self.evaluate(t.eval_screen_batches)
+            if screened is None:
+                return
+            self.metrics.write({"step": self.step, "val_screen_loss": screened})
+            if screened > t.target_val_loss + t.eval_screen_margin:
+                log.info("Step %d, validation loss on %d of %d batches: %.4f (the whole pass runs once this is at "
+                         "most %.4f)", self.step, t.eval_screen_batches, len(self.val_batches), screened,
+                         t.target_val_loss + t.eval_screen_margin)
+                return
         val_loss = self.evaluate()
         if val_loss is None:
             return
+        self.reached_target = t.target_val_loss is not None and val_loss <= t.target_val_loss
         self.val_loss = val_loss
         self.metrics.write({"step": self.step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
         log.info("Step %d, validation loss: %.4f, perplexity: %.2f", self.step, val_loss, math.exp(min(val_loss, 50)))

@@ -110,6 +110,9 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
             PreparationProgress(wants_progress_bar(t.progress) and world.main) as progress:  # 4
         data = prepare_data(cfg.data, cfg.tokenizer, progress)
     tokenizer = data.tokenizer
+    if t.eval_screen_batches and data.weights is not None:
+        raise ConfigError("trainer.eval_screen_batches needs one data source: a mixture's first validation batches "
+                          "are its first source's")
     vocab = cfg.model.vocab_size or tokenizer.vocab_size  # 5
     if vocab < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size}")

@@ -23,7 +23,17 @@ def records(*evals: tuple[int, float, float, float]) -> list[dict]:
 def test_training_time_leaves_out_every_evaluation_up_to_the_first_at_the_target():
     run = records((25, 10.0, 12.0, 2.3), (50, 22.0, 25.0, 1.88), (75, 35.0, 37.0, 1.80))
     r = bench.time_to_target(run, 1.886)
-    assert r == {"step": 50, "val_loss": 1.88, "wall_s": 25.0, "train_s": pytest.approx(20.0), "reached": True}
+    assert r == {"step": 50, "val_loss": 1.88, "wall_s": 25.0, "train_s": pytest.approx(20.0), "reached": True,
+                 "whole_passes": 2, "screening_passes": 0}
+
+
+def test_screening_passes_count_as_evaluation_time_and_never_as_the_target():
+    run = [{"step": 25, "loss": 2.0, "elapsed_s": 10.0}, {"step": 25, "val_screen_loss": 1.80, "elapsed_s": 10.5},
+           {"step": 50, "loss": 2.0, "elapsed_s": 20.5}, {"step": 50, "val_screen_loss": 1.90, "elapsed_s": 21.0},
+           {"step": 50, "val_loss": 1.87, "elapsed_s": 24.0}]
+    r = bench.time_to_target(run, 1.886)  # the screen read 1.80 at step 25, but only a whole pass decides
+    assert r == {"step": 50, "val_loss": 1.87, "wall_s": 24.0, "train_s": pytest.approx(20.0), "reached": True,
+                 "whole_passes": 1, "screening_passes": 2}
 
 
 def test_a_run_that_never_reaches_the_target_gives_its_whole_training_time():
