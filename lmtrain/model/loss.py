@@ -36,7 +36,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_hidden, want_weight = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
         with torch.autocast(hidden.device.type, enabled=False):  # the dtype is chosen by the caller
             h, w = hidden.to(dtype), weight[:vocab].to(dtype)  # (N, C), (V, C)
-            columns = torch.arange(vocab, device=hidden.device)  # (V,)
             total = torch.zeros((), device=hidden.device, dtype=torch.float32)
             grad_h, grad_w = [], None
             for h_chunk, t_chunk in zip(h.split(rows), targets.split(rows), strict=True):
@@ -44,14 +43,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if softcap > 0:
                     capped = torch.tanh(z / softcap)
                     z = softcap * capped
-                lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (n, 1)
                 valid = (t_chunk != IGNORE_INDEX)[:, None]  # (n, 1)
-                picked = z.gather(1, t_chunk.clamp(min=0)[:, None])  # (n, 1): the target's logit
-                total = total + torch.where(valid, lse - picked, 0.0).sum()
+                target = t_chunk.clamp(min=0)[:, None]  # (n, 1): ignored rows point at column 0, masked below
+                log_p = torch.log_softmax(z, dim=-1)  # (n, V), one fused pass
+                total = total - torch.where(valid, log_p.gather(1, target), 0.0).sum()
                 if not (want_hidden or want_weight):
                     continue
                 # d(row loss)/d(logits) = softmax - one-hot(target); ignored rows get none
-                g = torch.where(valid, (z - lse).exp() - (columns == t_chunk[:, None]).float(), 0.0)
+                g = log_p.exp_().scatter_add_(1, target, -valid.float()).masked_fill_(~valid, 0.0)
                 if softcap > 0:
                     g = g * (1 - capped * capped)  # through softcap * tanh(z / softcap)
                 g = g.to(dtype)  # (n, V)
@@ -63,7 +62,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         count = (targets != IGNORE_INDEX).sum()
         if grad_w is not None and weight.shape[0] > vocab:  # vocabulary padding rows: never read, no gradient
             grad_w = torch.cat([grad_w, grad_w.new_zeros(weight.shape[0] - vocab, weight.shape[1])])
-        ctx.save_for_backward(torch.cat(grad_h) if grad_h else None, grad_w, count)
+        grad_h = None if not grad_h else grad_h[0] if len(grad_h) == 1 else torch.cat(grad_h)  # (N, C)
+        ctx.save_for_backward(grad_h, grad_w, count)
         ctx.dtypes = hidden.dtype, weight.dtype
         return total / count
 
@@ -72,7 +72,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w, count = ctx.saved_tensors
         scale = grad_out / count  # the forward's gradients are of the summed loss
         hidden_dtype, weight_dtype = ctx.dtypes
-        dh = None if grad_h is None else (grad_h.float() * scale).to(hidden_dtype)
+        dh = None if grad_h is None else (grad_h.to(hidden_dtype) * scale).to(hidden_dtype)
         dw = None if grad_w is None else (grad_w * scale).to(weight_dtype)
         return dh, dw, None, None, None, None, None, None
 
