@@ -60,7 +60,8 @@ TINY_MODEL = {"model.n_layers": "2", "model.d_model": "32", "model.n_heads": "2"
               "model.d_ff": "64", "model.block_size": "16"}
 TINY_DATA = {"data.max_documents": "60", "tokenizer.vocab_size": "300"}
 TINY_TRAIN = {**TINY_MODEL, **TINY_DATA, "trainer.max_steps": "4", "trainer.epochs": "0", "trainer.eval_every": "2",
-              "trainer.save_every": "2", "trainer.eval_batches": "2", "trainer.batch_size": "4",
+              "trainer.save_every": "2", "trainer.eval_batches": "2", "trainer.eval_screen_batches": "0",
+              "trainer.batch_size": "4",
               "trainer.log_every": "1", "trainer.sample_every": "4", "trainer.sample_tokens": "8",
               "trainer.compile": "false", "trainer.progress": "false"}
 BUDGETS = {"train": TINY_TRAIN, "prepare": TINY_DATA, "generate": {"max_new_tokens": "8"},

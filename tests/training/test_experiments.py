@@ -25,14 +25,16 @@ def test_speedrun_runs_end_to_end_and_logs_elapsed_time(tmp_path, corpus):
     run = tmp_path / "run"
     result = run_cli("train", "experiment=shakespeare_char_speedrun", f"data.train_files=[{corpus['train']}]",
                      "trainer.max_steps=4", "trainer.eval_every=2", "trainer.log_every=2", "trainer.eval_batches=2",
-                     "trainer.progress=false", f"hydra.run.dir={run}")
+                     "trainer.eval_screen_batches=1", "trainer.progress=false", f"hydra.run.dir={run}")
     assert result.returncode == 0, result.stdout + result.stderr
     config = json.loads((run / "checkpoints/final/config.json").read_text())
     assert config["model"]["pos_emb"] == "rope" and config["model"]["block_size"] == 128
     assert config["trainer"]["precision"] == "auto" and config["tokenizer"]["kind"] == "char"
     assert "Precision bf16: " in result.stdout or "Precision fp32: " in result.stdout  # what auto chose, and why
     records = read_metrics(run / "metrics.jsonl")
-    assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
+    # screened at step 2 (far from 1.886: no whole pass), the whole split at the end
+    assert [r["step"] for r in records if "val_screen_loss" in r] == [2]
+    assert [r["step"] for r in records if "val_loss" in r] == [4]
     elapsed = [r["elapsed_s"] for r in records]
     assert all(e > 0 for e in elapsed) and elapsed == sorted(elapsed)
 
