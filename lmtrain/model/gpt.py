@@ -105,14 +105,15 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, dropout: float) -> Tensor:
     """softmax(q k^T / sqrt(hs) + causal mask) v for q (B, nh, T, hs) and k, v (B, nkv, T, hs), where query
     head h reads key/value head h // (nh / nkv): SDPA's grouped heads (flash kernels on CUDA, no copies of
     k and v), except in bf16 on a CPU, where SDPA's backward is several times slower than plain bf16
-    matmuls around a float32 softmax (torch 2.13; measured in scripts/bench.py)."""
+    matmuls and softmax (torch 2.13; measured in scripts/bench.py). That path stays in bf16 throughout: a
+    CPU's bf16 softmax computes in float32 and rounds once, so it equals a float32 softmax cast to bf16,
+    and its backward is within one bf16 rounding of a float32 one."""
     k, v, grouped = grouped_heads(q, k, v)
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         T = q.shape[-2]
-        mask = torch.full((T, T), float("-inf"), device=q.device).triu(1)  # -inf above the diagonal: the future
-        scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5 + mask  # (B, nh, T, T)
-        weights = F.dropout(scores.softmax(dim=-1), p=dropout).to(q.dtype)
-        return weights @ v  # (B, nh, T, hs)
+        mask = torch.full((T, T), float("-inf"), dtype=q.dtype).triu(1)  # -inf above the diagonal: the future
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + mask  # (B, nh, T, T), q scaled as SDPA does
+        return F.dropout(scores.softmax(dim=-1), p=dropout) @ v  # (B, nh, T, hs)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, enable_gqa=grouped)
 
 
