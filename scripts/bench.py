@@ -329,7 +329,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     use_tf32(device)  # as the trainer
     precisions = args.precision or default_precisions(device)
-    console = Console(width=None if sys.stdout.isatty() else 140)  # a pipe or a log file: wide enough for the table
+    console = Console(width=None if sys.stdout.isatty() else 170)  # a pipe or a log file: wide enough for the table
     title = device_name(device)
     if args.probe:
         for precision in precisions:

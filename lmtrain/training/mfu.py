@@ -200,18 +200,19 @@ def measured_peak(device: torch.device, precision: str, reprobe: bool = False) -
     if cached is not None and cached.clean and not reprobe:
         return cached
     log.info("Measuring this machine's %s matmul peak for MFU (cached in %s)", precision, path)
-    readings = [] if cached is None else [cached]
+    probed: list[PeakReading] = []
     for _ in range(PROBE_ATTEMPTS):
-        readings.append(probe_peak_flops(device, precision))
-        if readings[-1].clean:
+        probed.append(probe_peak_flops(device, precision))
+        if probed[-1].clean:
             break
+    readings = probed + ([] if cached is None else [cached])
     best = max(readings, key=lambda r: r.flops)
     if not best.clean and any(r.clean for r in readings):  # the fastest was contended; a clean one exists
         best = PeakReading(best.flops, max(r.cpu_share for r in readings))
     if not best.clean:
-        log.warning("The machine was busy while measuring the %s matmul peak (this process got %.0f%% of its "
-                    "threads' time): MFU may read high until a quieter run measures it again", precision,
-                    100 * best.cpu_share)
+        log.warning("The machine was busy while measuring the %s matmul peak (this process got at most %.0f%% of "
+                    "its threads' time): MFU may read high until a quieter run measures it again", precision,
+                    100 * max(r.cpu_share for r in probed))
     _write_json(path, key, best.as_json(), f"{precision} matmul peak")
     return best
 
