@@ -290,9 +290,10 @@ class GPT(nn.Module):
         """Regional compilation: each block goes through torch.compile on its own, and so does the region after
         the last one (final norm, head and loss: lmtrain.model.loss.head_loss). The blocks share their code and
         shapes, so they share one compiled graph (per mode: training, evaluation), and a deep model compiles as
-        fast as a shallow one. The modules and their state_dict keys stay as they are."""
-        self.compiled_blocks = [torch.compile(block) for block in self.blocks]
-        self.loss_region = torch.compile(head_loss)
+        fast as a shallow one. Static shapes: a new micro-batch size gets its own graph rather than turning
+        the first one shape-generic. The modules and their state_dict keys stay as they are."""
+        self.compiled_blocks = [torch.compile(block, dynamic=False) for block in self.blocks]
+        self.loss_region = torch.compile(head_loss, dynamic=False)
 
     def uncompile(self) -> None:
         """Back to the eager blocks and loss region (after compile_blocks; a no-op otherwise)."""

@@ -101,7 +101,27 @@ def cached_gain(model: GPT, batch: int, device: torch.device, precision: str, au
                               "compile time and speed-up for this model (compiling it once)")
 
 
-def measure_gain(model: GPT, batch: int, device: torch.device, autocast: Callable, repeats: int = 2) -> dict:
+def measure_gain(model: GPT, batch: int, device: torch.device, autocast: Callable) -> dict:
+    """`measure_at(batch)`, or, where that runs out of memory (a GPU run whose micro-batch is searched only
+    later), at the largest power-of-two fraction of it that fits, its step times scaled up to `batch`."""
+    size = batch
+    while True:
+        try:
+            gain = measure_at(model, size, device, autocast)
+            break
+        except torch.OutOfMemoryError:
+            pass  # out of the except block first: the error's traceback holds the failed pass's activations
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if size == 1:
+            raise torch.OutOfMemoryError("trainer.compile=auto: a forward and backward of one sequence does not fit")
+        size //= 2
+    scale = batch / size
+    return {**gain, "eager_step_s": gain["eager_step_s"] * scale, "compiled_step_s": gain["compiled_step_s"] * scale}
+
+
+def measure_at(model: GPT, batch: int, device: torch.device, autocast: Callable, repeats: int = 2) -> dict:
     """Time the model's forward and backward on random tokens: eagerly (the best of `repeats`, after one
     untimed pass), then compiled: the first compiled training pass and evaluation pass (no_grad) less the
     steps they stand for is the compile time, then the best of `repeats` compiled passes. The model is left

@@ -91,3 +91,19 @@ def test_a_bad_setting_is_refused_naming_the_key(tmp_path):
     result = run_cli("train", "trainer.compile=sometimes", cwd=tmp_path)
     assert result.returncode == 2
     assert "trainer.compile=sometimes must be true, false or auto" in result.stdout + result.stderr
+
+
+def test_a_probe_that_runs_out_of_memory_measures_a_smaller_batch_and_scales_it(monkeypatch):
+    tried = []
+
+    def measure_at(model, batch, device, autocast):
+        tried.append(batch)
+        if batch > 2:
+            raise torch.OutOfMemoryError("simulated")
+        return {"eager_step_s": 0.5, "compiled_step_s": 0.25, "compile_s": 40.0}
+
+    monkeypatch.setattr(compilation, "measure_at", measure_at)
+    model = GPT(ModelConfig(vocab_size=50, d_model=32, n_heads=2, n_layers=1, d_ff=64, block_size=16))
+    gain = compilation.measure_gain(model, 8, CPU, None)
+    assert tried == [8, 4, 2]
+    assert gain == {"eager_step_s": 2.0, "compiled_step_s": 1.0, "compile_s": 40.0}  # per pass of 8 sequences
