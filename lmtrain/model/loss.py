@@ -49,8 +49,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 total = total - torch.where(valid, log_p.gather(1, target), 0.0).sum()
                 if not (want_hidden or want_weight):
                     continue
-                # d(row loss)/d(logits) = softmax - one-hot(target); ignored rows get none
-                g = log_p.exp_().scatter_add_(1, target, -valid.float()).masked_fill_(~valid, 0.0)
+                # d(row loss)/d(logits) = softmax - one-hot(target); ignored rows get none. Compiled, as one
+                # elementwise expression (a compare with the column index fuses; inductor's C++ scatter_add into
+                # this buffer corrupted memory in torch 2.13); eagerly, in place (fewer passes over the logits)
+                if torch.compiler.is_compiling():
+                    one_hot = torch.arange(vocab, device=hidden.device) == target  # (n, V)
+                    g = torch.where(valid, log_p.exp() - one_hot.float(), 0.0)
+                else:
+                    g = log_p.exp_().scatter_add_(1, target, -valid.float()).masked_fill_(~valid, 0.0)
                 if softcap > 0:
                     g = g * (1 - capped * capped)  # through softcap * tanh(z / softcap)
                 g = g.to(dtype)  # (n, V)
