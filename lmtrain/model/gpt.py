@@ -292,6 +292,9 @@ class GPT(nn.Module):
         shapes, so they share one compiled graph (per mode: training, evaluation), and a deep model compiles as
         fast as a shallow one. Static shapes: a new micro-batch size gets its own graph rather than turning
         the first one shape-generic. The modules and their state_dict keys stay as they are."""
+        # Inductor's C++ backend (CPUs) fused independent loops horizontally into kernels that wrote out of
+        # bounds and corrupted the heap (torch 2.13: a 6 x 384 fp32 block, glibc aborts); it gains little there
+        torch._inductor.config.cpp.max_horizontal_fusion_size = 0
         self.compiled_blocks = [torch.compile(block, dynamic=False) for block in self.blocks]
         self.loss_region = torch.compile(head_loss, dynamic=False)
 
