@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lmtrain.config import register_configs, to_train_config
+from lmtrain.config.overrides import explicit_model_keys
 from lmtrain.console import quiet_libraries
 from lmtrain.errors import Diverged, RunStopped, in_multirun, reports_user_errors
 from lmtrain.runs.run_dir import open_run_dir
@@ -73,6 +74,10 @@ def train(cfg: DictConfig) -> float:
     with (open_run_dir(run_dir, keep_on_failure=in_multirun()) as run,
           recorded_status(run_dir, hydra_cfg.job.get("num") if in_multirun() else None) as job):
         train_cfg = to_train_config(cfg)  # every check runs here, before any data is touched
+        if train_cfg.model.init_from is not None:  # the checkpoint's own config sets the model's shape
+            from lmtrain.training.preflight import model_from_checkpoint
+
+            train_cfg = model_from_checkpoint(train_cfg, explicit_model_keys(cfg))
         objective = train_cfg.trainer.objective.value
         if train_cfg.trainer.resume == "auto" and in_multirun():
             done = finished_objective(run_dir, job.previous, objective)

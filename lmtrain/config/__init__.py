@@ -23,7 +23,7 @@ from lmtrain.config.data import (
     validate_prepare,
     validate_tokenizer,
 )
-from lmtrain.config.model import Mlp, ModelConfig, Norm, PosEmb
+from lmtrain.config.model import Mlp, ModelConfig, Norm, PosEmb, RopeScaling, RopeScalingKind
 from lmtrain.config.train import (
     DivergenceAction,
     MuonLrAdjust,
@@ -51,8 +51,8 @@ from lmtrain.config.use import (
 __all__ = [
     "CHECKS", "DataConfig", "DivergenceAction", "EncodingErrors", "EvalConfig", "EvalSplit", "ExportConfig",
     "ExportFormat", "GenerateConfig", "Mlp", "MixtureSource", "ModelConfig", "MuonLrAdjust", "Norm", "OptimizerConfig",
-    "OptimizerName", "PosEmb", "Precision", "PrepareConfig", "SCHEMAS", "SchedulerConfig", "SchedulerName",
-    "SourceConfig", "SourceKind", "Strategy", "TokenizerConfig",
+    "OptimizerName", "PosEmb", "Precision", "PrepareConfig", "RopeScaling", "RopeScalingKind", "SCHEMAS",
+    "SchedulerConfig", "SchedulerName", "SourceConfig", "SourceKind", "Strategy", "TokenizerConfig",
     "TokenizerKind", "TrainConfig", "TrainerConfig", "as_plain_dict", "check", "check_device", "register_configs",
     "to_config", "to_train_config", "validate", "validate_data", "validate_eval", "validate_generate",
     "validate_prepare", "validate_tokenizer",

@@ -70,6 +70,9 @@ class TokenizerConfig:
     train_documents: int | None = 20000  # bpe/char: documents to train on; None: all
     path: str | None = None  # file: path to a tokenizer.json
     name: str | None = None  # pretrained: hub name, e.g. gpt2
+    # the token that ends each document (and stops generation); None: the first of <|endoftext|>, </s>,
+    # <|end_of_text|>, <eos>, <|im_end|>, [SEP] the tokenizer has. A Hugging Face model sets its own eos.
+    eot_token: str | None = None
 
 
 

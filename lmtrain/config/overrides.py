@@ -14,6 +14,8 @@ import types
 import typing
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 from lmtrain.errors import ConfigError
 
 _PACKAGED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"  # an installed lmtrain.configs
@@ -106,3 +108,21 @@ def check_overrides(schema: type, argv: list[str]) -> None:
         problem = unknown_key(schema, key)
         if problem is not None:
             raise ConfigError(problem)
+
+
+def explicit_model_keys(cfg: DictConfig) -> set[str]:
+    """The model.* fields the user of this Hydra app set himself: typed on the command line (`model.d_model=256`,
+    even to the preset's own value), or given a value other than the chosen model preset's (`model=gpt_tiny` by
+    default) by a recipe (`experiment=...`) or the primary config. Hydra records the command line's overrides
+    and the preset it chose; the preset's own values come from composing it alone."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    keys = [o.lstrip("+~").split("=", 1)[0] for o in hydra_cfg.overrides.task]
+    typed = {k.split(".")[1] for k in keys if k.startswith("model.")}
+    choice = hydra_cfg.runtime.choices.get("model")
+    if choice is None:  # a primary config of the user's own without a model group: its values are all his
+        return typed | set(cfg.model)
+    preset = compose(config_name=hydra_cfg.job.config_name, overrides=[f"model={choice}"]).model
+    return typed | {k for k in cfg.model if k not in preset or cfg.model[k] != preset[k]}

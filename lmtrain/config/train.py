@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 from lmtrain.config.base import CHECKS, check, check_device, to_config
 from lmtrain.config.data import DataConfig, TokenizerConfig, validate_data, validate_tokenizer
 from lmtrain.config.logger import LoggerConfig, validate_logger
-from lmtrain.config.model import ModelConfig, PosEmb
+from lmtrain.config.model import HUB_PREFIX, ModelConfig, PosEmb, validate_rope_scaling
 
 
 class OptimizerName(str, Enum):
@@ -178,6 +178,7 @@ def validate(cfg: TrainConfig) -> None:
            f"optimizer.betas={o.betas} must be two numbers in [0, 1)")
     check(o.eps > 0, f"optimizer.eps={o.eps} must be > 0")
     check(m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be > 0")
+    validate_rope_scaling(m)
     check(m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be > 0")
     check(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
     check(s.warmup_steps >= 0, f"scheduler.warmup_steps={s.warmup_steps} must be >= 0")
@@ -197,7 +198,7 @@ def validate(cfg: TrainConfig) -> None:
         check(not (resume / "checkpoints").is_dir(), f"trainer.resume={t.resume} is a run folder, not a checkpoint: "
                                                      f"continue it with trainer.resume=auto hydra.run.dir={t.resume}, "
                                                      f"or give one of its step folders ({t.resume}/checkpoints/step_N)")
-    if m.init_from is not None:
+    if m.init_from is not None and not m.init_from.startswith(HUB_PREFIX):
         init = Path(m.init_from).expanduser()
         check(init.is_dir(), f"model.init_from={m.init_from}: no such checkpoint folder")
         check(not (init / "checkpoints").is_dir(), f"model.init_from={m.init_from} is a run folder, not a checkpoint: "

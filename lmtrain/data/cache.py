@@ -225,6 +225,8 @@ class _SplitWriter:
             ends = [not c for c in batch["_continues"]] if "_continues" in batch else [True] * len(records)
             texts, ends = [t for t in records if t], [e for t, e in zip(records, ends, strict=True) if t]
             flat = _encode_documents(texts, ends, tok, self.dtype)
+            if s["tokens"] + pending["tokens"] == 0:  # the split's first document starts, as every later one
+                flat = np.concatenate([np.asarray(tok.start_ids, dtype=self.dtype), flat])
             if self.max_tokens is not None:
                 flat = flat[: self.max_tokens - s["tokens"] - pending["tokens"]]
             if out is None:
@@ -263,10 +265,11 @@ class _SplitWriter:
 
 
 def _encode_documents(texts: list[str], ends: list[bool], tok: TextTokenizer, dtype: np.dtype) -> np.ndarray:
-    """The texts' ids, end-of-text after each that ends a document (a long file comes as several pieces). The
-    tokenizer sees at most TOKENIZE_CHARS of text at a time (or one longer text): its per-token Encoding
-    objects, not the text, are what takes memory."""
-    eot = np.array([tok.eot_id], dtype=dtype)
+    """The texts' ids, end-of-text after each that ends a document (a long file comes as several pieces), then
+    the next document's begin-of-text where the tokenizer has one (Llama's `</s><s>`). The tokenizer sees at
+    most TOKENIZE_CHARS of text at a time (or one longer text): its per-token Encoding objects, not the text,
+    are what takes memory."""
+    eot = np.array([tok.eot_id, *tok.start_ids], dtype=dtype)
     pieces, start, chars = [eot[:0]], 0, 0
     for end, text in enumerate(texts, 1):
         chars += len(text)

@@ -24,7 +24,7 @@ from torch import nn
 from lmtrain.data.tokenizer import TextTokenizer
 from lmtrain.errors import CheckpointError
 from lmtrain.files import write_folder
-from lmtrain.model.weights import model_tensors, nonfinite_names
+from lmtrain.model.weights import fits, model_tensors, nonfinite_names
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,15 @@ def read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
+def saved_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """A safetensors file's tensor names and shapes, from its header alone."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"{file} is corrupt or truncated, or not a safetensors file: {e}") from None
+
+
 def save_checkpoint(path: Path, model: nn.Module | dict[str, torch.Tensor] | None, config: dict,
                     tokenizer: TextTokenizer, extra: Callable[[Path], None] | None = None) -> Path:
     """Write a checkpoint folder atomically, replacing one at `path`; `extra(folder)` adds more files.
@@ -104,13 +113,14 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return read_tensors(file)[0]
 
 
-def check_shapes(expected: dict[str, tuple[int, ...]], saved: dict[str, tuple[int, ...]], file: Path) -> None:
+def check_shapes(expected: dict[str, tuple[int, ...]], saved: dict[str, tuple[int, ...]], file: Path,
+                 vocab_size: int | None = None) -> None:
     """Refuse a checkpoint file whose tensors differ from a model's, naming every missing, unexpected or
-    mis-shaped one."""
+    mis-shaped one. With `vocab_size` (weights that start a new run), the shapes need only fit (`fits`)."""
     problems = [f"missing {k} {shape}" for k, shape in expected.items() if k not in saved]
     problems += [f"unexpected {k} {shape}" for k, shape in saved.items() if k not in expected]
-    problems += [f"{k}: checkpoint {saved[k]} vs model {shape}"
-                 for k, shape in expected.items() if k in saved and saved[k] != shape]
+    problems += [f"{k}: checkpoint {saved[k]} vs model {shape}" for k, shape in expected.items() if k in saved
+                 and saved[k] != shape and not (vocab_size and fits(k, saved[k], shape, vocab_size))]
     if problems:
         listing = "; ".join(problems[:20]) + ("; ..." if len(problems) > 20 else "")
         raise CheckpointError(f"{file} does not fit this model ({len(problems)} mismatches): {listing}")

@@ -3,9 +3,10 @@
 `build_parts` is the one place that knows every part; the loop (lmtrain.training.loop) receives them built.
 The order matters, and is this:
 
- 1. the device, and `model.init_from` checked from its files alone: a wrong checkpoint fails before any data
-    is read;
- 2. the world: this process joins the others (when there are several) and gets its own device;
+ 1. the device;
+ 2. the world: this process joins the others (when there are several) and gets its own device; then
+    `model.init_from` checked from its files alone, so a wrong checkpoint fails before any data is read
+    (an hf:<repo id> is downloaded here, once per node: local rank 0 first, the others find it cached);
  3. the strategy and the number format asked for; TF32 on CUDA; the seed, before anything random is drawn;
  4. the data, tokenized once per node (local rank 0 first, the others then find the cache);
  5. the model, its vocabulary taken from the tokenizer;
@@ -96,8 +97,9 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
     t, run_dir = cfg.trainer, Path(run_dir)
     device = pick_device(t.device)  # 1
     vocab_multiple = cfg.model.vocab_multiple or (64 if device.type == "cuda" else 1)
-    cfg = init_from_checked(cfg, vocab_multiple)
     world, device = join_world(device, t.dist_timeout_s, group_of_one=t.strategy in (Strategy.ddp, Strategy.fsdp))
+    with collectives.local_main_first(world):  # 2
+        cfg = init_from_checked(cfg, vocab_multiple)
     strategy = strategies.resolve(t.strategy, world)  # 3
     choice = choose(t.precision, device)
     if device.type == "cuda":
