@@ -120,7 +120,7 @@ def open_cache(folder: Path) -> TokenCache | None:
     if problem is not None:
         raise DamagedCache(f"{folder}: {problem}")
     try:
-        tokenizer = TextTokenizer.load(folder / TOKENIZER)
+        tokenizer = TextTokenizer.load(folder / TOKENIZER, manifest["tokenizer"].get("eot_token"))
     except Exception as e:  # the tokenizers library raises its own exception types
         raise DamagedCache(f"{folder}: {TOKENIZER} cannot be read "
                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
@@ -153,7 +153,7 @@ def build_cache(folder: Path, source: SourceConfig, key: str, load: Callable[[],
             return done
         splits = load()
         if (folder / TOKENIZER).is_file():  # an interrupted build: its shards hold this tokenizer's ids
-            tok = TextTokenizer.load(folder / TOKENIZER)
+            tok = TextTokenizer.load(folder / TOKENIZER, tokenizer_record.get("eot_token"))
         else:
             tok = tokenizer()
             tok.save(folder / TOKENIZER)

@@ -117,7 +117,8 @@ def _open_prepared(key: str, s: SourceConfig, tok_cfg: TokenizerConfig) -> Token
                         "give a folder that `lmtrain prepare` printed, or prepare it again")
     made_with, settings = cache.manifest["tokenizer"], tokenizer_settings(tok_cfg)
     if tok_cfg.kind == TokenizerKind.file:
-        matches = same_tokenizer(TextTokenizer.load(Path(os.path.expanduser(tok_cfg.path))), cache.tokenizer)
+        given = TextTokenizer.load(Path(os.path.expanduser(tok_cfg.path)), tok_cfg.eot_token)
+        matches = same_tokenizer(given, cache.tokenizer)
     else:
         matches = made_with == settings
     if not matches:

@@ -129,13 +129,14 @@ def model_config(config: dict, name: str, where: str) -> tuple[ModelConfig, Arch
 
     settings = {ours: value(theirs) for ours, theirs in arch.settings.items()} | arch.biases
 
-    def refuse(setting: str) -> CheckpointError:
-        return CheckpointError(f"{where}: {arch.name} with {setting} computes something lmtrain's model does not")
+    def refuse(setting: str, instead: str = "") -> CheckpointError:
+        return CheckpointError(f"{where}: {arch.name} with {setting} computes something lmtrain's model does not"
+                               + (f"; lmtrain has {instead}" if instead else ""))
 
     if arch is GPT2:
         activation = value("activation_function")
         if activation not in (*GELU_TANH, "relu2"):
-            raise refuse(f"activation_function={activation!r} (lmtrain has {' or '.join(GELU_TANH)}, and relu2)")
+            raise refuse(f"activation_function={activation!r}", f"{' or '.join(GELU_TANH)}, and relu2")
         for key, expected in [("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)]:
             if config.get(key, expected) != expected:
                 raise refuse(f"{key}={config[key]}")
@@ -144,7 +145,7 @@ def model_config(config: dict, name: str, where: str) -> tuple[ModelConfig, Arch
         window = None
     else:
         if value("hidden_act") != "silu":
-            raise refuse(f"hidden_act={value('hidden_act')!r} (lmtrain's SwiGLU uses silu)")
+            raise refuse(f"hidden_act={value('hidden_act')!r}", "silu (SwiGLU)")
         head_dim = config.get("head_dim")
         if head_dim not in (None, settings["d_model"] // settings["n_heads"]):
             raise refuse(f"head_dim={head_dim}, not hidden_size / num_attention_heads")
@@ -174,7 +175,7 @@ def rope_settings(config: dict, arch: Architecture, refuse) -> tuple[float, Rope
     if kind == "default":
         return float(theta), None
     if kind != RopeScalingKind.llama3.value:
-        raise refuse(f"rope_scaling of type {kind!r} (lmtrain has llama3)")
+        raise refuse(f"rope_scaling of type {kind!r}", "llama3")
     return float(theta), RopeScaling(kind=RopeScalingKind.llama3, factor=float(scaling["factor"]),
                                      low_freq_factor=float(scaling["low_freq_factor"]),
                                      high_freq_factor=float(scaling["high_freq_factor"]),
