@@ -1,4 +1,4 @@
-"""Shared fixtures: a private token cache, a small corpus on disk, a runner for the real CLI, tiny Hugging Face folders."""
+"""Shared fixtures: a private token cache, a small corpus, a runner for the real CLI, tiny transformers folders."""
 
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ def test_llama3_rope_scaling_is_computed_not_dropped(hf_folders):
 
 
 def test_the_sharded_form_and_the_hubs_unprefixed_names_load_alike(hf_folders, tmp_path):
-    """A model.safetensors.index.json with shards, and GPT-2 tensors saved without `transformer.` (as the hub's gpt2)."""
+    """Shards listed by model.safetensors.index.json, and GPT-2 names without `transformer.` (as the hub's gpt2)."""
     from safetensors.torch import load_file, save_file
 
     folder = tmp_path / "gpt2"
