@@ -14,7 +14,8 @@ How each one runs (the rules, in order):
   and this script are skipped: a fresh clone's CI runs them already.
 - Commands that need a GPU or a cluster (`cuda`, `torchrun`, `srun`, `sbatch`, `nproc_per_node`, `slurm`)
   and ones that need the Hugging Face hub (`data=hf` with a non-local path, `data=tinystories`,
-  `data=fineweb_edu`, `tokenizer=pretrained`, also when an `experiment=` recipe chooses them) are skipped.
+  `data=fineweb_edu`, `tokenizer=pretrained`, a `hf:<repo id>` model, also when an `experiment=` recipe chooses
+  them) are skipped.
 - Benchmarks (`scripts/bench*.py`, `scripts/crash_test.py`) take minutes by design: skipped unless `--slow`.
 - `python -c` code that imports a package this environment lacks (transformers without the `hf` extra)
   is skipped, naming the package.
@@ -23,7 +24,8 @@ How each one runs (the rules, in order):
   step checkpoint; input files (`data.*train_files`, `data.*val_files`, `prompt_file`) that do not exist
   are written with a small sample text (`.jsonl` as records with a `text` field), globs as one file.
 - `lmtrain train` and `prepare` get tiny budgets appended (a 2-layer model, a few steps, a few documents,
-  a 300-token BPE); `generate` a few new tokens; `eval` a few hundred tokens. `--help`, `--cfg` and
+  a 300-token BPE; with `model.init_from`, whose checkpoint gives the model, only its context is cut);
+  `generate` a few new tokens; `eval` a few hundred tokens. `--help`, `--cfg` and
   `-sc` run as written. Every command runs in one scratch folder, with HF_HUB_OFFLINE=1, its own token
   cache and stdin of two prompt lines (for `interactive=true`).
 - A block whose output shows `ERROR: message` expects its command to fail as a user error (exit status 2 or
@@ -69,7 +71,7 @@ RUN_DIR_PLACEHOLDER = re.compile(r"/?(?:abs/)?outputs/(?:DATE/TIME|\.\.\.|\d{4}-
 STEP_PLACEHOLDER = re.compile(r"\bstep_\d{6}\b")
 INPUT_KEYS = re.compile(r"^(?:\+)?(?:data\.(?:mixture\.\d+\.)?(?:train_files|val_files)|prompt_file)=(?P<value>.+)$")
 GPU_OR_CLUSTER = re.compile(r"\bcuda\b|\btorchrun\b|\bsrun\b|\bsbatch\b|nproc_per_node|gpus_per_node|slurm|gpu_check")
-HUB = re.compile(r"\bdata=(?:tinystories|fineweb_edu)\b|\btokenizer=pretrained\b")
+HUB = re.compile(r"\bdata=(?:tinystories|fineweb_edu)\b|\btokenizer=pretrained\b|=hf:")
 BENCHMARK = re.compile(r"\bscripts/(?:bench\w*|crash_test)\.py\b")
 INSTALL = re.compile(r"^(?:pip3?|python3? -m (?:venv|pip)|\. \S*activate|source \S*activate)\b")
 
@@ -177,6 +179,8 @@ def _recipes(text: str) -> str:
         for line in file.read_text(encoding="utf-8").splitlines():
             if m := re.match(r"\s*-\s*(?:override\s+)?/?(\w+):\s*(\w+)", line):
                 found.append(f"{m[1]}={m[2]}")
+            elif m := re.match(r"\s*init_from:\s*(hf:\S+)", line):  # a model on the hub
+                found.append(f"model.init_from={m[1]}")
             elif m := re.match(r"\s*-\s*(\w+)\s*$", line):  # another recipe it builds on
                 names.append(m[1])
     return " " + " ".join(found)
@@ -271,6 +275,8 @@ class Checker:
         budget = dict(BUDGETS.get(command, {}))
         if command in ("train", "prepare"):
             budget.update(self._mixture_budget(words))
+        if command == "train" and any(w.startswith("model.init_from=") for w in words):  # it gives the shape
+            budget = {k: v for k, v in budget.items() if not k.startswith("model.") or k == "model.block_size"}
         if keep_own:
             budget = {k: v for k, v in budget.items() if not any(w.split("=", 1)[0] == k for w in words)}
         own = [w for w in words[2:] if w.split("=", 1)[0].lstrip("+") not in budget]

@@ -111,18 +111,44 @@ def check_overrides(schema: type, argv: list[str]) -> None:
 
 
 def explicit_model_keys(cfg: DictConfig) -> set[str]:
-    """The model.* fields the user of this Hydra app set himself: typed on the command line (`model.d_model=256`,
-    even to the preset's own value), or given a value other than the chosen model preset's (`model=gpt_tiny` by
-    default) by a recipe (`experiment=...`) or the primary config. Hydra records the command line's overrides
-    and the preset it chose; the preset's own values come from composing it alone."""
+    """The model.* fields the user of this Hydra app set himself: typed on the command line (`model.d_model=256`),
+    set by the `experiment=` recipe chosen (or one it builds on), or given a value other than the chosen model
+    preset's (`model=gpt_tiny` by default) in any other way (a primary config of his own, say). Hydra records the
+    command line's overrides, the choices it made and where it found configs; the preset's own values come from
+    composing it alone."""
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
     keys = [o.lstrip("+~").split("=", 1)[0] for o in hydra_cfg.overrides.task]
-    typed = {k.split(".")[1] for k in keys if k.startswith("model.")}
+    explicit = {k.split(".")[1] for k in keys if k.startswith("model.")}
+    recipe = hydra_cfg.runtime.choices.get("experiment")
+    if recipe is not None:
+        explicit |= _recipe_keys(recipe, "model", [(s.schema, s.path) for s in hydra_cfg.runtime.config_sources])
     choice = hydra_cfg.runtime.choices.get("model")
     if choice is None:  # a primary config of the user's own without a model group: its values are all his
-        return typed | set(cfg.model)
+        return explicit | set(cfg.model)
     preset = compose(config_name=hydra_cfg.job.config_name, overrides=[f"model={choice}"]).model
-    return typed | {k for k in cfg.model if k not in preset or cfg.model[k] != preset[k]}
+    return explicit | {k for k in cfg.model if k not in preset or cfg.model[k] != preset[k]}
+
+
+def _recipe_keys(name: str, section: str, sources: list[tuple[str, str]]) -> set[str]:
+    """The keys of `section` an experiment recipe sets, with those of the recipes it lists in its defaults;
+    `sources`: Hydra's config sources as (schema, path), a package (pkg) or a folder (file)."""
+    import importlib.resources
+
+    import yaml
+
+    roots = [importlib.resources.files(path) if schema == "pkg" else Path(path)
+             for schema, path in sources if schema in ("pkg", "file") and path]
+    keys, todo, seen = set(), [name], set()
+    while todo:
+        name = todo.pop()
+        file = next((f for root in roots if (f := root / "experiment" / f"{name}.yaml").is_file()), None)
+        if name in seen or file is None:
+            continue
+        seen.add(name)
+        recipe = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        keys |= set(recipe.get(section) or {})
+        todo += [d for d in recipe.get("defaults") or [] if isinstance(d, str) and d != "_self_"]
+    return keys

@@ -108,3 +108,18 @@ def test_a_hub_id_not_cached_fails_in_one_line_saying_how_to_bring_it(tmp_path, 
         result = run_cli(*command, cwd=tmp_path, env=env, timeout=60)
         line = error_line(result)
         assert "is not in the Hugging Face cache" in line and "copy that folder here and give it" in line
+
+
+@pytest.mark.parametrize("recipe, family, hub_id", [("gpt2_finetune", "gpt2", "hf:openai-community/gpt2"),
+                                                    ("smollm2_finetune", "llama", "hf:HuggingFaceTB/SmolLM2-135M")])
+def test_the_finetuning_recipes_name_their_hub_model_and_run_from_a_local_copy(hf_folders, corpus, tmp_path, recipe,
+                                                                               family, hub_id):
+    shown = run_cli("train", f"experiment={recipe}", "data.train_files=[my.txt]", "--cfg", "job", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert f"  init_from: {hub_id}\n" in shown.stdout and "  warmup_steps: " in shown.stdout
+    run = run_cli("train", f"experiment={recipe}", f"model.init_from={hf_folders[family]}", *data(corpus), *FAST_TRAIN,
+                  *QUIET_TRAIN, "trainer.max_steps=2", "trainer.batch_size=4", "trainer.grad_accum_steps=1",
+                  "model.block_size=32", "hydra.run.dir=run", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    model = json.loads((tmp_path / "run/checkpoints/final/config.json").read_text())["model"]
+    assert model["d_model"] == 32 and model["dropout"] == 0.0 and model["block_size"] == 32
