@@ -2,7 +2,8 @@
 
 - run_dir.py: one run per folder, locked while it trains, no folder left behind by a failed start;
 - checkpoint.py: checkpoint folders (atomic, never unpickled) and the step folders under RUN/checkpoints;
-- trained.py: which checkpoint a path means (best, latest, final), loaded for generate, eval and export;
+- trained.py: which checkpoint a path means (best, latest, final; a transformers folder, hf:<repo id>), loaded
+  for generate, eval and export, and read as model.init_from's starting point;
 - metrics.py: metrics.jsonl and the end-of-run table;
 - loggers/: loss.png, TensorBoard and W&B, fed each metrics record;
 - sweeps/: status.json, reading run folders, a sweep's summary and plots, Hydra's sweep callback.

@@ -144,7 +144,7 @@ def load_trained(path: str | Path, device: torch.device) -> TrainedModel:
         point = StartingPoint(folder, model_cfg, tokenizer_config(folder, config), None)
         check_shapes(expected_shapes(model_cfg), point.shapes(), folder / WEIGHTS)
         model, tok_cfg = model_from_tensors(model_cfg, point.tensors(), str(folder / WEIGHTS)), point.tokenizer
-    nonfinite = nonfinite_names(dict(model.named_parameters()))
+    nonfinite = [] if is_hf_folder(folder) else nonfinite_names(dict(model.named_parameters()))
     if nonfinite:  # written before lmtrain refused to save such weights: a diverged run
         raise CheckpointError(f"{folder / WEIGHTS} holds non-finite weights ({', '.join(nonfinite[:3])}): the run had "
                               "diverged when it was saved; use an earlier checkpoint")
