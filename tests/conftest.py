@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 # Tests never reach the Hugging Face hub. huggingface_hub reads these when first imported, so they are
 # set here, before any test module imports datasets.
@@ -117,16 +117,23 @@ FAMILIES = {
         vocab_size=v + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, rope_theta=1000000.0, tie_word_embeddings=True,
         use_sliding_window=False, bos_token_id=None, eos_token_id=2),
-        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], bos=None, eos="<|im_end|>"),
+        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], bos=None, eos="<|im_end|>", split=True),
 }
+# Qwen2's own pre-tokenizer, as its tokenizer.json has it (and as transformers 5 applies to any qwen2 folder)
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
 CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
            "qwen2": "Qwen2ForCausalLM"}
 
 
-def train_tokenizer(specials: list[str], bos: str | None) -> Tokenizer:
-    """A 300-token byte-level BPE; with `bos`, a post-processor that puts it before every text, as Llama's."""
+def train_tokenizer(specials: list[str], bos: str | None, split: bool = False) -> Tokenizer:
+    """A 300-token byte-level BPE; with `bos`, a post-processor that puts it before every text, as Llama's;
+    with `split`, Qwen2's pre-tokenizer."""
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]) if split else pre_tokenizers.ByteLevel(
+        add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -150,7 +157,7 @@ def hf_folder(path: Path, family: str, tokenizer_file: bool = True) -> Path:
     """A tiny transformers folder of `family` at `path`: config.json, model.safetensors, tokenizer files."""
     transformers = pytest.importorskip("transformers")
     spec = FAMILIES[family]
-    tokenizer = train_tokenizer(spec["specials"], spec["bos"])
+    tokenizer = train_tokenizer(spec["specials"], spec["bos"], spec.get("split", False))
     config = spec["config"](transformers, tokenizer.get_vocab_size())
     model = perturbed(getattr(transformers, CLASSES[family])(config)).eval()
     model.save_pretrained(path)

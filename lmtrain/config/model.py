@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from lmtrain.config.base import check
@@ -27,6 +27,7 @@ class Mlp(str, Enum):
 
 
 class RopeScalingKind(str, Enum):
+    none = "none"  # RoPE's frequencies as rope_theta gives them
     llama3 = "llama3"  # Llama 3.1's: long wavelengths slowed by `factor`, short ones kept, a smooth blend between
 
 
@@ -34,7 +35,7 @@ class RopeScalingKind(str, Enum):
 class RopeScaling:
     """How RoPE's frequencies are rescaled to stretch a model's context (Llama 3.1 and later)."""
 
-    kind: RopeScalingKind = RopeScalingKind.llama3
+    kind: RopeScalingKind = RopeScalingKind.none
     factor: float = 8.0  # the frequencies of wavelengths above original_max_positions / low_freq_factor: divided by it
     low_freq_factor: float = 1.0  # llama3: the band of long wavelengths that are scaled whole
     high_freq_factor: float = 4.0  # llama3: wavelengths below original_max_positions / this are left as they are
@@ -57,7 +58,7 @@ class ModelConfig:
     tie_embeddings: bool = True  # LM head shares the token embedding matrix
     pos_emb: PosEmb = PosEmb.learned  # learned absolute positions, or rotary (RoPE)
     rope_theta: float = 10000.0  # RoPE base frequency
-    rope_scaling: RopeScaling | None = None  # RoPE frequency scaling for a longer context; None: none
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)  # RoPE frequencies rescaled for a longer context
     norm: Norm = Norm.layernorm  # layernorm (GPT-2) or rmsnorm (Llama)
     mlp: Mlp = Mlp.gelu  # gelu (GPT-2), swiglu (Llama) or relu2 (squared ReLU)
     qk_norm: bool = False  # normalize queries and keys per head before attention
@@ -73,9 +74,10 @@ class ModelConfig:
 
 def validate_rope_scaling(m: ModelConfig) -> None:
     r = m.rope_scaling
-    if r is None:
+    if r.kind == RopeScalingKind.none:
         return
-    check(m.pos_emb == PosEmb.rope, "model.rope_scaling is set but model.pos_emb=learned: it scales RoPE's frequencies")
+    check(m.pos_emb == PosEmb.rope, f"model.rope_scaling.kind={r.kind.value} needs model.pos_emb=rope: it scales "
+                                    "RoPE's frequencies")
     check(r.factor >= 1, f"model.rope_scaling.factor={r.factor} must be >= 1")
     check(0 < r.low_freq_factor < r.high_freq_factor,
           f"model.rope_scaling.low_freq_factor={r.low_freq_factor} must be > 0 and below "
@@ -92,12 +94,23 @@ HUB_PREFIX = "hf:"  # model.init_from=hf:<repo id>: a model on the Hugging Face 
 OWN_KEYS = ("name", "init_from", "dropout", "vocab_multiple", "zero_init_proj")
 
 
+def longest_context(cfg: ModelConfig, window: int | None = None) -> tuple[int, str] | None:
+    """The longest model.block_size that computes what a trained model does, and why: its learned positions, or
+    its sliding attention window (a transformers model's); None: any (RoPE has no table of positions)."""
+    if window is not None:
+        return window, f"its sliding window of {window} positions"
+    if cfg.pos_emb == PosEmb.learned:
+        return cfg.block_size, f"its {cfg.block_size} learned positions"
+    return None
+
+
 def with_checkpoint_shape(given: ModelConfig, saved: ModelConfig, explicit: set[str], key: str,
-                          max_block_size: tuple[int, str] | None = None) -> ModelConfig:
+                          window: int | None = None) -> ModelConfig:
     """The model a run that starts from a checkpoint trains: the checkpoint's own settings (`saved`), with the
-    keys the user set (`explicit`, from the command line or a recipe) that a run may choose (OWN_KEYS, a lower
-    model.block_size). Any other explicit key whose value differs from the checkpoint's is refused by name.
-    max_block_size: the longest context that computes what the checkpoint does, and why (None: any)."""
+    keys the user set (`explicit`, from the command line or a recipe) that a run may choose (OWN_KEYS, a
+    model.block_size up to `longest_context`). Any other explicit key whose value differs from the checkpoint's
+    is refused by name. window: the checkpoint's sliding attention window, if it has one."""
+    max_block_size = longest_context(saved, window)
     values = {f.name: getattr(saved, f.name) for f in dataclasses.fields(ModelConfig)}
     conflicts = []
     for name in sorted(explicit & values.keys()):

@@ -163,7 +163,7 @@ def model_config(config: dict, name: str, where: str) -> tuple[ModelConfig, Arch
     return ModelConfig(name=name, **settings, **parts), arch, window
 
 
-def rope_settings(config: dict, arch: Architecture, refuse) -> tuple[float, RopeScaling | None]:
+def rope_settings(config: dict, arch: Architecture, refuse) -> tuple[float, RopeScaling]:
     """RoPE's base and scaling, from transformers 4's rope_theta and rope_scaling or 5's rope_parameters."""
     params = config.get("rope_parameters") or {}
     theta = params.get("rope_theta", config.get("rope_theta", arch.defaults["rope_theta"]))
@@ -173,7 +173,7 @@ def rope_settings(config: dict, arch: Architecture, refuse) -> tuple[float, Rope
     if partial != 1.0:
         raise refuse(f"partial_rotary_factor={partial}")
     if kind == "default":
-        return float(theta), None
+        return float(theta), RopeScaling()
     if kind != RopeScalingKind.llama3.value:
         raise refuse(f"rope_scaling of type {kind!r}", "llama3")
     return float(theta), RopeScaling(kind=RopeScalingKind.llama3, factor=float(scaling["factor"]),
@@ -235,7 +235,7 @@ def hf_config(cfg: ModelConfig, arch: Architecture) -> dict:
         values.update(sliding_window=None)
     if arch is QWEN2:
         values.update(use_sliding_window=False)
-    if cfg.rope_scaling is not None:
+    if cfg.rope_scaling.kind != RopeScalingKind.none:
         s = cfg.rope_scaling
         values["rope_scaling"] = {"rope_type": s.kind.value, "factor": s.factor, "low_freq_factor": s.low_freq_factor,
                                   "high_freq_factor": s.high_freq_factor,

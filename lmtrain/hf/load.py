@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from lmtrain.config import ModelConfig, TokenizerConfig, TokenizerKind
-from lmtrain.data.tokenizer import TextTokenizer, read_tokenizer
+from lmtrain.data.tokenizer import read_tokenizer
 from lmtrain.errors import CheckpointError
 from lmtrain.hf.architectures import Architecture, hf_names, model_config, transposed
 from lmtrain.model import GPT
@@ -59,18 +59,6 @@ class HfFolder:
     files: dict[str, Path]  # every tensor transformers saved, by its full name, and the safetensors file holding it
     stored: dict[str, str]  # the same tensors' names as stored (some files leave out the base model's prefix)
     shapes: dict[str, tuple[int, ...]]  # and their shapes
-
-    @property
-    def max_block_size(self) -> tuple[int, str] | None:
-        """The longest context that computes what the folder's model does, and why; None: no limit."""
-        if self.window is not None:
-            return self.window, f"its sliding window of {self.window} positions"
-        if self.architecture.tensors.get("pos_emb"):
-            return self.model.block_size, f"its {self.model.block_size} learned positions"
-        return None
-
-    def load_tokenizer(self) -> TextTokenizer:
-        return TextTokenizer.load(Path(self.tokenizer.path), self.tokenizer.eot_token)
 
     def lmtrain_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """lmtrain's tensors, one at a time, in the dtype the files store: read, transposed, rows stacked."""

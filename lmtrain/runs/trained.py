@@ -74,7 +74,6 @@ class StartingPoint:
     folder: Path
     model: ModelConfig | None  # None: an lmtrain checkpoint saved without its config (the run's model.* must fit)
     tokenizer: TokenizerConfig
-    max_block_size: tuple[int, str] | None  # the longest context that computes what it does, and why; None: any
     hf: HfFolder | None = None  # a transformers folder; None: an lmtrain checkpoint
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -101,7 +100,7 @@ def starting_point(ref: str, key: str, weights: bool = True) -> StartingPoint:
         hf = read_folder(folder, f"{key}={ref}", weights)
         if is_hub_id(ref):
             hf.model.name = hub_repo(ref)
-        return StartingPoint(folder, hf.model, hf.tokenizer, hf.max_block_size, hf)
+        return StartingPoint(folder, hf.model, hf.tokenizer, hf)
     for name in (TOKENIZER, WEIGHTS, CONFIG):
         if not (folder / name).is_file():
             raise CheckpointError(f"{key}={ref} is neither an lmtrain checkpoint nor a Hugging Face transformers "
@@ -113,9 +112,7 @@ def starting_point(ref: str, key: str, weights: bool = True) -> StartingPoint:
             model = to_config(config["model"], ModelConfig)
         except (TypeError, ConfigError) as e:
             raise CheckpointError(f"{key}={ref}: {folder / CONFIG} has no usable model settings: {e}") from None
-    learned = model is not None and model.pos_emb == "learned"
-    limit = (model.block_size, f"its {model.block_size} learned positions") if learned else None
-    return StartingPoint(folder, model, tokenizer_config(folder, config), limit)
+    return StartingPoint(folder, model, tokenizer_config(folder, config))
 
 
 @dataclass
@@ -141,7 +138,7 @@ def load_trained(path: str | Path, device: torch.device) -> TrainedModel:
             model_cfg = to_config(config["model"], ModelConfig)
         except (KeyError, TypeError, ConfigError) as e:
             raise CheckpointError(f"{folder / CONFIG} has no usable model settings: {e}") from None
-        point = StartingPoint(folder, model_cfg, tokenizer_config(folder, config), None)
+        point = StartingPoint(folder, model_cfg, tokenizer_config(folder, config))
         check_shapes(expected_shapes(model_cfg), point.shapes(), folder / WEIGHTS)
         model, tok_cfg = model_from_tensors(model_cfg, point.tensors(), str(folder / WEIGHTS)), point.tokenizer
     nonfinite = [] if is_hf_folder(folder) else nonfinite_names(dict(model.named_parameters()))

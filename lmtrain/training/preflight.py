@@ -44,7 +44,7 @@ def model_from_checkpoint(cfg: TrainConfig, explicit: set[str]) -> TrainConfig:
     if point.model is None:  # saved without its config: the configured model must fit its weights
         return cfg
     model = with_checkpoint_shape(cfg.model, point.model, explicit, f"model.init_from={cfg.model.init_from}",
-                                  point.max_block_size)
+                                  point.hf.window if point.hf is not None else None)
     checked = dataclasses.replace(cfg, model=model)
     validate(checked)
     return checked

@@ -98,8 +98,9 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
     device = pick_device(t.device)  # 1
     vocab_multiple = cfg.model.vocab_multiple or (64 if device.type == "cuda" else 1)
     world, device = join_world(device, t.dist_timeout_s, group_of_one=t.strategy in (Strategy.ddp, Strategy.fsdp))
-    with collectives.local_main_first(world):  # 2
-        cfg = init_from_checked(cfg, vocab_multiple)
+    if cfg.model.init_from is not None:
+        with collectives.local_main_first(world):  # 2: one rank per node downloads an hf:<repo id>, then the rest
+            cfg = init_from_checked(cfg, vocab_multiple)
     strategy = strategies.resolve(t.strategy, world)  # 3
     choice = choose(t.precision, device)
     if device.type == "cuda":

@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from lmtrain.config import TokenizerKind
+from lmtrain.config import RopeScaling, TokenizerKind
+from lmtrain.config.model import longest_context
 from lmtrain.data.prepare import prepare_data
 from lmtrain.errors import CheckpointError
 from lmtrain.hf.load import read_folder
@@ -42,7 +43,7 @@ def test_llama3_rope_scaling_is_computed_not_dropped(hf_folders):
     """The llama folder's rope_scaling changes its logits: the agreement above covers the scaling itself."""
     trained = load_trained(hf_folders["llama"], torch.device("cpu"))
     unscaled = read_folder(hf_folders["llama"], "checkpoint")
-    unscaled.model.rope_scaling = None
+    unscaled.model.rope_scaling = RopeScaling()  # kind none
     idx = torch.tensor([encode_prompt(trained.tokenizer, HF_TEXT)[:48]])
     with torch.no_grad():
         assert (trained.model(idx) - unscaled.build_model()(idx)).abs().max() > 1e-2
@@ -116,9 +117,10 @@ def test_a_sliding_window_caps_the_context_that_computes_the_same(hf_folders, tm
     shutil.copytree(hf_folders["mistral"], folder)
     write_config(folder, sliding_window=32)
     hf = read_folder(folder, "checkpoint")
-    assert hf.model.block_size == 32 and hf.max_block_size == (32, "its sliding window of 32 positions")
+    assert hf.model.block_size == 32 and longest_context(hf.model, hf.window) == (32, "its sliding window of 32 "
+                                                                                    "positions")
     qwen = read_folder(hf_folders["qwen2"], "checkpoint")  # a sliding_window key without use_sliding_window
-    assert qwen.window is None and qwen.max_block_size is None
+    assert qwen.window is None and longest_context(qwen.model, qwen.window) is None
 
 
 def test_pickled_weights_and_a_missing_tokenizer_are_refused_saying_what_to_do(hf_folders, tmp_path):

@@ -3,12 +3,13 @@ settings (typed, or from a recipe) that contradict it are refused by name; the c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from lmtrain.config import ModelConfig
+from lmtrain.config import ModelConfig, PosEmb
 from lmtrain.config.model import with_checkpoint_shape
 from lmtrain.errors import ConfigError
 from lmtrain.runs.trained import load_trained
@@ -21,8 +22,7 @@ SAVED = ModelConfig(name="saved", vocab_size=300, d_model=32, n_heads=2, n_layer
 
 def test_the_checkpoints_shape_wins_and_only_a_runs_own_keys_may_differ():
     given = ModelConfig(d_model=128, n_layers=4, dropout=0.1, name="mine", block_size=8, init_from="ckpt")
-    model = with_checkpoint_shape(given, SAVED, {"dropout", "name", "block_size"}, "model.init_from=ckpt",
-                                  (16, "its 16 learned positions"))
+    model = with_checkpoint_shape(given, SAVED, {"dropout", "name", "block_size"}, "model.init_from=ckpt")
     assert (model.d_model, model.n_layers, model.vocab_size) == (32, 2, 300)  # the preset's 128 and 4 are not his
     assert (model.dropout, model.name, model.block_size, model.init_from) == (0.1, "mine", 8, "ckpt")
     with pytest.raises(ConfigError, match=r"model.init_from=ckpt sets the model's shape, and these settings differ "
@@ -30,10 +30,11 @@ def test_the_checkpoints_shape_wins_and_only_a_runs_own_keys_may_differ():
                                           r"\(the checkpoint's is 2\); drop them"):
         with_checkpoint_shape(given, SAVED, {"d_model", "n_layers"}, "model.init_from=ckpt")
     with pytest.raises(ConfigError, match="model.block_size=32 is longer than its 16 learned positions"):
-        with_checkpoint_shape(ModelConfig(block_size=32), SAVED, {"block_size"}, "model.init_from=ckpt",
-                              (16, "its 16 learned positions"))
-    rope = with_checkpoint_shape(ModelConfig(block_size=64), SAVED, {"block_size"}, "k")  # no limit: RoPE
-    assert rope.block_size == 64
+        with_checkpoint_shape(ModelConfig(block_size=32), SAVED, {"block_size"}, "model.init_from=ckpt")
+    rope = dataclasses.replace(SAVED, pos_emb=PosEmb.rope)
+    assert with_checkpoint_shape(ModelConfig(block_size=64), rope, {"block_size"}, "k").block_size == 64  # no table
+    with pytest.raises(ConfigError, match="model.block_size=64 is longer than its sliding window of 32 positions"):
+        with_checkpoint_shape(ModelConfig(block_size=64), rope, {"block_size"}, "k", window=32)
     same = with_checkpoint_shape(ModelConfig(d_model=32, bias=True), SAVED, {"d_model", "bias"}, "k")
     assert same == SAVED  # agreeing with the checkpoint is no conflict
 
