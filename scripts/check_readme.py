@@ -364,14 +364,14 @@ def family(c: DocCommand) -> tuple[str, ...]:
 
 
 def sample(commands: list[DocCommand]) -> list[DocCommand]:
-    """The first command of each family, README's first, and the first command that names each run or sweep
-    folder (later commands may read it): what the test runs to stay within its time budget (the script runs
-    them all)."""
+    """The first command of each family that runs here (not skipped), README's first, and the first command that
+    names each run or sweep folder (later commands may read it): what the test runs to stay within its time
+    budget (the script runs them all)."""
     seen, folders, chosen = set(), set(), []
     for c in commands:
         folder = re.search(r"\bhydra\.(?:run|sweep)\.dir=(\S+)", c.text)
         new_folder = folder is not None and folder[1] not in folders
-        if family(c) not in seen or new_folder:
+        if (family(c) not in seen and skip_reason(c.text) is None) or new_folder:
             chosen.append(c)
             seen.add(family(c))
             folders.update([folder[1]] if folder else [])

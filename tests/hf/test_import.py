@@ -4,6 +4,7 @@ architecture it reads, tokenizes as transformers' tokenizer does, and refuses by
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -79,7 +80,7 @@ def test_the_training_data_starts_each_document_with_the_models_begin_of_text(hf
 
     point = starting_point(str(hf_folders["llama"]), "model.init_from")
     data = DataConfig(name="records", source=SourceKind.text_files, train_files=[str(corpus["jsonl"])],
-                      text_column="content")  # a document per record
+                      text_column="content", cache_dir=os.environ["LMTRAIN_CACHE"])  # a document per record
     prepared = prepare_data(data, point.tokenizer)
     tokens = next(iter(prepared.caches.values())).shards("train")[0]
     bos, eot = prepared.tokenizer.bos_id, prepared.tokenizer.eot_id
