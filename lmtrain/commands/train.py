@@ -16,10 +16,11 @@ from omegaconf import DictConfig
 from lmtrain.config import register_configs, to_train_config
 from lmtrain.console import quiet_libraries
 from lmtrain.errors import Diverged, RunStopped, in_multirun, reports_user_errors
+from lmtrain.runs.records import read_metrics
 from lmtrain.runs.run_dir import open_run_dir
 from lmtrain.runs.sweeps.callback import finish_sweep
 from lmtrain.runs.sweeps.jobs import finished_objective, register_job_name_resolver
-from lmtrain.runs.sweeps.runs import objective_value, read_records
+from lmtrain.runs.sweeps.runs import objective_value
 from lmtrain.runs.sweeps.status import recorded_status
 
 register_configs()
@@ -94,7 +95,7 @@ def train(cfg: DictConfig) -> float:
             what = "sweep" if in_multirun() else "run"
             raise RunStopped(signal.Signals(result.stopped_by),
                              f"Continue this {what} with:\n  {resume_command(run_dir)}")
-        value = objective_value(read_records(run_dir / "metrics.jsonl"), objective)
+        value = objective_value(read_metrics(run_dir / "metrics.jsonl"), objective)
         if value is None:  # resumed from another folder's checkpoint with nothing left to train: its own figures
             value = {"val_loss": result.val_loss, "best_val_loss": result.best_val_loss}.get(objective)
             value = value if value is not None and math.isfinite(value) else None
@@ -106,7 +107,7 @@ def train(cfg: DictConfig) -> float:
 
 def _continue_hint(run_dir: Path) -> str:
     """How to continue: only when a checkpoint exists to continue from."""
-    from lmtrain.runs.checkpoint import LATEST  # torch and safetensors: imported only when a run stops
+    from lmtrain.runs.records import LATEST
 
     if not (run_dir / "checkpoints" / LATEST).is_file():
         return "No checkpoint was saved yet, so there is nothing to continue; start the run again."

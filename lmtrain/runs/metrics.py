@@ -1,4 +1,4 @@
-"""What a run reports: metrics.jsonl records and the final table.
+"""What a run reports: metrics.jsonl records and the final table (lmtrain.runs.records reads them back).
 
 Throughput comes from lmtrain.training.clock, MFU from lmtrain.training.mfu.
 """
@@ -11,6 +11,8 @@ from pathlib import Path
 
 from rich.table import Table
 from rich.text import Text
+
+from lmtrain.runs.records import read_metrics
 
 
 class MetricsLog:
@@ -43,14 +45,10 @@ class MetricsLog:
                 logger.close()
 
 
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
 def recorded_figures(path: Path) -> tuple[float, float]:
     """A run's last training loss and its training tokens/s over all its logged steps, from its metrics.jsonl:
     what a resumed run that had nothing left to train reports. (nan, 0.0) when there is no training record."""
-    records = [r for r in read_metrics(path) if "loss" in r and r.get("tokens_per_s")] if path.exists() else []
+    records = [r for r in read_metrics(path) if "loss" in r and r.get("tokens_per_s") and "tokens" in r]
     if not records:
         return float("nan"), 0.0
     tokens = [r["tokens"] for r in records]  # cumulative; each record's rate covers those since the one before

@@ -12,7 +12,8 @@ from lmtrain.data.tokenizer import TextTokenizer
 from lmtrain.errors import CheckpointError, ConfigError
 from lmtrain.model import GPT
 from lmtrain.model.weights import nonfinite_names
-from lmtrain.runs.checkpoint import CONFIG, TOKENIZER, WEIGHTS, load_weights, read_config, step_candidates
+from lmtrain.runs.checkpoint import CONFIG, TOKENIZER, WEIGHTS, load_weights, read_config
+from lmtrain.runs.records import step_candidates
 
 
 def is_checkpoint(path: Path) -> bool:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lmtrain.runs.sweeps.runs import objective_value, read_records
+from lmtrain.runs.records import read_metrics
+from lmtrain.runs.sweeps.runs import objective_value
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._,=+-]+")
 NAME_LIMIT = 160  # characters of overrides kept in a job folder's name (file names stop at 255 bytes)
@@ -37,7 +38,6 @@ def register_job_name_resolver() -> None:
 
 def finished_objective(run_dir: Path, previous: dict | None, objective: str) -> float | None:
     """The objective of a job that completed before (`previous`, its status.json, says so), else None."""
-    metrics = Path(run_dir) / "metrics.jsonl"
-    if previous is None or previous.get("status") != "completed" or not metrics.is_file():
+    if previous is None or previous.get("status") != "completed":
         return None
-    return objective_value(read_records(metrics), objective)
+    return objective_value(read_metrics(Path(run_dir) / "metrics.jsonl"), objective)

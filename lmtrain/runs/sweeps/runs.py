@@ -1,16 +1,16 @@
-"""A run folder read back: its swept overrides (.hydra/overrides.yaml), status.json and metrics.jsonl.
+"""A run folder read back: its swept overrides (.hydra/overrides.yaml), status.json and metrics.jsonl, each
+through lmtrain.runs.records.
 
 Every figure here comes from metrics.jsonl, the run's own record; nothing is re-measured.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmtrain.runs.sweeps.status import read_status
+from lmtrain.runs import records
 
 # What a sweep can optimize, each read from metrics.jsonl (trainer.objective names one; lower is better).
 OBJECTIVES = ("val_loss", "best_val_loss", "train_loss")
@@ -45,28 +45,17 @@ class Run:
         return value if value is not None and math.isfinite(value) else None
 
 
-def read_records(path: Path) -> list[dict]:
-    """metrics.jsonl's records; a last line cut short by a crash is skipped."""
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
-
-
-def objective_value(records: list[dict], objective: str) -> float | None:
+def objective_value(metrics: list[dict], objective: str) -> float | None:
     """The value of `objective` for a run with these metrics.jsonl records (None when it has none)."""
     run = Run(Path("."))
-    _fill_from_metrics(run, records)
+    _fill_from_metrics(run, metrics)
     return run.metric(objective)
 
 
-def _fill_from_metrics(run: Run, records: list[dict]) -> None:
+def _fill_from_metrics(run: Run, metrics: list[dict]) -> None:
     previous_elapsed = 0.0
     segment_end = 0.0
-    for r in records:
+    for r in metrics:
         elapsed = r.get("elapsed_s")
         if elapsed is not None:
             if elapsed < previous_elapsed:  # a resumed run's clock restarts: close the earlier segment
@@ -87,7 +76,7 @@ def _fill_from_metrics(run: Run, records: list[dict]) -> None:
             run.best_val_loss, run.best_step = min(finite)
     if run.train_curve:
         run.train_loss = run.train_curve[-1][1]
-    speeds = [r["tokens_per_s"] for r in records if r.get("tokens_per_s") is not None]  # null while warming up
+    speeds = [r["tokens_per_s"] for r in metrics if r.get("tokens_per_s") is not None]  # null while warming up
     run.tokens_per_s = sum(speeds) / len(speeds) if speeds else None
 
 
@@ -98,14 +87,9 @@ def _job_number(folder: Path) -> int | None:
 
 def read_overrides(folder: Path) -> dict[str, str]:
     """The run's command-line overrides (.hydra/overrides.yaml), less those that say only where it ran."""
-    path = folder / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return {}
-    from omegaconf import OmegaConf
-
     out = {}
-    for item in OmegaConf.to_container(OmegaConf.load(path)) or []:
-        key, _, value = str(item).partition("=")
+    for item in records.read_overrides(folder):
+        key, _, value = item.partition("=")
         key = key.lstrip("+~")
         if not key.startswith(UNINTERESTING_KEYS):
             out[key] = value
@@ -115,14 +99,12 @@ def read_overrides(folder: Path) -> dict[str, str]:
 def read_run(folder: Path) -> Run:
     folder = Path(folder)
     run = Run(folder, job=_job_number(folder), overrides=read_overrides(folder))
-    status = read_status(folder)
+    status = records.read_status(folder)
     if status is not None:
         run.status = status.get("status", "-")
         run.error = status.get("error") or (status.get("signal", "") if run.status == "stopped" else "")
         run.job = status.get("job", run.job)
-    metrics = folder / "metrics.jsonl"
-    if metrics.is_file():
-        _fill_from_metrics(run, read_records(metrics))
+    _fill_from_metrics(run, records.read_metrics(folder / "metrics.jsonl"))
     return run
 
 

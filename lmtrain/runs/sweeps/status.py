@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 from collections.abc import Iterator
@@ -15,21 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmtrain.errors import LmtrainError, RunStopped
+from lmtrain.runs.records import STATUS_FILE, read_status
 
 log = logging.getLogger(__name__)
-
-STATUS_FILE = "status.json"
 
 # The first signal that stopped a job of this process's sweep: later jobs of a sequential sweep do not
 # start (Ctrl-C stops the whole sweep, not only the job under way); rerunning the sweep resumes them.
 _sweep_stopped_by: signal.Signals | None = None
-
-
-def read_status(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((Path(run_dir) / STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _write(run_dir: Path, status: dict) -> None:
