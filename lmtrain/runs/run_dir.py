@@ -2,9 +2,9 @@
 
 `lmtrain train` calls `open_run_dir` around everything it does. On the way in it refuses a fresh start in
 a folder that already holds a run (checkpoints or metrics), unless `trainer.resume` continues it or
-`trainer.overwrite=true` replaces it, and takes the folder's lock: a file naming the PID that trains
-there, held with flock so it is released by the kernel when that process dies, however it dies. A lock
-file left by a dead process is taken over with a warning. On the way out, a failed start (a config
+`trainer.overwrite=true` replaces it, and takes the folder's lock: an flock on the folder itself, released
+by the kernel when that process dies, however it dies, and a file beside it naming the PID that trains there.
+A lock file left by a dead process is taken over with a warning. On the way out, a failed start (a config
 error, a checkpoint refused, a dataset that cannot be loaded, Ctrl-C while preparing) removes the folder
 if this start created it and nothing of value has been written to it; a folder the user already had is
 never removed.
@@ -85,33 +85,58 @@ def _fresh(folder: Path) -> bool:
 
 
 class RunLock:
-    """The folder's lock file, flock-ed for as long as this process trains there."""
+    """The folder's lock, held for as long as this process trains there.
+
+    The lock is an flock on the run folder itself (its directory), which the kernel releases when the process
+    dies, however it dies; deleting or replacing `.lmtrain.lock`, which names the holder, cannot release it.
+    The lock file is flock-ed too: on a filesystem that cannot lock a directory (NFS emulates flock with
+    fcntl locks, which need a file open for writing) that is the lock, and it keeps out older lmtrain versions.
+    """
 
     def __init__(self, folder: Path):
-        self.path = folder / LOCK
-        self._fd: int | None = None
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK
+        self._fds: list[int] = []  # the folder's and the lock file's descriptors, while held
 
     def acquire(self) -> None:
+        folder_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(folder_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(folder_fd)
+            self._refuse()
+        except OSError:  # this filesystem cannot lock a directory: the lock file alone locks
+            os.close(folder_fd)
+            folder_fd = None
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise ConfigError(f"{self.path.parent} is in use: {holder} is training there now; wait for it to "
-                              "finish, or start this run in another folder (hydra.run.dir=...)") from None
+            for held in (folder_fd, fd):
+                if held is not None:
+                    os.close(held)
+            self._refuse()
         left = os.pread(fd, 200, 0).decode(errors="replace").strip()
         if left:
-            log.warning("Taking over the lock of %s, left by %s, which is no longer running", self.path.parent, left)
+            log.warning("Taking over the lock of %s, left by %s, which is no longer running", self.folder, left)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-        self._fd = fd
+        self._fds = [fd] if folder_fd is None else [folder_fd, fd]
+
+    def _refuse(self) -> None:
+        try:
+            holder = self.path.read_text(errors="replace").strip()[:200] or "another process"
+        except OSError:  # the lock file was deleted: the folder's own lock still says it is taken
+            holder = "another process"
+        raise ConfigError(f"{self.folder} is in use: {holder} is training there now; wait for it to finish, or "
+                          "start this run in another folder (hydra.run.dir=...)")
 
     def release(self) -> None:
-        if self._fd is not None:
+        if self._fds:
             self.path.unlink(missing_ok=True)  # still locked: nobody else can have taken it meanwhile
-            os.close(self._fd)
-            self._fd = None
+            for fd in reversed(self._fds):
+                os.close(fd)
+            self._fds = []
 
 
 def _clear_previous_run(folder: Path) -> None:

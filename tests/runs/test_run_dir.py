@@ -3,7 +3,9 @@ failed start leaves no folder behind (but never removes one the user had)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import signal
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from lmtrain.errors import ConfigError
 from lmtrain.runs import run_dir
 from lmtrain.runs.run_dir import LOCK, RunLock, note_existing, open_run_dir
 
-from conftest import FAST_TRAIN, TINY_MODEL, run_cli
+from conftest import FAST_TRAIN, TINY_MODEL, read_until, run_cli, start
 
 
 def hydra_scaffolding(folder: Path, log_text: str = "") -> Path:
@@ -38,6 +40,42 @@ def test_a_second_lock_names_the_holder_and_a_dead_holders_lock_is_taken_over(tm
         lock.acquire()
     assert "left by PID 999999999 on elsewhere, which is no longer running" in caplog.text
     lock.release()
+
+
+def test_deleting_the_lock_file_does_not_release_the_lock(tmp_path):
+    first = RunLock(tmp_path)
+    first.acquire()
+    (tmp_path / LOCK).unlink()  # a user tidying up, or a script cleaning dotfiles, while the run trains
+    with pytest.raises(ConfigError, match="is in use: another process is training there now"):
+        RunLock(tmp_path).acquire()
+    (tmp_path / LOCK).write_text("PID 1 on somewhere\n")  # or a new lock file in its place
+    with pytest.raises(ConfigError, match="is in use"):
+        RunLock(tmp_path).acquire()
+    first.release()
+    second = RunLock(tmp_path)
+    second.acquire()
+    second.release()
+
+
+@pytest.mark.slow
+def test_a_second_run_is_refused_while_one_trains_even_after_its_lock_file_is_deleted(tmp_path):
+    run = tmp_path / "run"
+    first = start(*TINY_MODEL, *FAST_TRAIN, "trainer.max_steps=100000", "trainer.save_every=3",
+                  "trainer.eval_every=1000", "trainer.sample_every=0", f"hydra.run.dir={run}")
+    try:
+        read_until(first, "Saved checkpoint")
+        (run / LOCK).unlink()
+        second = run_cli("train", *TINY_MODEL, *FAST_TRAIN, "trainer.max_steps=100000", "trainer.resume=auto",
+                         f"hydra.run.dir={run}")
+        out = second.stdout + second.stderr
+        assert second.returncode == 2 and "is in use" in out and "Traceback" not in out, out
+        read_until(first, "Saved checkpoint")  # the first run goes on saving, its folders untouched
+    finally:
+        first.send_signal(signal.SIGINT)
+        rest = first.communicate(timeout=120)[0]
+    assert first.returncode == 130, rest
+    latest = json.loads((run / "checkpoints" / "latest.json").read_text())
+    assert (run / "checkpoints" / latest["folder"] / "trainer_state.json").is_file()
 
 
 def test_a_fresh_start_refuses_a_folder_holding_a_run(tmp_path):
