@@ -52,7 +52,7 @@ def main(cfg: DictConfig) -> None:
     quiet_libraries()
     try:
         with PreparationProgress(wants_progress_bar(None)) as progress:
-            data = prepare_data(prepare_cfg.data, prepare_cfg.tokenizer, progress)
+            data = prepare_data(prepare_cfg.data, prepare_cfg.tokenizer, progress, verify=prepare_cfg.verify)
     except KeyboardInterrupt:
         log.error("Interrupted. The shards finished so far are kept: the same command continues from them")
         sys.exit(INTERRUPTED_EXIT)

@@ -77,6 +77,7 @@ class TokenizerConfig:
 class PrepareConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    verify: bool = False  # read every shard of the caches found and check its SHA-256 and token ids (bit rot)
 
 
 def validate_data(d: DataConfig) -> None:
