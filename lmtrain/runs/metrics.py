@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.table import Table
 from rich.text import Text
 
+from lmtrain.runs.loggers import call_guarded, close_all
 from lmtrain.runs.records import read_metrics
 
 
@@ -34,15 +35,13 @@ class MetricsLog:
             record = {**record, "elapsed_s": round(time.perf_counter() - self._start, 3)}
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
-            for logger in self.loggers:
-                logger.log(record)
+            call_guarded(self.loggers, lambda logger: logger.log(record))
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-            for logger in self.loggers:
-                logger.close()
+            close_all(self.loggers)
 
 
 def recorded_figures(path: Path) -> tuple[float, float]:

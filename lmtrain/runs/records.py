@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 STATUS_FILE = "status.json"
 LATEST = "latest.json"  # under RUN/checkpoints: {"step": 500, "folder": "step_000500"}, the newest whole step folder
 TRAINER_STATE = "trainer_state.json"
+WANDB_RUN_ID = "wandb/lmtrain-run-id"  # the W&B run this folder's run logs to (lmtrain.runs.loggers.wandb)
 _STEP_FOLDER = re.compile(r"step_(\d+)")
 
 # metrics.jsonl fields by kind; other keys are kept as they are (newer versions may add some)
@@ -194,6 +195,22 @@ def read_settings(run_dir: Path) -> dict[str, str]:
     if isinstance(choices, dict):
         settings.update({k: _text(v) for k, v in choices.items() if "/" not in k and not k.startswith("hydra")})
     return settings
+
+
+def read_wandb_id(run_dir: Path) -> str | None:
+    """The W&B run id saved in the run folder; None when there is none, or (with a warning) a damaged one."""
+    path = Path(run_dir) / WANDB_RUN_ID
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        _warn_once(f"Ignoring {path}: {e}; this run logs to a new W&B run")
+        return None
+    if not re.fullmatch(r"[a-z0-9]{1,64}", text):
+        _warn_once(f"Ignoring {path}: {text[:40]!r} is not a W&B run id; this run logs to a new W&B run")
+        return None
+    return text
 
 
 # --- checkpoint files: strict -------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ a folder that already holds a run (checkpoints or metrics), unless `trainer.resu
 by the kernel when that process dies, however it dies, and a file beside it naming the PID that trains there.
 A lock file left by a dead process is taken over with a warning. On the way out, a failed start (a config
 error, a checkpoint refused, a dataset that cannot be loaded, Ctrl-C while preparing) removes the folder
-if this start created it and nothing of value has been written to it; a folder the user already had is
-never removed.
+if this start created it and training never began in it (with Hydra's outputs/ folders it leaves empty); a
+folder the user already had is never removed, and a run that trained keeps its folder and train.log.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from lmtrain.errors import ConfigError
+from lmtrain.runs.loggers import close_open
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +60,22 @@ def holds_run(folder: Path) -> bool:
     return (folder / "checkpoints").is_dir() or (metrics.is_file() and metrics.stat().st_size > 0)
 
 
+def training_began(folder: Path) -> bool:
+    """Whether a run trained in the folder: it holds results, or its metrics.jsonl, which is opened just before
+    the first step, exists (a run that crashed before logging a step keeps its folder and train.log)."""
+    return holds_run(folder) or (folder / "metrics.jsonl").exists()
+
+
 def only_scaffolding(folder: Path) -> bool:
     """Whether a folder holds nothing but what a start writes before doing any work: Hydra's .hydra/ files,
-    empty log files, the lock, status.json and an empty metrics.jsonl."""
+    log files, the lock and status.json."""
     for entry in folder.iterdir():
         if entry.name == ".hydra" and entry.is_dir():
             if not {p.name for p in entry.iterdir()} <= _HYDRA_FILES:
                 return False
         elif entry.name in (LOCK, "status.json"):  # status.json: how the start failed (sweeps/status.py)
             continue
-        elif entry.suffix in (".log", ".jsonl") and entry.is_file():
-            if entry.stat().st_size > 0 and entry.suffix == ".jsonl":
-                return False
-        else:
+        elif not (entry.suffix == ".log" and entry.is_file()):
             return False
     return True
 
@@ -147,11 +151,20 @@ def _clear_previous_run(folder: Path) -> None:
 
 
 def _remove_failed_start(folder: Path) -> None:
-    named = folder.resolve() in _NAMED
+    """Remove the folder and, unless it was named on the command line, the folders above it (Hydra's outputs/DATE/
+    and outputs/) that it leaves empty, up to the working folder; a named folder's parents are the user's."""
+    folder = folder.resolve()
     shutil.rmtree(folder, ignore_errors=True)
-    if not named:  # Hydra's outputs/DATE/ once its last run folder is gone; a named folder's parent is the user's
-        with contextlib.suppress(OSError):
-            folder.parent.rmdir()
+    if folder in _NAMED:
+        return
+    here = Path.cwd().resolve()
+    for parent in folder.parents:
+        if parent == here or not parent.is_relative_to(here):
+            break
+        try:
+            parent.rmdir()  # only when empty: another run's folder keeps it
+        except OSError:
+            break
 
 
 def _owns_run_dir() -> bool:
@@ -171,8 +184,9 @@ def open_run_dir(folder: Path, keep_on_failure: bool = False) -> Iterator[RunDir
     try:
         yield run
     except BaseException:
+        close_open()  # the trackers of a run that failed in this process, before their folders may go
         run.lock.release()
-        if run.fresh and not keep_on_failure and only_scaffolding(run.folder) and _owns_run_dir():
+        if run.fresh and not keep_on_failure and not training_began(run.folder) and _owns_run_dir():
             _remove_failed_start(run.folder)
         raise
     run.lock.release()

@@ -3,6 +3,7 @@ run are named before it starts.
 
 - `init_from_checked` (before any data is read): a `model.init_from` checkpoint's tokenizer becomes the run's,
   and its tensor names and shapes must fit the configured model; both are read from its files alone.
+- `resume_checked` (before any data is read): a `trainer.resume=PATH` step folder holds a training state.
 - `warn_before_training` (once the model is built): a step that would take very long on this device, a warm-up
   that never ends, evaluations, checkpoints or samples that a short run never reaches.
 """
@@ -22,6 +23,7 @@ from lmtrain.errors import CheckpointError, DataError
 from lmtrain.runs.checkpoint import TOKENIZER, WEIGHTS, check_shapes
 from lmtrain.training.eta import duration
 from lmtrain.training.optim import lr_at
+from lmtrain.training.state import TrainingCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,17 @@ def init_from_checked(cfg: TrainConfig, vocab_multiple: int | None = None) -> Tr
     except CheckpointError as e:
         raise CheckpointError(f"{key}: {e}") from None
     return cfg
+
+
+def resume_checked(resume: str | None) -> None:
+    """trainer.resume=PATH must name a step folder (checked from its trainer_state.json, no tensor read), so a
+    wrong path fails before any data is read, and before the run folder holds a run's files."""
+    if resume in (None, "auto"):
+        return
+    try:
+        TrainingCheckpoint.state_of(Path(resume).expanduser())
+    except CheckpointError as e:
+        raise CheckpointError(f"trainer.resume={resume}: {e}") from None
 
 
 def expected_shapes(model_cfg) -> dict[str, tuple[int, ...]]:

@@ -3,17 +3,20 @@
 `build_parts` is the one place that knows every part; the loop (lmtrain.training.loop) receives them built.
 The order matters, and is this:
 
- 1. the device, and `model.init_from` checked from its files alone: a wrong checkpoint fails before any data
-    is read;
+ 1. the device, and `model.init_from` and `trainer.resume` checked from their files alone: a wrong checkpoint
+    fails before any data is read;
  2. the world: this process joins the others (when there are several) and gets its own device;
  3. the strategy and the number format asked for; TF32 on CUDA; the seed, before anything random is drawn;
+    the trackers (logger=..., rank 0), imported and started: a broken install or a missing login stops the
+    run here, before any data work;
  4. the data, tokenized once per node (local rank 0 first, the others then find the cache);
  5. the model, its vocabulary taken from the tokenizer;
  6. `precision=auto` confirmed on the model's own step, eagerly: before compiling;
  7. compiling, block by block, then the parallel wrapper (FSDP2 shards the compiled blocks);
  8. the optimizer, over the wrapped (for FSDP2: sharded) parameters;
  9. the loaders: whole global batches, of which this rank trains on its rows;
-10. MFU, metrics.jsonl and the loggers (metrics' clock starts here, just before training);
+10. MFU, and metrics.jsonl feeding the loggers, which get the resolved config (metrics' clock starts here,
+    just before training);
 11. the divergence guard and the checkpoints: `trainer.resume` restores weights, optimizer, loader and the
     guard's state here (or `model.init_from`'s weights are loaded);
 12. micro-batches: a trial step on the bare model (no DDP all-reduce), every rank taking the smallest size.
@@ -41,14 +44,14 @@ from lmtrain.distributed.world import setup as join_world
 from lmtrain.errors import ConfigError
 from lmtrain.model import GPT
 from lmtrain.model.generation import encode_prompt
-from lmtrain.runs.loggers import build_loggers
+from lmtrain.runs.loggers import build_loggers, call_guarded
 from lmtrain.runs.metrics import MetricsLog
 from lmtrain.training.divergence import DivergenceGuard
 from lmtrain.training.memory import MicroBatches, configured_size, micro_batches, trial_step
 from lmtrain.training.mfu import Mfu
 from lmtrain.training.optim import Optimizer, build_optimizer
 from lmtrain.training.precision import TrainingPrecision, choose, confirm_on_model
-from lmtrain.training.preflight import init_from_checked
+from lmtrain.training.preflight import init_from_checked, resume_checked
 from lmtrain.training.state import Checkpointer
 
 
@@ -97,6 +100,7 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
     device = pick_device(t.device)  # 1
     vocab_multiple = cfg.model.vocab_multiple or (64 if device.type == "cuda" else 1)
     cfg = init_from_checked(cfg, vocab_multiple)
+    resume_checked(t.resume)
     world, device = join_world(device, t.dist_timeout_s, group_of_one=t.strategy in (Strategy.ddp, Strategy.fsdp))
     strategy = strategies.resolve(t.strategy, world)  # 3
     choice = choose(t.precision, device)
@@ -104,6 +108,7 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
     seed_everything(t.seed)
+    loggers = build_loggers(cfg.logger, run_dir, as_plain_dict(cfg)) if world.main else []
 
     with collectives.local_main_first(world), \
             PreparationProgress(wants_progress_bar(t.progress) and world.main) as progress:  # 4
@@ -134,8 +139,8 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
     # 10. MFU per device: every rank's tokens/s over all devices' peak, i.e. each rank's share of the FLOPs
     mfu = Mfu(device, precision.name, model.flops_per_token() / world.size)
     saved_config = as_plain_dict(dataclasses.replace(cfg, model=model_cfg))  # the resolved config checkpoints hold
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=world.main,
-                         loggers=build_loggers(cfg.logger, run_dir, saved_config) if world.main else None)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=world.main, loggers=loggers)
+    call_guarded(loggers, lambda logger: logger.start(saved_config))
     # Encoded only when sampling is on: a char tokenizer may lack the default prompts' characters.
     prompts = [encode_prompt(tokenizer, p, "trainer.sample_prompts") for p in (t.sample_prompts if t.sample_every
                                                                                else [])]

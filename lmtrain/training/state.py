@@ -139,15 +139,21 @@ class TrainingCheckpoint:
     optimizer: Tensors | None
     rng: Tensors
 
-    @classmethod
-    def read(cls, folder: Path, rank: int = 0) -> TrainingCheckpoint:
+    @staticmethod
+    def state_of(folder: Path) -> dict:
+        """A step folder's trainer_state.json, once the folder is known to be one; no tensor is read."""
         folder = Path(folder)
         if not folder.is_dir():
             raise CheckpointError(f"{folder} is missing")
         if not (folder / TRAINER_STATE).exists() and (folder / WEIGHTS).exists():
             raise CheckpointError(f"{folder} holds weights only, no training state to resume; to start from "
                                   f"these weights with a fresh optimizer, use model.init_from={folder}")
-        state = read_trainer_state(folder)
+        return read_trainer_state(folder)
+
+    @classmethod
+    def read(cls, folder: Path, rank: int = 0) -> TrainingCheckpoint:
+        folder = Path(folder)
+        state = cls.state_of(folder)
         rng = read_tensors(rng_file(folder, rank))
         if is_sharded(folder):
             return cls(folder, state, read_config(folder), None, None, rng)

@@ -93,6 +93,7 @@ def test_a_fresh_start_refuses_a_folder_holding_a_run(tmp_path):
 def test_a_failed_start_removes_only_a_folder_it_created(tmp_path, monkeypatch):
     monkeypatch.setattr(run_dir, "_EXISTED", set())
     monkeypatch.setattr(run_dir, "_NAMED", set())
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "mine").mkdir()  # the user's empty folder, holding a run folder this start named and created
     note_existing([f"hydra.run.dir={tmp_path}/mine/run"])
     named_new = hydra_scaffolding(tmp_path / "mine" / "run")
@@ -103,7 +104,7 @@ def test_a_failed_start_removes_only_a_folder_it_created(tmp_path, monkeypatch):
     with pytest.raises(ConfigError), open_run_dir(created):
         (created / "train.log").write_text("ERROR: a config mistake\n")
         raise ConfigError("a config mistake")
-    assert not created.exists() and not created.parent.exists()
+    assert not (tmp_path / "outputs").exists()  # nor Hydra's outputs/DATE/ and outputs/, left empty
 
     logged_before = hydra_scaffolding(tmp_path / "earlier", log_text="an earlier start's log\n")
     named = tmp_path / "named"
@@ -120,6 +121,18 @@ def test_a_failed_start_removes_only_a_folder_it_created(tmp_path, monkeypatch):
         (with_results / "metrics.jsonl").write_text('{"step": 1}\n')
         raise KeyboardInterrupt
     assert (with_results / "metrics.jsonl").is_file()
+    crashed = hydra_scaffolding(tmp_path / "outputs" / "2026-01-01" / "11-00-00")  # before its first log line
+    with pytest.raises(RuntimeError), open_run_dir(crashed):
+        (crashed / "metrics.jsonl").write_text("")  # opened just before the first step
+        (crashed / "tensorboard").mkdir()
+        (crashed / "train.log").write_text("Traceback ...\nRuntimeError: a crash at step 3\n")
+        raise RuntimeError("a crash at step 3")
+    assert "a crash at step 3" in (crashed / "train.log").read_text()  # the run that trained keeps its log
+    trackers_only = hydra_scaffolding(tmp_path / "outputs" / "2026-01-01" / "12-00-00")
+    with pytest.raises(ConfigError), open_run_dir(trackers_only):
+        (trackers_only / "tensorboard").mkdir()  # started before the data, which then failed
+        raise ConfigError("data.train_files: no file found")
+    assert not trackers_only.exists()
 
 
 def test_a_sweep_jobs_failed_start_keeps_its_folder(tmp_path):

@@ -123,8 +123,8 @@ def test_a_failing_job_leaves_the_others_a_true_summary_and_trackers_and_a_rerun
     assert {e.step: e.value for e in events.Scalars("val/loss")} == pytest.approx(val_losses, rel=1e-6)
     (run_file,) = (folder / "wandb").glob("offline-run-*/run-*.wandb")
     history = wandb_history(run_file)
-    assert {int(h["_step"]): h["loss"] for h in history if "loss" in h} == pytest.approx(losses)
-    assert {int(h["_step"]): h["val_loss"] for h in history if "val_loss" in h} == pytest.approx(val_losses)
+    assert {int(h["_step"]): h["train/loss"] for h in history if "train/loss" in h} == pytest.approx(losses)
+    assert {int(h["_step"]): h["val/loss"] for h in history if "val/loss" in h} == pytest.approx(val_losses)
 
     # Rerunning the sweep with resume=auto skips the finished jobs and tries the failed one again.
     before = (job_folder(sweep, 0) / "metrics.jsonl").read_text()

@@ -151,7 +151,7 @@ def test_logger_group_takes_several_and_a_missing_package_names_its_pip_command(
         cfg = compose("train", overrides=["logger=[tensorboard,wandb]"])
     monkeypatch.setattr("importlib.util.find_spec", lambda name: object())
     loggers = to_train_config(cfg).logger
-    assert loggers.tensorboard.dir == "tensorboard" and loggers.wandb.mode == "offline"
+    assert loggers.tensorboard.dir == "tensorboard" and loggers.wandb.mode is None  # null: $WANDB_MODE, else offline
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=r"logger=wandb needs the wandb package.*pip install 'lmtrain\[wandb\]'"):
         validate_logger(LoggerConfig(wandb=WandbConfig()))
