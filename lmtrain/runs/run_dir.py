@@ -23,6 +23,7 @@ from pathlib import Path
 
 from lmtrain.errors import ConfigError
 from lmtrain.runs.loggers import close_open
+from lmtrain.runs.records import WANDB_RUN_ID
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,7 @@ def _clear_previous_run(folder: Path) -> None:
     log.warning("trainer.overwrite=true: deleting the earlier run's checkpoints and metrics in %s", folder)
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     (folder / "metrics.jsonl").unlink(missing_ok=True)
+    (folder / WANDB_RUN_ID).unlink(missing_ok=True)  # the new run is a new W&B run too
 
 
 def _remove_failed_start(folder: Path) -> None:

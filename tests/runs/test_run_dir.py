@@ -12,6 +12,7 @@ import pytest
 
 from lmtrain.errors import ConfigError
 from lmtrain.runs import run_dir
+from lmtrain.runs.records import WANDB_RUN_ID
 from lmtrain.runs.run_dir import LOCK, RunLock, note_existing, open_run_dir
 
 from conftest import FAST_TRAIN, TINY_MODEL, read_until, run_cli, start
@@ -85,9 +86,12 @@ def test_a_fresh_start_refuses_a_folder_holding_a_run(tmp_path):
     with open_run_dir(tmp_path) as run:
         run.claim("auto", overwrite=False)  # continuing it is what the folder is for
     (tmp_path / "checkpoints" / "step_000002").mkdir(parents=True)
+    (tmp_path / "wandb").mkdir()
+    (tmp_path / WANDB_RUN_ID).write_text("abc123\n")
     with open_run_dir(tmp_path) as run:
         run.claim(None, overwrite=True)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+    assert not (tmp_path / WANDB_RUN_ID).exists()  # the next run is a new W&B run
 
 
 def test_a_failed_start_removes_only_a_folder_it_created(tmp_path, monkeypatch):
