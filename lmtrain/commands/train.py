@@ -71,8 +71,10 @@ def train(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     # A failed start removes the folder it created; a sweep job's folder stays, with its status.json.
-    with (open_run_dir(run_dir, keep_on_failure=in_multirun()) as run,
-          recorded_status(run_dir, hydra_cfg.job.get("num") if in_multirun() else None) as job):
+    sweep = in_multirun()
+    with (open_run_dir(run_dir, keep_on_failure=sweep) as run,
+          recorded_status(run_dir, hydra_cfg.job.get("num") if sweep else None,
+                          Path(hydra_cfg.sweep.dir) if sweep else None) as job):
         train_cfg = to_train_config(cfg)  # every check runs here, before any data is touched
         objective = train_cfg.trainer.objective.value
         if train_cfg.trainer.resume == "auto" and in_multirun():
@@ -87,6 +89,7 @@ def train(cfg: DictConfig) -> float:
 
         launch.resume_after_restart(train_cfg)
         run.claim(train_cfg.trainer.resume, train_cfg.trainer.overwrite)
+        job.claimed()
         nproc = launch.processes_to_start(train_cfg.trainer.nproc_per_node, train_cfg.trainer.device)
         result = launch.start(run_training, train_cfg, run_dir, nproc)
         if result.interrupted:

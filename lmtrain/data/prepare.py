@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lmtrain.config import DataConfig, SourceConfig, SourceKind, TokenizerConfig, TokenizerKind
 from lmtrain.data.cache import CACHE_FORMAT, DamagedCache, Progress, TokenCache, build_cache, open_cache
-from lmtrain.data.sources import Splits, digest, load_splits, source_fingerprint
+from lmtrain.data.sources import Splits, columns_disagree, digest, load_splits, source_fingerprint
 from lmtrain.data.tokenizer import (
     TextTokenizer,
     get_tokenizer,
@@ -86,8 +86,14 @@ def prepare_data(cfg: DataConfig, tok_cfg: TokenizerConfig,
 
     for key, s in raw:
         if key not in caches:
-            caches[key] = build_cache(folders[key], s, key, functools.partial(splits, key, s), make_tokenizer,
-                                      settings, on_progress, verify)
+            try:
+                caches[key] = build_cache(folders[key], s, key, functools.partial(splits, key, s), make_tokenizer,
+                                          settings, on_progress, verify)
+            except ValueError as e:  # a streamed dataset's files disagree on columns: found mid-stream
+                if columns_disagree(e) is None:
+                    raise
+                where = f"{key}.path={s.path!r}" if s.path else f"{key} ({s.name})"
+                raise DataError(f"{where}: {columns_disagree(e)}") from None
     caches = {key: caches[key] for key, _ in sources}  # config order
     (first_key, first), *others = caches.items()
     for key, cache in others:

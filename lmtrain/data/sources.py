@@ -199,13 +199,31 @@ def _load_hf(cfg: SourceConfig, key: str) -> tuple[Loaded, Loaded | None]:
     except StopIteration:  # what `datasets` raises for data files without a single record
         raise DataError(f"{key}.path={cfg.path!r}: the dataset is empty, its data files hold no records") from None
     except Exception as e:  # the hub client raises many types (connection, not found, gated, offline)
+        if columns_disagree(e) is not None:
+            raise DataError(f"{key}.path={cfg.path!r}: {columns_disagree(e)}") from None
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if Path(os.path.expanduser(cfg.path or "")).exists():  # a local folder: the network is not the problem
+            raise DataError(f"{key}.path={cfg.path!r} could not be loaded: {first_line}") from None
         offline = any(os.environ.get(v, "0") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
         raise DataError(
             f"{key}.path={cfg.path!r} could not be loaded: {first_line}. "
             + ("This process is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE). " if offline else "")
             + f"Without the network, download the dataset elsewhere and point {key}.path at the local folder."
         ) from None
+
+
+def columns_disagree(e: BaseException) -> str | None:
+    """What `datasets` means by a CastError anywhere in an exception's chain: the data files of one dataset do
+    not share their columns (a streamed one finds out at the first record of the odd file). None otherwise."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, datasets.table.CastError):
+            detail = " ".join(str(e).split())  # "Couldn't cast text: string extra: int64 to {...} because ..."
+            return (f"its data files do not all have the same columns ({detail}); give it files of one layout, "
+                    "or move the odd ones to a dataset of their own")
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _check_documents(ds: Loaded, column: str, split: str, where: str, key: str) -> None:

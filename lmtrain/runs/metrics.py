@@ -12,6 +12,7 @@ from pathlib import Path
 from rich.table import Table
 from rich.text import Text
 
+from lmtrain.console import job_tag
 from lmtrain.runs.loggers import call_guarded, close_all
 from lmtrain.runs.records import read_metrics
 
@@ -69,7 +70,8 @@ def rewind(path: Path, size: int) -> int:
 
 
 def summary_table(rows: list[tuple[str, str]]) -> Table:
-    table = Table(title="Training summary", show_header=False, title_justify="left")
+    # `[job 3] Training summary`: the tables of parallel jobs say whose they are
+    table = Table(title=Text(f"{job_tag()}Training summary"), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(overflow="fold")  # a long path wraps on a narrow terminal instead of ending in "…"
     for key, value in rows:

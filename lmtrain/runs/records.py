@@ -24,6 +24,7 @@ from lmtrain.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "status.json"
+LAUNCHED = ".lmtrain-jobs"  # in a sweep folder: job-N.json for each job the latest sweep command there launched
 LATEST = "latest.json"  # under RUN/checkpoints: {"step": 500, "folder": "step_000500"}, the newest whole step folder
 TRAINER_STATE = "trainer_state.json"
 WANDB_RUN_ID = "wandb/lmtrain-run-id"  # the W&B run this folder's run logs to (lmtrain.runs.loggers.wandb)
@@ -110,13 +111,13 @@ def read_metrics(path: Path) -> list[dict]:
 
 # status.json's fields and their types; `status` is required
 _STATUS_FIELDS = {"status": str, "job": int, "error": str, "signal": str, "message": str, "objective": str,
-                  "value": float, "steps": int}
+                  "value": float, "steps": int, "folder": str}
 
 
-def read_status(run_dir: Path) -> dict | None:
+def read_status(run_dir: Path, name: str = STATUS_FILE) -> dict | None:
     """A run folder's status.json (lmtrain.runs.sweeps.status writes it), or None when there is none. A file
     that is not a JSON object with a `status` is ignored with a warning; a field of the wrong type is dropped."""
-    path = Path(run_dir) / STATUS_FILE
+    path = Path(run_dir) / name
     try:
         status = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -133,6 +134,21 @@ def read_status(run_dir: Path) -> dict | None:
     if wrong:
         _warn_once(f"{path}: ignoring {', '.join(wrong)}, of the wrong type")
     return {k: v for k, v in status.items() if k not in wrong}
+
+
+def read_launched(sweep_dir: Path) -> list[dict]:
+    """The jobs the latest sweep command in `sweep_dir` launched, by job number: each a status record (see
+    read_status) naming its `folder`, relative to the sweep folder. A damaged entry is left out, with a warning."""
+    jobs = []
+    for path in sorted((Path(sweep_dir) / LAUNCHED).glob("job-*.json")):
+        entry = read_status(path.parent, path.name)
+        if entry is None:
+            continue
+        if not isinstance(entry.get("folder"), str) or not isinstance(entry.get("job"), int):
+            _warn_once(f"Ignoring {path}: it names no job folder")
+            continue
+        jobs.append(entry)
+    return sorted(jobs, key=lambda e: e["job"])
 
 
 def _read_yaml(path: Path, what: str):

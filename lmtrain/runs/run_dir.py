@@ -36,23 +36,25 @@ _EXISTED: set[Path] = set()
 
 
 def note_existing(argv: list[str]) -> None:
-    """Before Hydra creates the `hydra.run.dir=` folder: refuse one that cannot be created (a file in the way, a
-    read-only parent) in one line, and remember one that exists already: such a folder is the user's, even when
-    it is empty, and a failed start must not remove it."""
+    """Before Hydra creates the `hydra.run.dir=` (or, with -m, `hydra.sweep.dir=`) folder: refuse one that cannot
+    be created or written (a file in the way, a read-only folder) in one line, and remember a run folder that
+    exists already: such a folder is the user's, even when it is empty, and a failed start must not remove it."""
+    keys = ("hydra.run.dir", "hydra.sweep.dir") if {"-m", "--multirun"} & set(argv) else ("hydra.run.dir",)
     for arg in argv:
         key, _, value = arg.partition("=")
-        if key.lstrip("+") != "hydra.run.dir" or not value or "${" in value:
+        key = key.lstrip("+")
+        if key not in keys or not value or "${" in value:
             continue
         folder = Path(os.path.expanduser(value)).absolute()
-        _NAMED.add(folder.resolve())
-        if folder.is_dir():
-            _EXISTED.add(folder.resolve())
-            continue
         existing = next(p for p in [folder, *folder.parents] if p.exists())
         if not existing.is_dir():
-            raise ConfigError(f"hydra.run.dir={value}: {existing} is a file, not a folder; choose another run folder")
+            raise ConfigError(f"{key}={value}: {existing} is a file, not a folder; choose another folder")
         if not os.access(existing, os.W_OK | os.X_OK):
-            raise ConfigError(f"hydra.run.dir={value}: {existing} is not writable; choose a run folder you can write")
+            raise ConfigError(f"{key}={value}: {existing} is not writable; choose a folder you can write")
+        if key == "hydra.run.dir":
+            _NAMED.add(folder.resolve())
+            if folder.is_dir():
+                _EXISTED.add(folder.resolve())
 
 
 def holds_run(folder: Path) -> bool:
@@ -169,6 +171,34 @@ def _remove_failed_start(folder: Path) -> None:
             break
 
 
+def _run_dir_given() -> bool:
+    """Whether this start's run folder was named (hydra.run.dir on the command line, or by torchrun's or SLURM's
+    shared folder), or is a sweep job's: one a later start finds again, so trainer.resume=auto has a meaning."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from lmtrain.errors import in_multirun
+
+    if not HydraConfig.initialized() or in_multirun():
+        return True
+    return any(o.lstrip("+").startswith("hydra.run.dir=") for o in HydraConfig.get().overrides.hydra)
+
+
+def _nothing_to_resume(folder: Path) -> str:
+    """trainer.resume=auto in the new folder Hydra made for this start: the command that names a run instead."""
+    import shlex
+    import sys
+
+    runs = [p.parent.parent for p in folder.parent.parent.glob("*/*/checkpoints/latest.json")
+            if p.parent.parent.resolve() != folder.resolve()]
+    newest = max(runs, key=lambda p: (p / "checkpoints" / "latest.json").stat().st_mtime, default=None)
+    here = Path.cwd()
+    target = os.path.relpath(newest, here) if newest is not None else "RUN_FOLDER"
+    command = shlex.join(["lmtrain", "train", *sys.argv[1:], f"hydra.run.dir={target}"])
+    which = "the newest run with a checkpoint there" if newest is not None else "the folder of the run to continue"
+    return (f"trainer.resume=auto: {os.path.relpath(folder, here)} is the new folder Hydra made for this start, so "
+            f"there is nothing in it to resume; name the run to continue ({which}): {command}")
+
+
 def _owns_run_dir() -> bool:
     """Whether this process owns the run folder: torchrun or srun start every rank as a whole `lmtrain train`,
     all sharing rank 0's folder, so rank 0 alone locks it, guards it and cleans it up."""
@@ -207,6 +237,8 @@ class RunDir:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
+        if resume == "auto" and self.fresh and not _run_dir_given():
+            raise ConfigError(_nothing_to_resume(self.folder))
         if resume is None and holds_run(self.folder):
             if not overwrite:
                 raise ConfigError(f"{self.folder} already holds a run (checkpoints or metrics); continue it with "

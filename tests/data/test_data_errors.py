@@ -180,3 +180,18 @@ def test_a_folder_in_train_files_suggests_its_files(tmp_path):
 
     with pytest.raises(DataError, match=rf"data.train_files: '{tmp_path}' is a folder; .*\[{tmp_path}/\*.txt\]"):
         expand_files([str(tmp_path)], "data.train_files")
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_local_dataset_whose_files_disagree_on_columns_is_one_line_without_network_advice(tmp_path, streaming):
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(150)))
+    (folder / "b.jsonl").write_text("".join(json.dumps({"text": f"more {i}", "extra": i}) + "\n" for i in range(150)))
+    cfg = DataConfig(name="local", source=SourceKind.hf, path=str(folder), streaming=streaming,
+                     cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError) as error:
+        prepare_data(cfg, CHAR)
+    message = str(error.value)
+    assert message.startswith(f"data.path={str(folder)!r}: its data files do not all have the same columns")
+    assert "extra: int64" in message and "network" not in message and "\n" not in message

@@ -190,3 +190,18 @@ def test_a_run_folder_that_cannot_be_created_is_refused_before_hydra(tmp_path, m
         note_existing([f"hydra.run.dir={tmp_path}/a_file/run"])
     note_existing([f"hydra.run.dir={tmp_path}/new/run"])  # creatable: fine, and not the user's
     assert run_dir._EXISTED == set()
+
+
+@pytest.mark.slow
+def test_resume_auto_in_the_folder_hydra_makes_for_this_start_names_the_run_to_continue(tmp_path):
+    earlier = tmp_path / "outputs" / "2026-01-01" / "10-00-00"
+    (earlier / "checkpoints").mkdir(parents=True)
+    (earlier / "checkpoints" / "latest.json").write_text('{"step": 2, "folder": "step_000002"}\n')
+    result = run_cli("train", *TINY_MODEL, "trainer.resume=auto", cwd=tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out
+    assert "is the new folder Hydra made for this start, so there is nothing in it to resume" in out
+    assert "lmtrain train model.n_layers=2" in out and "hydra.run.dir=outputs/2026-01-01/10-00-00" in out
+    assert out.count("nothing in it to resume") == 1 and "Traceback" not in out
+    assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["2026-01-01"]  # the new folder went again
+    assert [p.name for p in (tmp_path / "outputs" / "2026-01-01").iterdir()] == ["10-00-00"]

@@ -7,6 +7,7 @@ Every figure here comes from metrics.jsonl, the run's own record; nothing is re-
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +27,9 @@ class Run:
     folder: Path
     job: int | None = None  # the job number in its sweep, when it was one
     overrides: dict[str, str] = field(default_factory=dict)  # key -> value as given on the command line
-    status: str = "-"  # completed, failed, stopped, diverged, running; "-" when there is no status.json
-    error: str = ""
+    status: str = "-"  # completed, failed, stopped, diverged, running, not started; "-": no status.json
+    error: str = ""  # what stopped it: the error, or the message of a stop
+    signal: str = ""  # the signal that stopped it (stopped, not started)
     val_loss: float | None = None  # the last validation loss
     best_val_loss: float | None = None
     best_step: int | None = None  # the step of best_val_loss
@@ -39,10 +41,31 @@ class Run:
     val_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val_loss)
     train_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
     lr_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, lr)
+    settings: dict[str, str] | None = field(default=None, repr=False)  # every setting it used, read when needed
 
     def metric(self, name: str) -> float | None:
         value = getattr(self, name)
         return value if value is not None and math.isfinite(value) else None
+
+    def value(self, key: str) -> str:
+        """The value of a setting: as overridden on the command line, else as the run resolved it."""
+        if key in self.overrides:
+            return self.overrides[key]
+        if self.settings is None:
+            self.settings = records.read_settings(self.folder)
+        return self.settings.get(key, "")
+
+
+def short_value(text: str) -> str:
+    """A number written with many digits (a value a search drew: 0.0012345678901) to 4 significant digits;
+    anything else as it is."""
+    digits = re.sub(r"[eE].*$", "", text).lstrip("+-").replace(".", "").lstrip("0")
+    if len(digits) <= 6 or not re.search(r"[.eE]", text):
+        return text
+    try:
+        return f"{float(text):.4g}"
+    except ValueError:
+        return text
 
 
 def objective_value(metrics: list[dict], objective: str) -> float | None:
@@ -101,9 +124,8 @@ def read_run(folder: Path) -> Run:
     run = Run(folder, job=_job_number(folder), overrides=read_overrides(folder))
     status = records.read_status(folder)
     if status is not None:
-        run.status = status.get("status", "-")
-        run.error = status.get("error") or (status.get("signal", "") if run.status == "stopped" else "")
-        run.job = status.get("job", run.job)
+        run.status, run.job = status["status"], status.get("job", run.job)
+        run.error, run.signal = status.get("error") or status.get("message", ""), status.get("signal", "")
     _fill_from_metrics(run, records.read_metrics(folder / "metrics.jsonl"))
     return run
 
