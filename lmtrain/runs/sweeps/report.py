@@ -46,10 +46,11 @@ def summarize(runs: list[Run], folder: Path | None, objective: str, sort: str | 
     for line in [outcome_line(runs), *unfinished_lines(runs, folder)]:
         out.print(line, markup=False, soft_wrap=True)
     if earlier:
-        names = ", ".join(sorted(r.folder.name for r in earlier)[:5]) + (", ..." if len(earlier) > 5 else "")
+        jobs = sorted(r.job for r in earlier if r.job is not None)
+        which = f" (jobs {', '.join(map(str, jobs))})" if len(jobs) == len(earlier) and len(jobs) <= 10 else ""
         where = folder if folder is not None else "this folder"
-        out.print(f"Not counted: {len(earlier)} earlier run{'s' if len(earlier) > 1 else ''} in {where}, not "
-                  f"launched by this sweep ({names}); `lmtrain summarize {where}` summarizes every run there",
+        out.print(f"Not counted: {len(earlier)} earlier run{'s' if len(earlier) > 1 else ''}{which} in {where}, not "
+                  f"launched by this sweep command; `lmtrain summarize {where}` summarizes every run there",
                   markup=False, soft_wrap=True)
     if folder is not None:
         out.print(f"Written: {folder / name}.csv, {name}.md, {name}.png", markup=False, soft_wrap=True)

@@ -15,8 +15,8 @@ from lmtrain.runs.sweeps.runs import OBJECTIVES, Run, short_value
 # (column, what it shows) after the job number and the swept overrides
 COLUMNS = ("status", "val_loss", "best_val_loss", "best_step", "train_loss", "steps", "tokens", "wall_s",
            "tokens_per_s", "error")
-ERROR_CELL = 60  # characters of an error shown in the table and summary.md; summary.csv and status.json hold all
-ERROR_LINE = 160  # characters of an error in the list of jobs that did not complete
+ERROR_CELL = 60  # characters of an error in the table and summary.md; summary.csv and status.json hold it whole
+ERROR_LINE = 300  # characters of an error in the list of jobs that did not complete
 
 
 def swept_keys(runs: list[Run]) -> list[str]:
@@ -49,6 +49,11 @@ def one_line(text: str, limit: int) -> str:
     return line if len(line) <= limit else line[:limit - 1] + "…"
 
 
+def said(run: Run) -> str:
+    """The run's error, its own folder's long path in it written as "its folder"."""
+    return run.error.replace(str(run.folder.resolve()), "its folder") if run.error else ""
+
+
 def _cell(value, exact: bool) -> str:
     if value is None:
         return ""
@@ -75,7 +80,7 @@ def rows(runs: list[Run], root: Path | None = None, exact: bool = False) -> tupl
     for r in runs:
         values = [r.value(k) if exact else short_value(r.value(k)) for k in keys]
         cells = [_cell(getattr(r, c), exact) for c in COLUMNS]
-        cells[-1] = r.error if exact else one_line(r.error, ERROR_CELL)
+        cells[-1] = r.error if exact else one_line(said(r), ERROR_CELL)
         out.append([_cell(r.job, exact), _folder(r, root), *values, *cells])
     return header, out
 
@@ -140,7 +145,7 @@ def _why(run: Run) -> str:
         return f"stopped by {run.signal}" if run.signal else "stopped"
     if run.status == "running":
         return "running (still under way, or killed without a chance to record how it ended)"
-    return f"{run.status}: {one_line(run.error, ERROR_LINE)}" if run.error else run.status
+    return f"{run.status}: {one_line(said(run), ERROR_LINE)}" if run.error else run.status
 
 
 def unfinished_lines(runs: list[Run], root: Path | None) -> list[str]:
@@ -148,8 +153,8 @@ def unfinished_lines(runs: list[Run], root: Path | None) -> list[str]:
     unfinished = sorted((r for r in runs if r.status != "completed"), key=lambda r: (r.job is None, r.job or 0))
     if not unfinished:
         return []
-    lines = [f"{'Job' if len(unfinished) == 1 else 'Jobs'} that did not complete (the whole error is in each "
-             "folder's status.json, the details in its train.log):"]
+    lines = [f"{'Job' if len(unfinished) == 1 else 'Jobs'} that did not complete (the details are in each job "
+             "folder's train.log):"]
     for r in unfinished:
         who = f"job {r.job}" if r.job is not None and not needs_folders(runs) else _folder(r, root)
         lines.append(f"  {who}: {_why(r)}")
