@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +84,12 @@ class SweepSummary(Callback):
         runs = [_as_launched(read_run(self.sweep_dir / job["folder"]), job) for job in launched]
         mine = {r.folder.resolve() for r in runs}
         earlier = [r for r in read_runs([self.sweep_dir]) if r.folder.resolve() not in mine]
-        if not runs and not earlier:
+        if not runs:  # no job recorded itself (a launcher on another filesystem?): every run in the folder
+            runs, earlier = earlier, []
+        if not runs:
             return 0 if finished else 1
         try:
-            summarize(runs or earlier, self.sweep_dir, self.objective, earlier=earlier if runs else [])
+            summarize(runs, self.sweep_dir, self.objective, earlier=earlier)
         except Exception:  # a summary must never hide how the sweep itself went
             log.exception("Could not write the sweep summary in %s", self.sweep_dir)
         return self._exit_status(runs, finished)
@@ -95,12 +98,13 @@ class SweepSummary(Callback):
         signals = [r.signal for r in runs if r.signal]
         if signals:
             return 128 + signal.Signals[signals[0]]  # as a shell reports a process ended by that signal
+        failed = sum(r.status != "completed" for r in runs)
         if not finished:
-            if self.search:
+            if self.search and failed:
                 log.error("The search stopped early: more than hydra.sweeper.max_failure_rate=%s of a batch of "
                           "trials failed", self.max_failure_rate)
             return 1
-        return 0 if self.search or all(r.status == "completed" for r in runs) else 1
+        return 0 if self.search or not failed else 1
 
 
 def _as_launched(run: Run, job: dict) -> Run:
@@ -120,8 +124,11 @@ def _quiet_optuna() -> None:
 
 
 def finish_sweep() -> None:
-    """Summarize a sweep that ended by an exception (Hydra skipped on_multirun_end), and exit with its status;
-    nothing otherwise."""
+    """Summarize a sweep that ended by an exception (Hydra skipped on_multirun_end), and exit with its status
+    (an unexpected exception goes on, to show its traceback); nothing otherwise. Called as `lmtrain train`
+    unwinds."""
     if _pending is not None:
         code = _pending._finish(finished=False)
-        raise SystemExit(code)
+        under_way = sys.exc_info()[1]  # what is unwinding: Hydra's exit, Ctrl-C, or a crash to show as it is
+        if under_way is None or isinstance(under_way, SystemExit | KeyboardInterrupt):
+            raise SystemExit(code)
