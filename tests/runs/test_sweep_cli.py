@@ -204,7 +204,7 @@ def test_a_rerun_keeps_earlier_records_and_a_second_sweep_counts_only_its_own_jo
     other = run_cli("train", "-m", *short, "trainer.batch_size=4,6", "optimizer.lr=1e-3", f"hydra.sweep.dir={sweep}")
     out = other.stdout + other.stderr
     assert other.returncode == 0, out
-    assert "2 jobs: 2 completed" in out and "Not counted: 2 earlier runs in" in out
+    assert "2 jobs: 2 completed" in out and "Not counted: 2 earlier runs (jobs 0, 1) in" in out
     assert sorted(r["trainer.batch_size"] for r in read_summary(sweep)) == ["4", "6"]
 
 
