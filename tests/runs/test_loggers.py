@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from lmtrain.errors import ConfigError
 from lmtrain.runs.metrics import MetricsLog
 from lmtrain.runs.records import WANDB_RUN_ID, read_metrics
 
@@ -81,7 +82,7 @@ def test_wandb_online_without_a_login_is_one_line_before_any_data_work(tmp_path)
 
 @pytest.mark.slow
 @needs_wandb
-def test_wandb_continues_one_run_per_folder_and_its_environment_wins_over_defaults(tmp_path):
+def test_wandb_continues_one_run_per_folder_under_tensorboards_names(tmp_path):
     from test_sweep_cli import wandb_history
 
     run = tmp_path / "run"
@@ -100,13 +101,26 @@ def test_wandb_continues_one_run_per_folder_and_its_environment_wins_over_defaul
         pytest.approx({s: v for s, v in losses.items() if s > 2})
     assert any("val/loss" in h for h in history)
 
-    # WANDB_MODE in the environment wins over lmtrain's default (offline): disabled writes nothing.
-    quiet = tmp_path / "quiet"
-    disabled = run_cli("train", *SHORT, "trainer.max_steps=2", "logger=wandb", f"hydra.run.dir={quiet}",
-                       env={"WANDB_MODE": "disabled"})
-    assert disabled.returncode == 0, disabled.stdout + disabled.stderr
-    assert not list((quiet / "wandb").glob("offline-run-*"))
-    # ... and a setting given in the config wins over the environment.
-    chosen = run_cli("train", *SHORT, "trainer.max_steps=2", "logger=wandb", "logger.wandb.mode=offline",
-                     f"hydra.run.dir={tmp_path / 'chosen'}", env={"WANDB_MODE": "disabled"})
-    assert chosen.returncode == 0 and list((tmp_path / "chosen" / "wandb").glob("offline-run-*"))
+
+@needs_wandb
+def test_wandb_settings_come_from_the_config_then_the_environment_then_lmtrains_defaults(tmp_path, monkeypatch):
+    import wandb
+
+    from lmtrain.config.logger import WandbConfig
+    from lmtrain.runs.loggers.wandb import WandbLogger
+
+    calls = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: calls.append(kwargs))
+    for name in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_RUN_GROUP"):
+        monkeypatch.delenv(name, raising=False)
+    WandbLogger(WandbConfig(), tmp_path, {}, group="multirun/x")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_PROJECT", "theirs")
+    WandbLogger(WandbConfig(), tmp_path, {}, group="multirun/x")
+    WandbLogger(WandbConfig(mode="offline", project="mine", group="g"), tmp_path, {}, group="multirun/x")
+    assert [(c["mode"], c["project"], c["group"]) for c in calls] == [
+        ("offline", "lmtrain", "multirun/x"), ("disabled", "theirs", "multirun/x"), ("offline", "mine", "g")]
+    assert len({c["id"] for c in calls}) == 1 and all(c["resume"] == "allow" for c in calls)  # one run per folder
+    monkeypatch.setenv("WANDB_MODE", "onlin")
+    with pytest.raises(ConfigError, match="WANDB_MODE='onlin' \\(from the environment\\) must be online, offline"):
+        WandbLogger(WandbConfig(), tmp_path, {}, group=None)
