@@ -58,7 +58,12 @@ def main() -> None:
 
 def extra_overrides(argv: list[str]) -> list[str]:
     """Added to the command line before Hydra composes (cli.py): under torchrun or srun, every rank's share of
-    one run directory."""
+    one run directory. A lone process needs none and knows it without torch, which the launcher imports: --help,
+    shell completion and config errors do not wait for it."""
+    from lmtrain.distributed.world import world_from_env
+
+    if world_from_env().size == 1:
+        return []
     from lmtrain.distributed.launch import shared_run_dir_overrides
 
     return shared_run_dir_overrides(argv)
