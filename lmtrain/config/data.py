@@ -60,6 +60,7 @@ class TokenizerKind(str, Enum):
     char = "char"  # one token per character seen in the training split
     file = "file"  # a tokenizer.json file
     pretrained = "pretrained"  # a tokenizer from the Hugging Face hub, by name
+    gpt2 = "gpt2"  # GPT-2's byte-level BPE (50,257 tokens), shipped with lmtrain: no network
 
 
 @dataclass
