@@ -147,6 +147,10 @@ def check_overrides(schema: type, argv: list[str]) -> None:
     through: Hydra and the schema check at conversion handle them.
     """
     dirs = config_dirs(argv)
+    given = {arg.split("=", 1)[0].lstrip("+"): arg for arg in argv if "=" in arg and not arg.startswith(("-", "~"))}
+    for a, b in getattr(schema, "EXCLUSIVE_KEYS", ()):
+        if a in given and b in given:
+            raise ConfigError(f"{given[a]} and {given[b]} say the same thing two ways: give one of them")
     groups = None
     for arg in argv:
         if arg.startswith(("-", "+", "~")) or "=" not in arg:

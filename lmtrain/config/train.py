@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import ClassVar
 
 from omegaconf import DictConfig
 
@@ -53,7 +54,10 @@ class SchedulerName(str, Enum):
 @dataclass
 class SchedulerConfig:
     name: SchedulerName = SchedulerName.cosine
-    warmup_steps: int = 100  # linear warm-up from 0 to optimizer.lr, in optimizer steps
+    warmup_steps: int = 100  # linear warm-up from 0 to optimizer.lr, in optimizer steps (each model preset sets it)
+    # warm-up as a share of all optimizer steps; when set it replaces warmup_steps (a model preset's included);
+    # giving both on one command line is refused
+    warmup_fraction: float | None = None
     min_lr_ratio: float = 0.1  # final LR as a fraction of optimizer.lr (cosine, linear, wsd)
     decay_fraction: float = 0.2  # wsd: the share of all optimizer steps, at the end, that decays the LR
 
@@ -124,6 +128,9 @@ class TrainerConfig:
 
 @dataclass
 class TrainConfig:
+    # Keys that say one thing two ways: both on one command line is refused by name (overrides.check_overrides).
+    EXCLUSIVE_KEYS: ClassVar[tuple[tuple[str, str], ...]] = (("scheduler.warmup_steps", "scheduler.warmup_fraction"),)
+
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -131,6 +138,8 @@ class TrainConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # experiment trackers beside metrics.jsonl
+    # labels for the run (tags=[baseline,long]): kept in its config, shown in summaries, TensorBoard and W&B
+    tags: list[str] = field(default_factory=list)
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
@@ -181,6 +190,8 @@ def validate(cfg: TrainConfig) -> None:
     check(m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be > 0")
     check(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
     check(s.warmup_steps >= 0, f"scheduler.warmup_steps={s.warmup_steps} must be >= 0")
+    if s.warmup_fraction is not None:
+        check(0 <= s.warmup_fraction < 1, f"scheduler.warmup_fraction={s.warmup_fraction} must be in [0, 1)")
     check(0 <= s.min_lr_ratio <= 1, f"scheduler.min_lr_ratio={s.min_lr_ratio} must be in [0, 1]")
     validate_optimizer(o)
     check(0 < s.decay_fraction <= 1, f"scheduler.decay_fraction={s.decay_fraction} must be in (0, 1]")
@@ -227,6 +238,8 @@ def validate(cfg: TrainConfig) -> None:
     validate_data(d)
     validate_tokenizer(tok)
     validate_logger(cfg.logger)
+    for tag in cfg.tags:
+        check(0 < len(tag) <= 64, f"tags: {tag!r} must have 1 to 64 characters (W&B's limit)")
 
 
 CHECKS[TrainConfig] = validate

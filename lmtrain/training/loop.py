@@ -324,5 +324,6 @@ class Trainer:
                         f"({self.mfu.peak / 1e12:.2f} TFLOP/s)"),
                 ("precision", self.precision.name + (f", {self.precision.skipped_steps} steps skipped (inf/NaN "
                                                      "gradients)" if self.precision.scaler is not None else "")),
-                *self.train_loader.summary_rows(), *self.micro.summary_rows(), ("checkpoint", str(r.checkpoint))]
+                *self.train_loader.summary_rows(), *self.micro.summary_rows(), ("checkpoint", str(r.checkpoint)),
+                *([("tags", ", ".join(self.cfg.tags))] if self.cfg.tags else [])]
         print_table(summary_table(rows))

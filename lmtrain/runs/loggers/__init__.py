@@ -42,16 +42,18 @@ def sweep_group() -> str | None:
 
 
 def build_loggers(cfg: LoggerConfig, run_dir: Path, config: dict) -> list[RunLogger]:
-    """The loss plot, always, and each tracker the `logger` group chose; `config` is the resolved run config."""
+    """The loss plot, always, and each tracker the `logger` group chose; `config` is the resolved run config,
+    whose `tags` both trackers show."""
     from lmtrain.runs.loggers.plot import LossPlot
 
     loggers: list[RunLogger] = [LossPlot(run_dir)]
+    tags = list(config.get("tags") or [])
     if cfg.tensorboard is not None:
         from lmtrain.runs.loggers.tensorboard import TensorBoardLogger
 
-        loggers.append(TensorBoardLogger(run_dir / cfg.tensorboard.dir, run_overrides(run_dir)))
+        loggers.append(TensorBoardLogger(run_dir / cfg.tensorboard.dir, run_overrides(run_dir), tags))
     if cfg.wandb is not None:
         from lmtrain.runs.loggers.wandb import WandbLogger
 
-        loggers.append(WandbLogger(cfg.wandb, run_dir, config, sweep_group()))
+        loggers.append(WandbLogger(cfg.wandb, run_dir, config, sweep_group(), tags))
     return loggers

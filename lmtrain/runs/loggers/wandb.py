@@ -11,11 +11,12 @@ log = logging.getLogger(__name__)
 
 
 class WandbLogger:
-    def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict, group: str | None):
+    def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict, group: str | None, tags: list[str] | None = None):
         import wandb
 
+        tags = list(dict.fromkeys([*cfg.tags, *(tags or [])]))  # logger.wandb.tags and the run's own tags=[...]
         self.run = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, group=cfg.group or group,
-                              name=Path(run_dir).name, dir=str(run_dir), config=config, tags=list(cfg.tags))
+                              name=Path(run_dir).name, dir=str(run_dir), config=config, tags=tags)
 
     def log(self, record: dict) -> None:
         values = {k: v for k, v in record.items() if k not in ("step", "samples") and isinstance(v, int | float)}

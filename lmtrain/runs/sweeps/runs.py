@@ -27,6 +27,7 @@ class Run:
     job: int | None = None  # the job number in its sweep, when it was one
     overrides: dict[str, str] = field(default_factory=dict)  # key -> value as given on the command line
     status: str = "-"  # completed, failed, stopped, diverged, running; "-" when there is no status.json
+    tags: list[str] = field(default_factory=list)  # the run's tags=[...], from its .hydra/config.yaml
     error: str = ""
     val_loss: float | None = None  # the last validation loss
     best_val_loss: float | None = None
@@ -112,9 +113,19 @@ def read_overrides(folder: Path) -> dict[str, str]:
     return out
 
 
+def read_tags(folder: Path) -> list[str]:
+    """The run's `tags=[...]`, from the config Hydra saved in its folder; none when it has no such file."""
+    path = folder / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return []
+    from omegaconf import OmegaConf
+
+    return [str(t) for t in OmegaConf.load(path).get("tags") or []]
+
+
 def read_run(folder: Path) -> Run:
     folder = Path(folder)
-    run = Run(folder, job=_job_number(folder), overrides=read_overrides(folder))
+    run = Run(folder, job=_job_number(folder), overrides=read_overrides(folder), tags=read_tags(folder))
     status = read_status(folder)
     if status is not None:
         run.status = status.get("status", "-")

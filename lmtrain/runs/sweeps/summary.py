@@ -43,6 +43,8 @@ def sort_runs(runs: list[Run], key: str) -> list[Run]:
 def _cell(value, exact: bool) -> str:
     if value is None:
         return ""
+    if isinstance(value, list):  # tags
+        return ", ".join(value)
     if isinstance(value, float):
         return repr(value) if exact else f"{value:.4f}" if abs(value) < 100 else f"{value:,.0f}"
     return str(value)
@@ -51,12 +53,13 @@ def _cell(value, exact: bool) -> str:
 def rows(runs: list[Run], root: Path | None = None, exact: bool = False) -> tuple[list[str], list[list[str]]]:
     """The header and each run's cells: numbers as metrics.jsonl has them (exact, for the csv) or rounded."""
     keys = swept_keys(runs)
-    header = ["job", "run", *keys, *COLUMNS]
+    columns = [*(["tags"] if any(r.tags for r in runs) else []), *COLUMNS]  # tags, when some run has them
+    header = ["job", "run", *keys, *columns]
     out = []
     for r in runs:
         name = os.path.relpath(r.folder, root) if root is not None else str(r.folder)
         out.append([_cell(r.job, exact), name, *(r.overrides.get(k, "") for k in keys),
-                    *(_cell(getattr(r, c), exact) for c in COLUMNS)])
+                    *(_cell(getattr(r, c), exact) for c in columns)])
     return header, out
 
 
