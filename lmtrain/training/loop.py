@@ -83,6 +83,7 @@ class Trainer:
         self.forward = p.parallel.forward  # the GPT or its DDP wrapper; compilation, if on, is inside, per block
         self.params = [param for param in p.model.parameters() if param.requires_grad]
         self.train_loader, self.val_batches, self.total_steps = p.train_loader, p.val_batches, p.total_steps
+        self.schedule_steps = p.total_steps  # the LR schedule's length: fixed when the run starts (see _restore)
         self.tokens_per_step, self.mfu, self.metrics = p.tokens_per_step, p.mfu, p.metrics
         self.checkpoints, self.divergence, self.micro = p.checkpoints, p.divergence, p.micro
         self.sample_prompts = p.sample_prompts
@@ -93,6 +94,7 @@ class Trainer:
         self.stop: StopSignals | None = None  # set while fit() runs: an evaluation stops at its next batch
         if p.resumed is not None:
             self._restore(p.resumed)
+            self._warn_if_length_changed()
 
     def fit(self) -> TrainResult:
         """Train to the last step (trainer.max_steps or epochs), or until a stop signal; returns how it ended."""
@@ -140,7 +142,8 @@ class Trainer:
 
     def _set_lr(self) -> float:
         """The schedule's learning rate for this step (scaled down after a divergence rollback), set in place."""
-        lr = lr_at(self.step, self.total_steps, self.cfg.optimizer.lr * self.divergence.lr_factor, self.cfg.scheduler)
+        peak = self.cfg.optimizer.lr * self.divergence.lr_factor
+        lr = lr_at(self.step, self.schedule_steps, peak, self.cfg.scheduler)
         set_lr(self.optimizer, lr)
         return lr
 
@@ -228,7 +231,8 @@ class Trainer:
 
     def _save(self) -> Path:
         """A step checkpoint of everything a resume needs, the loop's own counters included."""
-        state = {"step": self.step, "total_steps": self.total_steps, "epoch": self.train_loader.state.epoch,
+        state = {"step": self.step, "total_steps": self.total_steps, "schedule_steps": self.schedule_steps,
+                 "epoch": self.train_loader.state.epoch,
                  "tokens": self.step * self.tokens_per_step, "epoch_loss_sum": self.epoch_loss.item(),
                  "epoch_steps": self.epoch_steps, "val_loss": _finite_or_none(self.val_loss),
                  "best_val_loss": _finite_or_none(self.best_val_loss), "precision": self.precision.state_dict(),
@@ -238,11 +242,28 @@ class Trainer:
         return folder
 
     def _restore(self, state: dict) -> None:
+        """The loop's counters from a checkpoint. The LR schedule keeps the length it was planned with when the run
+        started (older checkpoints: their run's length), whatever trainer.max_steps or epochs say now."""
+        self.schedule_steps = state.get("schedule_steps", state.get("total_steps", self.total_steps))
         self.step, self.epoch_steps = state["step"], state.get("epoch_steps", 0)
         self.epoch_loss = torch.tensor(state.get("epoch_loss_sum", 0.0), dtype=torch.float32, device=self.device)
         self.val_loss = float("nan") if state.get("val_loss") is None else state["val_loss"]
         self.best_val_loss = float("inf") if state.get("best_val_loss") is None else state["best_val_loss"]
         self.precision.load_state_dict(state.get("precision"))  # fp16's loss scale and skipped-step count
+
+    def _warn_if_length_changed(self) -> None:
+        """A resume that lengthens or shortens the run: say what the kept schedule means for the LR."""
+        planned, now = self.schedule_steps, self.total_steps
+        if planned == now or not self.world.main:
+            return
+        end_lr = lr_at(planned - 1, planned, self.cfg.optimizer.lr, self.cfg.scheduler)
+        at_end = lr_at(now - 1, planned, self.cfg.optimizer.lr, self.cfg.scheduler)
+        what = (f"steps {max(planned, self.step) + 1}-{now} train at its final LR, {end_lr:.2e}" if now > planned
+                else f"the run ends at step {now} with the LR at {at_end:.2e}, before the schedule has decayed")
+        log.warning("The run's length changed from %d to %d steps (trainer.max_steps / trainer.epochs), but its "
+                    "learning-rate schedule keeps the %d steps it was planned with: %s. For a new schedule, start a "
+                    "new run from these weights with model.init_from (docs/checkpoints.md#extending-a-run)",
+                    planned, now, planned, what)
 
     def _roll_back(self) -> None:
         """Back to the newest finite checkpoint after a divergence (or raise Diverged)."""
