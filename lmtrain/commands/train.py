@@ -19,7 +19,7 @@ from lmtrain.errors import Diverged, RunStopped, in_multirun, reports_user_error
 from lmtrain.runs.run_dir import open_run_dir
 from lmtrain.runs.sweeps.callback import finish_sweep
 from lmtrain.runs.sweeps.jobs import finished_objective, register_job_name_resolver
-from lmtrain.runs.sweeps.runs import objective_value, read_records
+from lmtrain.runs.sweeps.runs import objective_value, read_records, stopped_early_at
 from lmtrain.runs.sweeps.status import recorded_status
 
 register_configs()
@@ -99,13 +99,16 @@ def train(cfg: DictConfig) -> float:
             what = "sweep" if in_multirun() else "run"
             raise RunStopped(signal.Signals(result.stopped_by),
                              f"Continue this {what} with:\n  {resume_command(run_dir)}")
-        value = objective_value(read_records(run_dir / "metrics.jsonl"), objective)
+        records = read_records(run_dir / "metrics.jsonl")
+        value = objective_value(records, objective)
         if value is None:  # resumed from another folder's checkpoint with nothing left to train: its own figures
             value = {"val_loss": result.val_loss, "best_val_loss": result.best_val_loss}.get(objective)
             value = value if value is not None and math.isfinite(value) else None
         if value is None:
             raise Diverged(f"training diverged: the final {objective} is {result.val_loss} (trainer.objective)")
         job.facts.update(objective=objective, value=value, steps=result.steps)
+        if (early := stopped_early_at(records)) is not None:  # a completed run all the same
+            job.facts.update(stopped_early=early)
         return value  # what a sweeper minimizes
 
 

@@ -90,6 +90,12 @@ class DivergenceAction(str, Enum):
 
 
 @dataclass
+class EarlyStoppingConfig:
+    patience: int = 0  # evaluations in a row without a better validation loss that stop the run; 0: never
+    min_delta: float = 0.0  # a better validation loss must be lower than the best by more than this
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 600  # optimizer steps; 0: train for `epochs` instead
     epochs: int = 0  # full passes over the training tokens; used when max_steps is 0
@@ -124,6 +130,8 @@ class TrainerConfig:
     max_rollbacks: int = 3  # rollbacks before a diverging run stops with exit code 3
     rollback_lr_scale: float = 1.0  # factor on the learning rate after each rollback; 1 keeps it
     overwrite: bool = False  # a fresh run may replace the checkpoints and metrics of an earlier run in its folder
+    # stop when the validation loss stops improving (trainer.early_stopping.patience=3): a completed run, exit 0
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
 
 
 @dataclass
@@ -235,6 +243,9 @@ def validate(cfg: TrainConfig) -> None:
           "use trainer.strategy=auto, ddp or fsdp")
     check(t.max_restarts >= 0, f"trainer.max_restarts={t.max_restarts} must be >= 0")
     check(t.dist_timeout_s > 0, f"trainer.dist_timeout_s={t.dist_timeout_s} must be > 0")
+    e = t.early_stopping
+    check(e.patience >= 0, f"trainer.early_stopping.patience={e.patience} must be >= 0 (0 never stops early)")
+    check(e.min_delta >= 0, f"trainer.early_stopping.min_delta={e.min_delta} must be >= 0")
     validate_data(d)
     validate_tokenizer(tok)
     validate_logger(cfg.logger)

@@ -86,6 +86,7 @@ class Trainer:
         self.schedule_steps = p.total_steps  # the LR schedule's length: fixed when the run starts (see _restore)
         self.tokens_per_step, self.mfu, self.metrics = p.tokens_per_step, p.mfu, p.metrics
         self.checkpoints, self.divergence, self.micro = p.checkpoints, p.divergence, p.micro
+        self.early_stopping = p.early_stopping
         self.sample_prompts = p.sample_prompts
         self.step = 0
         self.epoch_loss, self.epoch_steps = torch.zeros((), device=self.device), 0  # sum of this epoch's step losses
@@ -103,7 +104,8 @@ class Trainer:
         start, eta = time.perf_counter(), Eta(self.step, self.total_steps)
         clock = RunClock()  # counts only this process's steps: after a resume, from the restart
         batches = iter(self.train_loader)
-        finished = self.step >= self.total_steps  # resumed from the checkpoint a complete run saved last
+        # resumed from the checkpoint a complete run saved last (or one that stopped early)
+        finished = self.step >= self.total_steps or self.early_stopping.stopped
         if not finished and self.world.main:  # one device's share of a step against one device's peak
             warn_before_training(self.cfg, self.total_steps, self.tokens_per_step // self.world.size,
                                  self.model.flops_per_token(), self.mfu.peak, self.device)
@@ -111,7 +113,7 @@ class Trainer:
         with progress_bar(wants_progress_bar(t.progress) and self.world.main) as bar, StopSignals() as stop:
             self.stop, stopping = stop, None  # stopping: the signal every rank agreed to stop on
             task = bar.add_task("train", total=self.total_steps, completed=self.step, **fields)
-            while self.step < self.total_steps and stopping is None:
+            while self.step < self.total_steps and stopping is None and not self.early_stopping.stopped:
                 lr = self._set_lr()
                 completed_epochs = self.train_loader.completed_epochs
                 step_loss = self._forward_backward([next(batches) for _ in range(t.grad_accum_steps)])
@@ -135,7 +137,7 @@ class Trainer:
                     log.info("%s", note)
                 self._evaluate_save_sample(clock)
                 bar.update(task, completed=self.step, **fields)
-            if self.step < self.total_steps:
+            if stopping is not None and self.step < self.total_steps:
                 return self._stopped(stopping, time.perf_counter() - start)
             self._finish(clock, finished)
         return self._result(train_loss, start, clock, finished)
@@ -181,8 +183,9 @@ class Trainer:
         if finished:
             log.info("This run finished at step %d already: nothing left to train", self.step)
             return
-        with clock.phase("eval"):
-            self._record_eval()
+        if not self.early_stopping.stopped:  # an early stop has just evaluated this step
+            with clock.phase("eval"):
+                self._record_eval()
         with clock.phase("save"):
             self.checkpoints.save_final(self.model)
             self._save()  # last: a checkpoint at the final step means the whole run is done
@@ -228,6 +231,8 @@ class Trainer:
         if val_loss < self.best_val_loss:
             self.best_val_loss = val_loss
             self.checkpoints.save_best(self.model, self.step, val_loss)
+        if self.step < self.total_steps and self.early_stopping.observe(self.step, val_loss):
+            self.metrics.write(self.early_stopping.record(self.step))
 
     def _save(self) -> Path:
         """A step checkpoint of everything a resume needs, the loop's own counters included."""
@@ -236,7 +241,7 @@ class Trainer:
                  "tokens": self.step * self.tokens_per_step, "epoch_loss_sum": self.epoch_loss.item(),
                  "epoch_steps": self.epoch_steps, "val_loss": _finite_or_none(self.val_loss),
                  "best_val_loss": _finite_or_none(self.best_val_loss), "precision": self.precision.state_dict(),
-                 **self.divergence.state_dict()}
+                 **self.divergence.state_dict(), **self.early_stopping.state_dict()}
         folder = self.checkpoints.save(self.model, self.optimizer, self.train_loader, state)
         self.saved = (self.step, folder)
         return folder
@@ -250,6 +255,7 @@ class Trainer:
         self.val_loss = float("nan") if state.get("val_loss") is None else state["val_loss"]
         self.best_val_loss = float("inf") if state.get("best_val_loss") is None else state["best_val_loss"]
         self.precision.load_state_dict(state.get("precision"))  # fp16's loss scale and skipped-step count
+        self.early_stopping.load_state_dict(state)
 
     def _warn_if_length_changed(self) -> None:
         """A resume that lengthens or shortens the run: say what the kept schedule means for the LR."""
@@ -345,6 +351,7 @@ class Trainer:
                         f"({self.mfu.peak / 1e12:.2f} TFLOP/s)"),
                 ("precision", self.precision.name + (f", {self.precision.skipped_steps} steps skipped (inf/NaN "
                                                      "gradients)" if self.precision.scaler is not None else "")),
-                *self.train_loader.summary_rows(), *self.micro.summary_rows(), ("checkpoint", str(r.checkpoint)),
+                *self.train_loader.summary_rows(), *self.micro.summary_rows(), *self.early_stopping.summary_rows(),
+                ("checkpoint", str(r.checkpoint)),
                 *([("tags", ", ".join(self.cfg.tags))] if self.cfg.tags else [])]
         print_table(summary_table(rows))

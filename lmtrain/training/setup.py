@@ -14,8 +14,8 @@ The order matters, and is this:
  8. the optimizer, over the wrapped (for FSDP2: sharded) parameters;
  9. the loaders: whole global batches, of which this rank trains on its rows;
 10. MFU, metrics.jsonl and the loggers (metrics' clock starts here, just before training);
-11. the divergence guard and the checkpoints: `trainer.resume` restores weights, optimizer, loader and the
-    guard's state here (or `model.init_from`'s weights are loaded);
+11. the divergence guard, early stopping and the checkpoints: `trainer.resume` restores weights, optimizer,
+    loader and the guard's state here (or `model.init_from`'s weights are loaded);
 12. micro-batches: a trial step on the bare model (no DDP all-reduce), every rank taking the smallest size.
 """
 
@@ -44,6 +44,7 @@ from lmtrain.model.generation import encode_prompt
 from lmtrain.runs.loggers import build_loggers
 from lmtrain.runs.metrics import MetricsLog
 from lmtrain.training.divergence import DivergenceGuard
+from lmtrain.training.early_stopping import EarlyStopping
 from lmtrain.training.memory import MicroBatches, configured_size, micro_batches, trial_step
 from lmtrain.training.mfu import Mfu
 from lmtrain.training.optim import Optimizer, build_optimizer
@@ -74,6 +75,7 @@ class Parts:
     metrics: MetricsLog
     checkpoints: Checkpointer
     divergence: DivergenceGuard
+    early_stopping: EarlyStopping  # its state is restored with the loop's counters (Trainer._restore)
     micro: MicroBatches
     sample_prompts: list[list[int]]  # encoded trainer.sample_prompts; empty when sampling is off
     resumed: dict | None = None  # the training state a checkpoint restored (the loop's counters); None: step 0
@@ -141,6 +143,7 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
                                                                                else [])]
 
     divergence = DivergenceGuard(t, device, loss_scaling=precision.scaler is not None)  # 11
+    early_stopping = EarlyStopping(t.early_stopping)
     checkpoints = Checkpointer(run_dir, t.keep_last, saved_config, tokenizer, world, parallel.sharded)
     resumed = checkpoints.start(t.resume, cfg.model.init_from, model, optimizer, loader)
     if resumed is not None:
@@ -150,4 +153,5 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
         model, model, tokenizer.vocab_size, block, device, precision.autocast))
     micro.size = collectives.smallest(micro.size, device)  # every rank runs as many micro-batches
     return Parts(cfg, run_dir, world, device, tokenizer, model_cfg, model, precision, compiled, parallel, optimizer,
-                 loader, validation, total_steps, mfu, metrics, checkpoints, divergence, micro, prompts, resumed)
+                 loader, validation, total_steps, mfu, metrics, checkpoints, divergence, early_stopping, micro, prompts,
+                 resumed)

@@ -27,6 +27,7 @@ from lmtrain.runs.checkpoint import read_config
 from lmtrain.runs.metrics import MetricsLog, read_metrics
 from lmtrain.training.divergence import DivergenceGuard
 from lmtrain.training.loop import Trainer
+from lmtrain.training.early_stopping import EarlyStopping
 from lmtrain.training.memory import MicroBatches
 from lmtrain.training.mfu import Mfu
 from lmtrain.training.optim import build_optimizer
@@ -61,7 +62,8 @@ def hand_made_parts(run_dir: Path, steps: int) -> Parts:
         metrics=MetricsLog(run_dir / "metrics.jsonl"),
         checkpoints=Checkpointer(run_dir, 1, as_plain_dict(dataclasses.replace(cfg, model=model_cfg)), tokenizer,
                                  world),
-        divergence=DivergenceGuard(trainer_cfg, device), micro=MicroBatches(batch, batch, device), sample_prompts=[])
+        divergence=DivergenceGuard(trainer_cfg, device), early_stopping=EarlyStopping(trainer_cfg.early_stopping),
+        micro=MicroBatches(batch, batch, device), sample_prompts=[])
 
 
 def test_a_trainer_built_from_hand_made_parts_trains_logs_and_saves(tmp_path):

@@ -37,6 +37,7 @@ class Run:
     tokens: int = 0
     wall_s: float = 0.0  # training wall time, summed over restarts
     tokens_per_s: float | None = None  # mean of the logged training throughputs
+    stopped_early: int | None = None  # the step trainer.early_stopping ended the run at
     val_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val_loss)
     train_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
     lr_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, lr)
@@ -64,6 +65,13 @@ def objective_value(records: list[dict], objective: str) -> float | None:
     return run.metric(objective)
 
 
+def stopped_early_at(records: list[dict]) -> int | None:
+    """The step at which trainer.early_stopping ended a run with these metrics.jsonl records, or None."""
+    run = Run(Path("."))
+    _fill_from_metrics(run, records)
+    return run.stopped_early
+
+
 def _fill_from_metrics(run: Run, records: list[dict]) -> None:
     previous_elapsed = 0.0
     segment_end = 0.0
@@ -75,12 +83,16 @@ def _fill_from_metrics(run: Run, records: list[dict]) -> None:
             previous_elapsed = segment_end = elapsed
         if "val_loss" in r:
             run.val_curve.append((r["step"], r["val_loss"]))
+        if r.get("stopped_early"):
+            run.stopped_early = r["step"]
         if "loss" in r:
             run.train_curve.append((r["step"], r["loss"]))
             run.steps, run.tokens = r["step"], r.get("tokens", run.tokens)
             if "lr" in r:
                 run.lr_curve.append((r["step"], r["lr"]))
     run.wall_s += segment_end
+    if run.stopped_early is not None and run.stopped_early < run.steps:  # resumed past it with a larger patience
+        run.stopped_early = None
     if run.val_curve:
         run.val_loss = run.val_curve[-1][1]
         finite = [(loss, step) for step, loss in run.val_curve if loss is not None and math.isfinite(loss)]

@@ -53,7 +53,9 @@ def _cell(value, exact: bool) -> str:
 def rows(runs: list[Run], root: Path | None = None, exact: bool = False) -> tuple[list[str], list[list[str]]]:
     """The header and each run's cells: numbers as metrics.jsonl has them (exact, for the csv) or rounded."""
     keys = swept_keys(runs)
-    columns = [*(["tags"] if any(r.tags for r in runs) else []), *COLUMNS]  # tags, when some run has them
+    # tags and the step of an early stop, when some run has them
+    columns = [*(["tags"] if any(r.tags for r in runs) else []), *COLUMNS,
+               *(["stopped_early"] if any(r.stopped_early for r in runs) else [])]
     header = ["job", "run", *keys, *columns]
     out = []
     for r in runs:
