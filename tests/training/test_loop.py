@@ -26,8 +26,8 @@ from lmtrain.model import GPT
 from lmtrain.runs.checkpoint import read_config
 from lmtrain.runs.metrics import MetricsLog, read_metrics
 from lmtrain.training.divergence import DivergenceGuard
-from lmtrain.training.loop import Trainer
 from lmtrain.training.early_stopping import EarlyStopping
+from lmtrain.training.loop import Trainer
 from lmtrain.training.memory import MicroBatches
 from lmtrain.training.mfu import Mfu
 from lmtrain.training.optim import build_optimizer
