@@ -132,6 +132,11 @@ class TrainerConfig:
     overwrite: bool = False  # a fresh run may replace the checkpoints and metrics of an earlier run in its folder
     # stop when the validation loss stops improving (trainer.early_stopping.patience=3): a completed run, exit 0
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # debugging (configs/debug/): train on only the first N batches, over and over, and say at the end whether
+    # the training loss fell near zero (debug=overfit); 0: all batches
+    overfit_batches: int = 0
+    resume_check: bool = False  # read each step checkpoint back, compare it with the live state, resume from it
+    profile_steps: int = 0  # steps torch.profiler records after two warm-up steps, into profile/ (debug=profile)
 
 
 @dataclass
@@ -243,6 +248,10 @@ def validate(cfg: TrainConfig) -> None:
           "use trainer.strategy=auto, ddp or fsdp")
     check(t.max_restarts >= 0, f"trainer.max_restarts={t.max_restarts} must be >= 0")
     check(t.dist_timeout_s > 0, f"trainer.dist_timeout_s={t.dist_timeout_s} must be > 0")
+    for key in ("overfit_batches", "profile_steps"):
+        check(getattr(t, key) >= 0, f"trainer.{key}={getattr(t, key)} must be >= 0 (0 turns it off)")
+    check(not (t.overfit_batches and d.mixture), "trainer.overfit_batches repeats batches of one source: it does "
+                                                 "not work with data.mixture; choose one of its sources")
     e = t.early_stopping
     check(e.patience >= 0, f"trainer.early_stopping.patience={e.patience} must be >= 0 (0 never stops early)")
     check(e.min_delta >= 0, f"trainer.early_stopping.min_delta={e.min_delta} must be >= 0")

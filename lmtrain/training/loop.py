@@ -28,6 +28,7 @@ from lmtrain.distributed.world import describe
 from lmtrain.model.generation import sample_texts
 from lmtrain.runs.metrics import recorded_figures, summary_table
 from lmtrain.training.clock import RunClock
+from lmtrain.training.debugging import check_resume, overfit_verdict
 from lmtrain.training.eta import Eta
 from lmtrain.training.memory import format_bytes, peak_memory
 from lmtrain.training.optim import lr_at, set_lr
@@ -86,7 +87,7 @@ class Trainer:
         self.schedule_steps = p.total_steps  # the LR schedule's length: fixed when the run starts (see _restore)
         self.tokens_per_step, self.mfu, self.metrics = p.tokens_per_step, p.mfu, p.metrics
         self.checkpoints, self.divergence, self.micro = p.checkpoints, p.divergence, p.micro
-        self.early_stopping = p.early_stopping
+        self.early_stopping, self.profiler = p.early_stopping, p.profiler
         self.sample_prompts = p.sample_prompts
         self.step = 0
         self.epoch_loss, self.epoch_steps = torch.zeros((), device=self.device), 0  # sum of this epoch's step losses
@@ -125,6 +126,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 clock.step(self.tokens_per_step)
+                self.profiler.step()
                 if self._reads_weights(logging_step) and self.divergence.found() is not None:
                     self._roll_back()
                     batches = iter(self.train_loader)
@@ -161,8 +163,9 @@ class Trainer:
         self.epoch_loss, self.epoch_steps = self.epoch_loss + step_loss, self.epoch_steps + 1
         if self.train_loader.completed_epochs > completed_epochs:
             avg = (self.epoch_loss / self.epoch_steps).item()
-            log.info("Epoch %d complete. Average loss: %.4f", completed_epochs, avg)
-            self.metrics.write({"step": self.step + 1, "epoch": completed_epochs, "epoch_avg_loss": avg})
+            if not self.cfg.trainer.overfit_batches:  # repeated batches: each "epoch" is a step or two, no news
+                log.info("Epoch %d complete. Average loss: %.4f", completed_epochs, avg)
+                self.metrics.write({"step": self.step + 1, "epoch": completed_epochs, "epoch_avg_loss": avg})
             self.epoch_loss, self.epoch_steps = torch.zeros((), device=self.device), 0
 
     def _evaluate_save_sample(self, clock: RunClock) -> None:
@@ -173,7 +176,10 @@ class Trainer:
                 self._record_eval()
         if t.save_every and s % t.save_every == 0 and s < self.total_steps:
             with clock.phase("save"):
-                self._save()
+                folder = self._save()
+                if t.resume_check:  # debug=fast: resume from it now, as trainer.resume would
+                    self._restore(check_resume(folder, self.model, self.optimizer, self.train_loader,
+                                               self.world.rank).state)
         if t.sample_every and s % t.sample_every == 0:
             with clock.phase("sample"):
                 self._record_samples()
@@ -192,6 +198,7 @@ class Trainer:
 
     def _result(self, train_loss: float, start: float, clock: RunClock, finished: bool) -> TrainResult:
         self.metrics.close()
+        self.profiler.close()
         result = TrainResult(self.step, self.step * self.tokens_per_step, train_loss, self.val_loss,
                              time.perf_counter() - start, self.checkpoints.root / "final",
                              best_val_loss=self.best_val_loss)
@@ -295,6 +302,7 @@ class Trainer:
         report("Stopped by %s at step %d of %d after %.1f s; %s holds all that resuming needs",
                received.name, self.step, self.total_steps, seconds, saved)
         self.metrics.close()
+        self.profiler.close()
         return TrainResult(self.step, self.step * self.tokens_per_step, float("nan"), self.val_loss, seconds, saved,
                            stopped_by=received)
 
@@ -355,3 +363,6 @@ class Trainer:
                 ("checkpoint", str(r.checkpoint)),
                 *([("tags", ", ".join(self.cfg.tags))] if self.cfg.tags else [])]
         print_table(summary_table(rows))
+        if self.cfg.trainer.overfit_batches:  # debug=overfit: the verdict, in one line under the table
+            passed, line = overfit_verdict(self.cfg.trainer.overfit_batches, r.steps, r.train_loss)
+            (log.info if passed else log.warning)("%s", line)

@@ -13,7 +13,7 @@ The order matters, and is this:
  7. compiling, block by block, then the parallel wrapper (FSDP2 shards the compiled blocks);
  8. the optimizer, over the wrapped (for FSDP2: sharded) parameters;
  9. the loaders: whole global batches, of which this rank trains on its rows;
-10. MFU, metrics.jsonl and the loggers (metrics' clock starts here, just before training);
+10. MFU, metrics.jsonl and the loggers (metrics' clock starts here, just before training), the profiler;
 11. the divergence guard, early stopping and the checkpoints: `trainer.resume` restores weights, optimizer,
     loader and the guard's state here (or `model.init_from`'s weights are loaded);
 12. micro-batches: a trial step on the bare model (no DDP all-reduce), every rank taking the smallest size.
@@ -43,6 +43,7 @@ from lmtrain.model import GPT
 from lmtrain.model.generation import encode_prompt
 from lmtrain.runs.loggers import build_loggers
 from lmtrain.runs.metrics import MetricsLog
+from lmtrain.training.debugging import StepProfiler
 from lmtrain.training.divergence import DivergenceGuard
 from lmtrain.training.early_stopping import EarlyStopping
 from lmtrain.training.memory import MicroBatches, configured_size, micro_batches, trial_step
@@ -73,6 +74,7 @@ class Parts:
     total_steps: int
     mfu: Mfu
     metrics: MetricsLog
+    profiler: StepProfiler  # trainer.profile_steps (debug=profile); does nothing when off
     checkpoints: Checkpointer
     divergence: DivergenceGuard
     early_stopping: EarlyStopping  # its state is restored with the loop's counters (Trainer._restore)
@@ -129,7 +131,7 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
 
     block, batch = model_cfg.block_size, t.batch_size * world.size  # 9: the loaders hand out whole global batches
     loader = train_loader(data, block, batch, t.seed, t.num_workers, pin_memory=device.type == "cuda",
-                          rows=world.rows(batch))
+                          rows=world.rows(batch), repeat=t.overfit_batches)
     validation = val_batches(data, block, batch, t.eval_batches, world.rows)
     total_steps = t.max_steps or t.epochs * max(1, loader.batches_per_epoch // t.grad_accum_steps)
 
@@ -138,6 +140,7 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
     saved_config = as_plain_dict(dataclasses.replace(cfg, model=model_cfg))  # the resolved config checkpoints hold
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=world.main,
                          loggers=build_loggers(cfg.logger, run_dir, saved_config) if world.main else None)
+    profiler = StepProfiler(t.profile_steps if world.main else 0, run_dir, device)
     # Encoded only when sampling is on: a char tokenizer may lack the default prompts' characters.
     prompts = [encode_prompt(tokenizer, p, "trainer.sample_prompts") for p in (t.sample_prompts if t.sample_every
                                                                                else [])]
@@ -153,5 +156,5 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
         model, model, tokenizer.vocab_size, block, device, precision.autocast))
     micro.size = collectives.smallest(micro.size, device)  # every rank runs as many micro-batches
     return Parts(cfg, run_dir, world, device, tokenizer, model_cfg, model, precision, compiled, parallel, optimizer,
-                 loader, validation, total_steps, mfu, metrics, checkpoints, divergence, early_stopping, micro, prompts,
-                 resumed)
+                 loader, validation, total_steps, mfu, metrics, profiler, checkpoints, divergence, early_stopping,
+                 micro, prompts, resumed)
