@@ -102,8 +102,8 @@ class Trainer:
         """Train to the last step (trainer.max_steps or epochs), or until a stop signal; returns how it ended."""
         t = self.cfg.trainer
         self._describe()
-        start, eta = time.perf_counter(), Eta(self.step, self.total_steps)
-        clock = RunClock()  # counts only this process's steps: after a resume, from the restart
+        start, clock = time.perf_counter(), RunClock()  # this process's steps only: after a resume, from the restart
+        eta = Eta(clock, self.step, self.total_steps)
         batches = iter(self.train_loader)
         # resumed from the checkpoint a complete run saved last (or one that stopped early)
         finished = self.step >= self.total_steps or self.early_stopping.stopped
@@ -113,7 +113,7 @@ class Trainer:
         train_loss, fields = float("nan"), {"loss": "-", "lr": "-", "speed": "-", "mfu": "-"}
         with progress_bar(wants_progress_bar(t.progress) and self.world.main) as bar, StopSignals() as stop:
             self.stop, stopping = stop, None  # stopping: the signal every rank agreed to stop on
-            task = bar.add_task("train", total=self.total_steps, completed=self.step, **fields)
+            task = bar.add_task("train", total=self.total_steps, completed=self.step, eta="-", **fields)
             while self.step < self.total_steps and stopping is None and not self.early_stopping.stopped:
                 lr = self._set_lr()
                 completed_epochs = self.train_loader.completed_epochs
@@ -138,7 +138,7 @@ class Trainer:
                 elif note := eta.first_step_note(self.step):  # a slow run's first log line may be far away
                     log.info("%s", note)
                 self._evaluate_save_sample(clock)
-                bar.update(task, completed=self.step, **fields)
+                bar.update(task, completed=self.step, eta=eta.text(self.step), **fields)
             if stopping is not None and self.step < self.total_steps:
                 return self._stopped(stopping, time.perf_counter() - start)
             self._finish(clock, finished)
