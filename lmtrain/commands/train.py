@@ -22,7 +22,7 @@ from lmtrain.runs.sweeps.jobs import finished_objective, register_job_name_resol
 from lmtrain.runs.sweeps.runs import objective_value, read_records, stopped_early_at
 from lmtrain.runs.sweeps.status import recorded_status
 
-register_configs()
+register_configs("train")
 register_job_name_resolver()
 log = logging.getLogger(__name__)
 
