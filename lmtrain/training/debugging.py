@@ -91,7 +91,7 @@ class StepProfiler:
     def _write(self, profiler: torch.profiler.profile) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         profiler.export_chrome_trace(str(self.folder / "trace.json"))
-        sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        sort = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         table = profiler.key_averages().table(sort_by=sort, row_limit=TOP_OPS)
         (self.folder / "top_ops.txt").write_text(table + "\n")
         log.info("Profile of %d steps, by %s (all of it in %s):\n%s", self.steps, sort, self.folder, table)
