@@ -20,7 +20,7 @@ from lmtrain.config import (
 )
 from lmtrain.errors import CheckpointError, DataError, reports_user_errors
 
-register_configs()
+register_configs("eval")
 log = logging.getLogger(__name__)
 
 

@@ -22,7 +22,7 @@ from lmtrain.errors import reports_user_errors
 if TYPE_CHECKING:
     from lmtrain.data.prepare import PreparedData
 
-register_configs()
+register_configs("prepare")
 log = logging.getLogger(__name__)
 INTERRUPTED_EXIT = 130  # as a shell reports a process ended by Ctrl-C
 # Preparing data needs no PyTorch: keep `datasets` from importing it (about 200 MB and a second or two).

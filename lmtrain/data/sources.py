@@ -29,7 +29,8 @@ from lmtrain.errors import DataError
 MIN_DOCS_FOR_DOCUMENT_SPLIT = 100
 
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "idle_test", "test", "tests"}
-_EXTENSION_BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_EXTENSION_BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
+                       ".csv": "csv"}
 
 
 @dataclass
@@ -97,6 +98,7 @@ def source_fingerprint(cfg: SourceConfig, key: str = "data") -> str:
         return digest(["text_files", listed, common])
     local = Path(os.path.expanduser(cfg.path or ""))
     files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else []  # a local dataset folder
+    files += expand_files(cfg.data_files, f"{key}.data_files") if cfg.data_files else []  # a builder's files
     return digest(["hf", cfg.path, cfg.config_name, cfg.split, cfg.val_split, cfg.revision, common,
                    [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]])
 
@@ -186,8 +188,10 @@ def _load_files(files: list[Path], cfg: SourceConfig) -> datasets.IterableDatase
 
 def _load_hf(cfg: SourceConfig, key: str) -> tuple[Loaded, Loaded | None]:
     """The training split and the validation split: data.val_split, else the dataset's own `validation` split."""
+    data_files = [str(f) for f in expand_files(cfg.data_files, f"{key}.data_files")] if cfg.data_files else None
     try:
-        builder = datasets.load_dataset_builder(cfg.path, cfg.config_name, revision=cfg.revision)
+        builder = datasets.load_dataset_builder(cfg.path, cfg.config_name, revision=cfg.revision,
+                                                data_files=data_files)
         names = {str(name) for name in [*(builder.config.data_files or {}), *(builder.info.splits or {})]}
         val_split = cfg.val_split or ("validation" if "validation" in names else None)
         if cfg.streaming:  # nothing is downloaded or converted: records are read as training needs them

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from lmtrain.config import TrainConfig
-from lmtrain.distributed.world import pick_device, world_from_env
+from lmtrain.distributed.world import cpu_count, pick_device, world_from_env
 from lmtrain.errors import USER_ERROR_EXIT, ConfigError, Diverged, LmtrainError
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,13 @@ def processes_to_start(nproc_per_node: str, device: str) -> int:
                           f"{world_from_env().size} started by torchrun or srun; leave trainer.nproc_per_node at 1")
     if cuda and n > gpus:
         raise ConfigError(f"trainer.nproc_per_node={nproc_per_node} but only {gpus} GPUs are visible here")
+    if not cuda and n > 1:
+        cores = cpu_count()
+        if n > cores:
+            raise ConfigError(f"trainer.nproc_per_node={nproc_per_node} starts {n} CPU processes (no GPU here), more "
+                              f"than this machine's {cores} cores: use at most {cores}, or a GPU")
+        log.warning("trainer.nproc_per_node=%s without a GPU: %d CPU processes share %d cores (gloo); rarely faster "
+                    "than one process, but it runs the distributed code", nproc_per_node, n, cores)
     return n
 
 

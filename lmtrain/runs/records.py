@@ -213,6 +213,20 @@ def read_settings(run_dir: Path) -> dict[str, str]:
     return settings
 
 
+def read_tags(run_dir: Path) -> list[str]:
+    """The run's `tags=[...]`, from the config Hydra saved in .hydra/config.yaml; none when it has none (a damaged
+    file: with a warning)."""
+    path = Path(run_dir) / ".hydra" / "config.yaml"
+    config = _read_yaml(path, "the run's config")
+    tags = config.get("tags") if isinstance(config, dict) else None
+    if tags is None:
+        return []
+    if not isinstance(tags, list):
+        _warn_once(f"Ignoring the tags in {path}: not a list")
+        return []
+    return [_text(t) for t in tags]
+
+
 def read_wandb_id(run_dir: Path) -> str | None:
     """The W&B run id saved in the run folder; None when there is none, or (with a warning) a damaged one."""
     path = Path(run_dir) / WANDB_RUN_ID

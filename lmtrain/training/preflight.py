@@ -104,12 +104,12 @@ def warn_before_training(cfg: TrainConfig, total_steps: int, tokens_per_step: in
             f"{device} at its peak of {peak_flops / 1e12:.2f} TFLOP/s, so {total_steps:,} steps take at least "
             f"{duration(step_seconds * total_steps)}. For a first try, use a smaller model (model.*), a smaller "
             "trainer.batch_size or model.block_size, or a GPU")
-    if s.warmup_steps >= total_steps and s.warmup_steps > 0:
+    if s.warmup_fraction is None and s.warmup_steps >= total_steps and s.warmup_steps > 0:
         last = lr_at(total_steps - 1, total_steps, cfg.optimizer.lr, s)
         warnings.append(
             f"scheduler.warmup_steps={s.warmup_steps} >= the run's {total_steps} steps: the learning rate only "
             f"climbs and ends at {last:.2e}, never reaching optimizer.lr={cfg.optimizer.lr:g}; use fewer warm-up "
-            f"steps, e.g. scheduler.warmup_steps={max(1, total_steps // 10)}")
+            f"steps, e.g. scheduler.warmup_steps={max(1, total_steps // 10)} or scheduler.warmup_fraction=0.1")
     for message in warnings:
         log.warning("%s", message)
     # Not wrong, but worth knowing before a short run: what it will never reach.

@@ -16,9 +16,9 @@ The order matters, and is this:
  8. the optimizer, over the wrapped (for FSDP2: sharded) parameters;
  9. the loaders: whole global batches, of which this rank trains on its rows;
 10. MFU, and metrics.jsonl feeding the loggers, which get the resolved config (metrics' clock starts here,
-    just before training);
-11. the divergence guard and the checkpoints: `trainer.resume` restores weights, optimizer, loader and the
-    guard's state here (or `model.init_from`'s weights are loaded);
+    just before training); the profiler;
+11. the divergence guard, early stopping and the checkpoints: `trainer.resume` restores weights, optimizer,
+    loader and the guard's state here (or `model.init_from`'s weights are loaded);
 12. micro-batches: a trial step on the bare model (no DDP all-reduce), every rank taking the smallest size.
 """
 
@@ -46,7 +46,9 @@ from lmtrain.model import GPT
 from lmtrain.model.generation import encode_prompt
 from lmtrain.runs.loggers import build_loggers, call_guarded
 from lmtrain.runs.metrics import MetricsLog
+from lmtrain.training.debugging import StepProfiler
 from lmtrain.training.divergence import DivergenceGuard
+from lmtrain.training.early_stopping import EarlyStopping
 from lmtrain.training.memory import MicroBatches, configured_size, micro_batches, trial_step
 from lmtrain.training.mfu import Mfu
 from lmtrain.training.optim import Optimizer, build_optimizer
@@ -75,8 +77,10 @@ class Parts:
     total_steps: int
     mfu: Mfu
     metrics: MetricsLog
+    profiler: StepProfiler  # trainer.profile_steps (debug=profile); does nothing when off
     checkpoints: Checkpointer
     divergence: DivergenceGuard
+    early_stopping: EarlyStopping  # its state is restored with the loop's counters (Trainer._restore)
     micro: MicroBatches
     sample_prompts: list[list[int]]  # encoded trainer.sample_prompts; empty when sampling is off
     resumed: dict | None = None  # the training state a checkpoint restored (the loop's counters); None: step 0
@@ -132,7 +136,7 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
 
     block, batch = model_cfg.block_size, t.batch_size * world.size  # 9: the loaders hand out whole global batches
     loader = train_loader(data, block, batch, t.seed, t.num_workers, pin_memory=device.type == "cuda",
-                          rows=world.rows(batch))
+                          rows=world.rows(batch), repeat=t.overfit_batches)
     validation = val_batches(data, block, batch, t.eval_batches, world.rows)
     total_steps = t.max_steps or t.epochs * max(1, loader.batches_per_epoch // t.grad_accum_steps)
 
@@ -141,11 +145,13 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
     saved_config = as_plain_dict(dataclasses.replace(cfg, model=model_cfg))  # the resolved config checkpoints hold
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=world.main, loggers=loggers)
     call_guarded(loggers, lambda logger: logger.start(saved_config))
+    profiler = StepProfiler(t.profile_steps if world.main else 0, run_dir, device)
     # Encoded only when sampling is on: a char tokenizer may lack the default prompts' characters.
     prompts = [encode_prompt(tokenizer, p, "trainer.sample_prompts") for p in (t.sample_prompts if t.sample_every
                                                                                else [])]
 
     divergence = DivergenceGuard(t, device, loss_scaling=precision.scaler is not None)  # 11
+    early_stopping = EarlyStopping(t.early_stopping)
     checkpoints = Checkpointer(run_dir, t.keep_last, saved_config, tokenizer, world, parallel.sharded)
     resumed = checkpoints.start(t.resume, cfg.model.init_from, model, optimizer, loader)
     if resumed is not None:
@@ -155,4 +161,5 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
         model, model, tokenizer.vocab_size, block, device, precision.autocast))
     micro.size = collectives.smallest(micro.size, device)  # every rank runs as many micro-batches
     return Parts(cfg, run_dir, world, device, tokenizer, model_cfg, model, precision, compiled, parallel, optimizer,
-                 loader, validation, total_steps, mfu, metrics, checkpoints, divergence, micro, prompts, resumed)
+                 loader, validation, total_steps, mfu, metrics, profiler, checkpoints, divergence, early_stopping,
+                 micro, prompts, resumed)

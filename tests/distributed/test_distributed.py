@@ -139,3 +139,17 @@ def test_srun_ranks_share_one_run_dir_named_after_the_job_and_only_rank_0_writes
     assert shared_run_dir_overrides(["--cfg", "job"]) == []  # nothing runs: nothing to share
     monkeypatch.setenv("SLURM_PROCID", "0")
     assert shared_run_dir_overrides([]) == ["hydra.run.dir=outputs/slurm/4242"]
+
+
+def test_several_cpu_processes_are_warned_of_and_more_than_the_cores_refused(monkeypatch, caplog):
+    monkeypatch.setattr("lmtrain.distributed.launch.cpu_count", lambda: 2)
+    with caplog.at_level("WARNING"):
+        assert processes_to_start("2", "cpu") == 2
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("trainer.nproc_per_node=2 without a GPU: 2 CPU processes share 2 cores (gloo)")
+    assert "\n" not in warning
+    with pytest.raises(ConfigError, match=r"^trainer.nproc_per_node=8 starts 8 CPU processes \(no GPU here\), more "
+                                          r"than this machine's 2 cores: use at most 2, or a GPU$"):
+        processes_to_start("8", "cpu")
+    caplog.clear()
+    assert processes_to_start("1", "cpu") == 1 and not caplog.records  # one process: nothing to say

@@ -88,20 +88,22 @@ def _first_line(e: BaseException) -> str:
 
 
 def build_loggers(cfg: LoggerConfig, run_dir: Path, config: dict) -> list[RunLogger]:
-    """The loss plot, always, and each tracker the `logger` group chose, started; `config` is the run config."""
+    """The loss plot, always, and each tracker the `logger` group chose, started; `config` is the run config,
+    whose `tags` both trackers show."""
     from lmtrain.runs.loggers.plot import LossPlot
 
     loggers: list[RunLogger] = [LossPlot(run_dir)]
+    tags = list(config.get("tags") or [])
     try:
         if cfg.tensorboard is not None:
             from lmtrain.runs.loggers.tensorboard import TensorBoardLogger
 
             loggers.append(_started("tensorboard", lambda: TensorBoardLogger(run_dir / cfg.tensorboard.dir,
-                                                                              run_overrides(run_dir))))
+                                                                              run_overrides(run_dir), tags)))
         if cfg.wandb is not None:
             from lmtrain.runs.loggers.wandb import WandbLogger
 
-            loggers.append(_started("wandb", lambda: WandbLogger(cfg.wandb, run_dir, config, sweep_group())))
+            loggers.append(_started("wandb", lambda: WandbLogger(cfg.wandb, run_dir, config, sweep_group(), tags)))
     except BaseException:
         close_all(loggers)
         raise

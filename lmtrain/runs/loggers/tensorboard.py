@@ -18,11 +18,14 @@ def _hparam_value(text: str) -> float | str:
 class TensorBoardLogger:
     name = "TensorBoard"
 
-    def __init__(self, log_dir: Path, hparams: dict[str, str]):
+    def __init__(self, log_dir: Path, hparams: dict[str, str], tags: list[str] | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(log_dir))
         self.hparams = {k: _hparam_value(v) for k, v in hparams.items()}
+        if tags:  # the run's tags=[...]: a text entry, and a column of the HParams tab
+            self.writer.add_text("tags", ", ".join(tags), 0)
+            self.hparams["tags"] = ", ".join(tags)
         self.final: dict[str, float] = {}
 
     def start(self, config: dict) -> None:

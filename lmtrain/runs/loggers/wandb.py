@@ -31,16 +31,17 @@ def run_id(run_dir: Path) -> str:
 class WandbLogger:
     name = "W&B"
 
-    def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict, group: str | None):
+    def __init__(self, cfg: WandbConfig, run_dir: Path, config: dict, group: str | None, tags: list[str] | None = None):
         import wandb
 
         # A setting given in the config wins, then W&B's own environment variable, then lmtrain's default.
         mode = cfg.mode or os.environ.get("WANDB_MODE") or "offline"
         if mode not in (*WANDB_MODES, "dryrun", "run"):
             raise ConfigError(f"WANDB_MODE={mode!r} (from the environment) must be online, offline or disabled")
+        tags = list(dict.fromkeys([*cfg.tags, *(tags or [])]))  # logger.wandb.tags and the run's own tags=[...]
         self.run = wandb.init(project=cfg.project or os.environ.get("WANDB_PROJECT") or "lmtrain", entity=cfg.entity,
                               mode=mode, group=cfg.group or os.environ.get("WANDB_RUN_GROUP") or group,
-                              name=Path(run_dir).name, dir=str(run_dir), config=config, tags=list(cfg.tags) or None,
+                              name=Path(run_dir).name, dir=str(run_dir), config=config, tags=tags or None,
                               id=run_id(run_dir), resume="allow")
 
     def start(self, config: dict) -> None:

@@ -28,6 +28,7 @@ class Run:
     job: int | None = None  # the job number in its sweep, when it was one
     overrides: dict[str, str] = field(default_factory=dict)  # key -> value as given on the command line
     status: str = "-"  # completed, failed, stopped, diverged, running, not started; "-": no status.json
+    tags: list[str] = field(default_factory=list)  # the run's tags=[...], from its .hydra/config.yaml
     error: str = ""  # what stopped it: the error, or the message of a stop
     signal: str = ""  # the signal that stopped it (stopped, not started)
     val_loss: float | None = None  # the last validation loss
@@ -38,6 +39,7 @@ class Run:
     tokens: int = 0
     wall_s: float = 0.0  # training wall time, summed over restarts
     tokens_per_s: float | None = None  # mean of the logged training throughputs
+    stopped_early: int | None = None  # the step trainer.early_stopping ended the run at
     val_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, val_loss)
     train_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
     lr_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, lr)
@@ -75,6 +77,13 @@ def objective_value(metrics: list[dict], objective: str) -> float | None:
     return run.metric(objective)
 
 
+def stopped_early_at(metrics: list[dict]) -> int | None:
+    """The step at which trainer.early_stopping ended a run with these metrics.jsonl records, or None."""
+    run = Run(Path("."))
+    _fill_from_metrics(run, metrics)
+    return run.stopped_early
+
+
 def _fill_from_metrics(run: Run, metrics: list[dict]) -> None:
     previous_elapsed = 0.0
     segment_end = 0.0
@@ -86,12 +95,16 @@ def _fill_from_metrics(run: Run, metrics: list[dict]) -> None:
             previous_elapsed = segment_end = elapsed
         if "val_loss" in r:
             run.val_curve.append((r["step"], r["val_loss"]))
+        if r.get("stopped_early"):
+            run.stopped_early = r["step"]
         if "loss" in r:
             run.train_curve.append((r["step"], r["loss"]))
             run.steps, run.tokens = r["step"], r.get("tokens", run.tokens)
             if "lr" in r:
                 run.lr_curve.append((r["step"], r["lr"]))
     run.wall_s += segment_end
+    if run.stopped_early is not None and run.stopped_early < run.steps:  # resumed past it with a larger patience
+        run.stopped_early = None
     if run.val_curve:
         run.val_loss = run.val_curve[-1][1]
         finite = [(loss, step) for step, loss in run.val_curve if loss is not None and math.isfinite(loss)]
@@ -121,7 +134,7 @@ def read_overrides(folder: Path) -> dict[str, str]:
 
 def read_run(folder: Path) -> Run:
     folder = Path(folder)
-    run = Run(folder, job=_job_number(folder), overrides=read_overrides(folder))
+    run = Run(folder, job=_job_number(folder), overrides=read_overrides(folder), tags=records.read_tags(folder))
     status = records.read_status(folder)
     if status is not None:
         run.status, run.job = status["status"], status.get("job", run.job)

@@ -57,6 +57,8 @@ def said(run: Run) -> str:
 def _cell(value, exact: bool) -> str:
     if value is None:
         return ""
+    if isinstance(value, list):  # tags
+        return ", ".join(value)
     if isinstance(value, float):
         return repr(value) if exact else f"{value:.4f}" if abs(value) < 100 else f"{value:,.0f}"
     return str(value)
@@ -75,13 +77,16 @@ def rows(runs: list[Run], root: Path | None = None, exact: bool = False) -> tupl
     """The header and each run's cells: numbers as metrics.jsonl has them and whole errors (exact, for the csv), or
     rounded, with short errors."""
     keys = swept_keys(runs)
-    header = ["job", "run", *keys, *COLUMNS]
+    # tags and the step of an early stop, when some run has them
+    columns = [*(["tags"] if any(r.tags for r in runs) else []), *COLUMNS,
+               *(["stopped_early"] if any(r.stopped_early for r in runs) else [])]
+    header = ["job", "run", *keys, *columns]
     out = []
     for r in runs:
         values = [r.value(k) if exact else short_value(r.value(k)) for k in keys]
-        cells = [_cell(getattr(r, c), exact) for c in COLUMNS]
-        cells[-1] = r.error if exact else one_line(said(r), ERROR_CELL)
-        out.append([_cell(r.job, exact), _folder(r, root), *values, *cells])
+        cells = {c: _cell(getattr(r, c), exact) for c in columns}
+        cells["error"] = r.error if exact else one_line(said(r), ERROR_CELL)
+        out.append([_cell(r.job, exact), _folder(r, root), *values, *(cells[c] for c in columns)])
     return header, out
 
 
