@@ -14,7 +14,7 @@ from lmtrain.config import DataConfig, EvalConfig, register_configs, to_config
 from lmtrain.config.model import HUB_PREFIX
 from lmtrain.errors import CheckpointError, DataError, reports_user_errors
 
-register_configs()
+register_configs("eval")
 log = logging.getLogger(__name__)
 
 

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from lmtrain.config import ExportConfig, register_configs, to_config
 from lmtrain.errors import reports_user_errors
 
-register_configs()
+register_configs("export")
 log = logging.getLogger(__name__)
 
 

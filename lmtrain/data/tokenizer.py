@@ -1,4 +1,5 @@
-"""Tokenizers: byte-level BPE or characters trained on the training split, a tokenizer.json, or a hub tokenizer.
+"""Tokenizers: byte-level BPE or characters trained on the training split, a tokenizer.json, a hub tokenizer, or
+GPT-2's own, shipped in lmtrain/data/gpt2/ (see its NOTICE.md; scripts/convert_gpt2_tokenizer.py makes it).
 
 All are `tokenizers.Tokenizer` objects saved as tokenizer.json, so a checkpoint carries a tokenizer that
 both lmtrain and Hugging Face's AutoTokenizer can read. Trained tokenizers are cached by a fingerprint
@@ -7,6 +8,7 @@ of the data and the settings, so they are trained once.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 END_OF_TEXT = "<|endoftext|>"
 PAD = "<|pad|>"
 UNKNOWN = "<|unk|>"
+GPT2_FILE = Path(__file__).resolve().parent / "gpt2" / "tokenizer.json.gz"  # tokenizer=gpt2
 # Tokens that end a document, in order of preference, for tokenizers lmtrain did not train itself.
 _EOT_CANDIDATES = (END_OF_TEXT, "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>", "[SEP]")
 
@@ -103,6 +106,8 @@ def tokenizer_settings(cfg: TokenizerConfig) -> dict:
         return {"kind": "file", "sha256": hashlib.sha256(_read_file(cfg.path)).hexdigest(), **own}
     if cfg.kind == TokenizerKind.pretrained:
         return {"kind": "pretrained", "name": cfg.name, **own}
+    if cfg.kind == TokenizerKind.gpt2:  # the shipped file's own bytes: a new lmtrain with new ids re-tokenizes
+        return {"kind": "gpt2", "sha256": hashlib.sha256(GPT2_FILE.read_bytes()).hexdigest(), **own}
     if cfg.kind == TokenizerKind.char:  # learns every character of the training text: no settings
         return {"kind": "char", **own}
     return {"kind": "bpe", "vocab_size": cfg.vocab_size, "min_frequency": cfg.min_frequency,
@@ -140,6 +145,8 @@ def get_tokenizer(cfg: TokenizerConfig, fingerprint: str, cache_root: Path,
         tokenizer = TextTokenizer.load(Path(os.path.expanduser(cfg.path)), cfg.eot_token)
     elif cfg.kind == TokenizerKind.pretrained:
         tokenizer = TextTokenizer(_from_hub(cfg.name), cfg.eot_token)
+    elif cfg.kind == TokenizerKind.gpt2:
+        tokenizer = gpt2_tokenizer(cfg.eot_token)
     elif cfg.kind == TokenizerKind.char:
         log.info("Collecting the characters of the training text for a char tokenizer")
         tokenizer = TextTokenizer(train_char(train_texts()), cfg.eot_token)
@@ -150,6 +157,11 @@ def get_tokenizer(cfg: TokenizerConfig, fingerprint: str, cache_root: Path,
     path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(path)
     return tokenizer
+
+
+def gpt2_tokenizer(eot_token: str | None = None) -> TextTokenizer:
+    """GPT-2's byte-level BPE, from the file shipped with lmtrain: the ids of the hub's `gpt2` tokenizer."""
+    return TextTokenizer(Tokenizer.from_str(gzip.decompress(GPT2_FILE.read_bytes()).decode("utf-8")), eot_token)
 
 
 def _from_hub(name: str) -> Tokenizer:

@@ -20,15 +20,8 @@ from lmtrain.errors import CheckpointError, ConfigError
 from lmtrain.hf.hub import hub_folder, hub_repo, is_hub_id
 from lmtrain.hf.load import HfFolder, is_hf_folder, read_folder
 from lmtrain.model.weights import expected_shapes, model_from_tensors, nonfinite_names
-from lmtrain.runs.checkpoint import (
-    CONFIG,
-    TOKENIZER,
-    WEIGHTS,
-    check_shapes,
-    read_config,
-    saved_shapes,
-    step_candidates,
-)
+from lmtrain.runs.checkpoint import CONFIG, TOKENIZER, WEIGHTS, check_shapes, read_config, saved_shapes
+from lmtrain.runs.records import step_candidates
 
 
 def is_checkpoint(path: Path) -> bool:

@@ -5,6 +5,7 @@ run are named before it starts.
   run's model.* settings; the user's own settings that conflict are refused by name.
 - `init_from_checked` (before any data is read): a `model.init_from` checkpoint's tokenizer becomes the run's,
   and its tensor names and shapes must fit the configured model; both are read from its files alone.
+- `resume_checked` (before any data is read): a `trainer.resume=PATH` step folder holds a training state.
 - `warn_before_training` (once the model is built): a step that would take very long on this device, a warm-up
   that never ends, evaluations, checkpoints or samples that a short run never reaches.
 """
@@ -27,6 +28,7 @@ from lmtrain.runs.checkpoint import check_shapes
 from lmtrain.runs.trained import load_tokenizer, starting_point
 from lmtrain.training.eta import duration
 from lmtrain.training.optim import lr_at
+from lmtrain.training.state import TrainingCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,17 @@ def init_from_checked(cfg: TrainConfig, vocab_multiple: int | None = None) -> Tr
     return cfg
 
 
+def resume_checked(resume: str | None) -> None:
+    """trainer.resume=PATH must name a step folder (checked from its trainer_state.json, no tensor read), so a
+    wrong path fails before any data is read, and before the run folder holds a run's files."""
+    if resume in (None, "auto"):
+        return
+    try:
+        TrainingCheckpoint.state_of(Path(resume).expanduser())
+    except CheckpointError as e:
+        raise CheckpointError(f"trainer.resume={resume}: {e}") from None
+
+
 def warn_before_training(cfg: TrainConfig, total_steps: int, tokens_per_step: int, flops_per_token: float,
                          peak_flops: float, device: torch.device) -> list[str]:
     """Log (and return) a warning for each setting that makes this run slow beyond reason or partly pointless."""
@@ -95,12 +108,12 @@ def warn_before_training(cfg: TrainConfig, total_steps: int, tokens_per_step: in
             f"{device} at its peak of {peak_flops / 1e12:.2f} TFLOP/s, so {total_steps:,} steps take at least "
             f"{duration(step_seconds * total_steps)}. For a first try, use a smaller model (model.*), a smaller "
             "trainer.batch_size or model.block_size, or a GPU")
-    if s.warmup_steps >= total_steps and s.warmup_steps > 0:
+    if s.warmup_fraction is None and s.warmup_steps >= total_steps and s.warmup_steps > 0:
         last = lr_at(total_steps - 1, total_steps, cfg.optimizer.lr, s)
         warnings.append(
             f"scheduler.warmup_steps={s.warmup_steps} >= the run's {total_steps} steps: the learning rate only "
             f"climbs and ends at {last:.2e}, never reaching optimizer.lr={cfg.optimizer.lr:g}; use fewer warm-up "
-            f"steps, e.g. scheduler.warmup_steps={max(1, total_steps // 10)}")
+            f"steps, e.g. scheduler.warmup_steps={max(1, total_steps // 10)} or scheduler.warmup_fraction=0.1")
     for message in warnings:
         log.warning("%s", message)
     # Not wrong, but worth knowing before a short run: what it will never reach.

@@ -38,27 +38,23 @@ from lmtrain.errors import CheckpointError, DataError
 from lmtrain.files import recover, remove_folder, write_json
 from lmtrain.model.weights import copy_weights, expected_shapes, fitted
 from lmtrain.runs.checkpoint import (
-    LATEST,
     WEIGHTS,
     apply_weights,
     check_shapes,
     read_config,
-    read_json,
     read_tensors,
     read_weights,
     save_checkpoint,
     save_tensors,
-    step_candidates,
-    step_folders,
 )
 from lmtrain.runs.metrics import rewind
+from lmtrain.runs.records import LATEST, TRAINER_STATE, read_trainer_state, step_candidates, step_folders
 from lmtrain.runs.trained import load_tokenizer, starting_point, tokenizer_config
 
 log = logging.getLogger(__name__)
 
 OPTIMIZER = "optimizer.safetensors"
 RNG = "rng_state.safetensors"  # rank 0's; rank r > 0 of a distributed run saves rng_state.rank<r>.safetensors
-STATE = "trainer_state.json"
 BEST_INFO = "eval.json"
 
 Tensors = tuple[dict[str, torch.Tensor], dict[str, str]]  # a safetensors file: tensors and string metadata
@@ -145,17 +141,21 @@ class TrainingCheckpoint:
     optimizer: Tensors | None
     rng: Tensors
 
-    @classmethod
-    def read(cls, folder: Path, rank: int = 0) -> TrainingCheckpoint:
+    @staticmethod
+    def state_of(folder: Path) -> dict:
+        """A step folder's trainer_state.json, once the folder is known to be one; no tensor is read."""
         folder = Path(folder)
         if not folder.is_dir():
             raise CheckpointError(f"{folder} is missing")
-        if not (folder / STATE).exists() and (folder / WEIGHTS).exists():
+        if not (folder / TRAINER_STATE).exists() and (folder / WEIGHTS).exists():
             raise CheckpointError(f"{folder} holds weights only, no training state to resume; to start from "
                                   f"these weights with a fresh optimizer, use model.init_from={folder}")
-        state = read_json(folder / STATE)
-        if not isinstance(state.get("step"), int) or not isinstance(state.get("loader"), dict):
-            raise CheckpointError(f"{folder / STATE} is corrupt: it has no step or loader position")
+        return read_trainer_state(folder)
+
+    @classmethod
+    def read(cls, folder: Path, rank: int = 0) -> TrainingCheckpoint:
+        folder = Path(folder)
+        state = cls.state_of(folder)
         rng = read_tensors(rng_file(folder, rank))
         if is_sharded(folder):
             return cls(folder, state, read_config(folder), None, None, rng)
@@ -214,7 +214,7 @@ class Checkpointer:
             for rank, (rng_tensors, rng_meta) in enumerate(rngs):
                 name = RNG if rank == 0 else f"rng_state.rank{rank}.safetensors"
                 save_tensors(rng_tensors, folder / name, {"format": "pt", **rng_meta})
-            (folder / STATE).write_text(json.dumps(state, indent=2))
+            (folder / TRAINER_STATE).write_text(json.dumps(state, indent=2))
 
         if not self.world.main:
             if self.sharded:
