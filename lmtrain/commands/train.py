@@ -14,15 +14,17 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lmtrain.config import register_configs, to_train_config
+from lmtrain.config.overrides import explicit_model_keys
 from lmtrain.console import quiet_libraries
 from lmtrain.errors import Diverged, RunStopped, in_multirun, reports_user_errors
+from lmtrain.runs.records import read_metrics
 from lmtrain.runs.run_dir import open_run_dir
 from lmtrain.runs.sweeps.callback import finish_sweep
 from lmtrain.runs.sweeps.jobs import finished_objective, register_job_name_resolver
-from lmtrain.runs.sweeps.runs import objective_value, read_records
+from lmtrain.runs.sweeps.runs import objective_value, stopped_early_at
 from lmtrain.runs.sweeps.status import recorded_status
 
-register_configs()
+register_configs("train")
 register_job_name_resolver()
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,12 @@ def main() -> None:
 
 def extra_overrides(argv: list[str]) -> list[str]:
     """Added to the command line before Hydra composes (cli.py): under torchrun or srun, every rank's share of
-    one run directory."""
+    one run directory. A lone process needs none and knows it without torch, which the launcher imports: --help,
+    shell completion and config errors do not wait for it."""
+    from lmtrain.distributed.world import world_from_env
+
+    if world_from_env().size == 1:
+        return []
     from lmtrain.distributed.launch import shared_run_dir_overrides
 
     return shared_run_dir_overrides(argv)
@@ -70,9 +77,15 @@ def train(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     # A failed start removes the folder it created; a sweep job's folder stays, with its status.json.
-    with (open_run_dir(run_dir, keep_on_failure=in_multirun()) as run,
-          recorded_status(run_dir, hydra_cfg.job.get("num") if in_multirun() else None) as job):
+    sweep = in_multirun()
+    with (open_run_dir(run_dir, keep_on_failure=sweep) as run,
+          recorded_status(run_dir, hydra_cfg.job.get("num") if sweep else None,
+                          Path(hydra_cfg.sweep.dir) if sweep else None) as job):
         train_cfg = to_train_config(cfg)  # every check runs here, before any data is touched
+        if train_cfg.model.init_from is not None:  # the checkpoint's own config sets the model's shape
+            from lmtrain.training.preflight import model_from_checkpoint
+
+            train_cfg = model_from_checkpoint(train_cfg, explicit_model_keys(cfg))
         objective = train_cfg.trainer.objective.value
         if train_cfg.trainer.resume == "auto" and in_multirun():
             done = finished_objective(run_dir, job.previous, objective)
@@ -86,6 +99,7 @@ def train(cfg: DictConfig) -> float:
 
         launch.resume_after_restart(train_cfg)
         run.claim(train_cfg.trainer.resume, train_cfg.trainer.overwrite)
+        job.claimed()
         nproc = launch.processes_to_start(train_cfg.trainer.nproc_per_node, train_cfg.trainer.device)
         result = launch.start(run_training, train_cfg, run_dir, nproc)
         if result.interrupted:
@@ -94,19 +108,22 @@ def train(cfg: DictConfig) -> float:
             what = "sweep" if in_multirun() else "run"
             raise RunStopped(signal.Signals(result.stopped_by),
                              f"Continue this {what} with:\n  {resume_command(run_dir)}")
-        value = objective_value(read_records(run_dir / "metrics.jsonl"), objective)
+        records = read_metrics(run_dir / "metrics.jsonl")
+        value = objective_value(records, objective)
         if value is None:  # resumed from another folder's checkpoint with nothing left to train: its own figures
             value = {"val_loss": result.val_loss, "best_val_loss": result.best_val_loss}.get(objective)
             value = value if value is not None and math.isfinite(value) else None
         if value is None:
             raise Diverged(f"training diverged: the final {objective} is {result.val_loss} (trainer.objective)")
         job.facts.update(objective=objective, value=value, steps=result.steps)
+        if (early := stopped_early_at(records)) is not None:  # a completed run all the same
+            job.facts.update(stopped_early=early)
         return value  # what a sweeper minimizes
 
 
 def _continue_hint(run_dir: Path) -> str:
     """How to continue: only when a checkpoint exists to continue from."""
-    from lmtrain.runs.checkpoint import LATEST  # torch and safetensors: imported only when a run stops
+    from lmtrain.runs.records import LATEST
 
     if not (run_dir / "checkpoints" / LATEST).is_file():
         return "No checkpoint was saved yet, so there is nothing to continue; start the run again."

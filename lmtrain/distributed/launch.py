@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from lmtrain.config import TrainConfig
-from lmtrain.distributed.world import world_from_env
+from lmtrain.distributed.world import cpu_count, pick_device, world_from_env
 from lmtrain.errors import USER_ERROR_EXIT, ConfigError, Diverged, LmtrainError
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,8 @@ def resume_after_restart(cfg: TrainConfig) -> None:
 
 def processes_to_start(nproc_per_node: str, device: str) -> int:
     """How many workers `lmtrain train` starts itself: 1 when torchrun or srun already started this process."""
+    if device != "auto":
+        pick_device(device)  # a device this machine lacks is refused naming trainer.device, not nproc_per_node
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     gpus = torch.cuda.device_count() if cuda else 0
     n = (gpus or 1) if nproc_per_node == "auto" else int(nproc_per_node)
@@ -82,6 +84,13 @@ def processes_to_start(nproc_per_node: str, device: str) -> int:
                           f"{world_from_env().size} started by torchrun or srun; leave trainer.nproc_per_node at 1")
     if cuda and n > gpus:
         raise ConfigError(f"trainer.nproc_per_node={nproc_per_node} but only {gpus} GPUs are visible here")
+    if not cuda and n > 1:
+        cores = cpu_count()
+        if n > cores:
+            raise ConfigError(f"trainer.nproc_per_node={nproc_per_node} starts {n} CPU processes (no GPU here), more "
+                              f"than this machine's {cores} cores: use at most {cores}, or a GPU")
+        log.warning("trainer.nproc_per_node=%s without a GPU: %d CPU processes share %d cores (gloo); rarely faster "
+                    "than one process, but it runs the distributed code", nproc_per_node, n, cores)
     return n
 
 
@@ -154,7 +163,10 @@ def start_workers(entry: Entry, cfg: TrainConfig, run_dir: Path, nproc: int) -> 
     try:
         outcomes = elastic_launch(config, _worker)(entry, cfg, run_dir)
     except ChildFailedError as e:
-        rank, failure = min(e.failures.items(), key=lambda kv: kv[1].timestamp)
+        # A user error (or a divergence) on one rank makes the others lose contact and fail too, in the same
+        # second: the rank that said what was wrong decides the exit status, whichever was noticed first.
+        said = {r: f for r, f in e.failures.items() if f.exitcode in (USER_ERROR_EXIT, Diverged.exit_code)}
+        rank, failure = min((said or e.failures).items(), key=lambda kv: kv[1].timestamp)
         code = failure.exitcode
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
         if code in (USER_ERROR_EXIT, Diverged.exit_code):
