@@ -26,6 +26,7 @@ from lmtrain.config.data import (
 from lmtrain.config.model import Mlp, ModelConfig, Norm, PosEmb
 from lmtrain.config.train import (
     DivergenceAction,
+    FsdpDtype,
     MuonLrAdjust,
     OptimizerConfig,
     OptimizerName,
@@ -50,9 +51,9 @@ from lmtrain.config.use import (
 
 __all__ = [
     "CHECKS", "DataConfig", "DivergenceAction", "EncodingErrors", "EvalConfig", "EvalSplit", "ExportConfig",
-    "ExportFormat", "GenerateConfig", "Mlp", "MixtureSource", "ModelConfig", "MuonLrAdjust", "Norm", "OptimizerConfig",
-    "OptimizerName", "PosEmb", "Precision", "PrepareConfig", "SCHEMAS", "SchedulerConfig", "SchedulerName",
-    "SourceConfig", "SourceKind", "Strategy", "TokenizerConfig",
+    "ExportFormat", "FsdpDtype", "GenerateConfig", "Mlp", "MixtureSource", "ModelConfig", "MuonLrAdjust", "Norm",
+    "OptimizerConfig", "OptimizerName", "PosEmb", "Precision", "PrepareConfig", "SCHEMAS", "SchedulerConfig",
+    "SchedulerName", "SourceConfig", "SourceKind", "Strategy", "TokenizerConfig",
     "TokenizerKind", "TrainConfig", "TrainerConfig", "as_plain_dict", "check", "check_device", "register_configs",
     "to_config", "to_train_config", "validate", "validate_data", "validate_eval", "validate_generate",
     "validate_prepare", "validate_tokenizer",

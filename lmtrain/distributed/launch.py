@@ -17,17 +17,25 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from multiprocessing.reduction import DupFd
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from lmtrain.config import TrainConfig
+from lmtrain.distributed.slurm import check_started_by_srun
 from lmtrain.distributed.world import world_from_env
-from lmtrain.errors import USER_ERROR_EXIT, ConfigError, Diverged, LmtrainError
+from lmtrain.errors import USER_ERROR_EXIT, ConfigError, Diverged, LmtrainError, LostRank
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +57,14 @@ class Outcome:
 Entry = Callable[[TrainConfig, Path], Outcome]  # trains in one process: lmtrain.training.run.run_training
 
 
-def start(entry: Entry, cfg: TrainConfig, run_dir: Path, nproc: int) -> Outcome:
+def start(entry: Entry, cfg: TrainConfig, run_dir: Path, nproc: int, lock_fd: int | None = None) -> Outcome:
     """Train with `entry`: in `nproc` new worker processes on this node, or (nproc 1) in this process, which may
-    itself be one rank that torchrun or srun started."""
+    itself be one rank that torchrun or srun started. lock_fd: the run folder's locked file, which the workers
+    inherit, so that the folder stays locked until the last of them exits."""
     if nproc > 1:
-        return start_workers(entry, cfg, run_dir, nproc)
+        return start_workers(entry, cfg, run_dir, nproc, lock_fd)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank torchrun started: it stops (and saves) if torchrun dies
+        die_with_launcher(os.getppid())
     if world_from_env().rank != 0:  # rank 0 alone writes the log file (submitit's tasks each run Hydra's set-up)
         root = logging.getLogger()
         for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
@@ -61,15 +72,23 @@ def start(entry: Entry, cfg: TrainConfig, run_dir: Path, nproc: int) -> Outcome:
     return entry(cfg, run_dir)
 
 
-def resume_after_restart(cfg: TrainConfig) -> None:
-    """A job that SLURM requeued, or that elastic launch restarted after a failure, continues its checkpoint."""
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) or \
-        int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if restarts > 0 and cfg.trainer.resume is None:
-        cfg.trainer.resume = "auto"
-        who = "SLURM requeued this job" if os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0") \
-            else "Elastic launch restarted the workers"
-        log.info("%s (restart %d): continuing from the last checkpoint (trainer.resume=auto)", who, restarts)
+def resume_after_restart(cfg: TrainConfig, restart: int = 0, previous_status: dict | None = None) -> None:
+    """A job that SLURM or submitit requeued, or whose workers were restarted after a failure (`restart` > 0:
+    trainer.max_restarts; torchrun --max-restarts), continues its checkpoint. previous_status: the run folder's
+    status.json as the last attempt left it, `requeued` after a submitit requeue."""
+    slurm = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    elastic = restart or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    requeued = (previous_status or {}).get("status") == "requeued"
+    if cfg.trainer.resume is not None or not (slurm or elastic or requeued):
+        return
+    cfg.trainer.resume = "auto"
+    if slurm:
+        who = f"SLURM requeued this job (restart {slurm})"
+    elif requeued:
+        who = f"submitit requeued this job after {previous_status.get('signal', 'a preemption signal')}"
+    else:
+        who = f"The workers were restarted after a failure (restart {elastic})"
+    log.info("%s: continuing from the last checkpoint (trainer.resume=auto)", who)
 
 
 def processes_to_start(nproc_per_node: str, device: str) -> int:
@@ -82,10 +101,66 @@ def processes_to_start(nproc_per_node: str, device: str) -> int:
                           f"{world_from_env().size} started by torchrun or srun; leave trainer.nproc_per_node at 1")
     if cuda and n > gpus:
         raise ConfigError(f"trainer.nproc_per_node={nproc_per_node} but only {gpus} GPUs are visible here")
+    if n == 1:
+        check_started_by_srun(os.environ)
     return n
 
 
+def launcher_prefix() -> list[str]:
+    """The launcher part of the command that started this rank, for a resume command that keeps the world:
+    torchrun's own options (read from the torchrun process, this rank's parent) followed by `-m`, or an srun line
+    with the step's nodes, tasks and CPUs; empty for one process and for trainer.nproc_per_node's workers."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env:
+        import psutil
+
+        try:
+            parent = psutil.Process().parent().cmdline()
+        except (psutil.Error, AttributeError):
+            parent = []
+        for i, arg in enumerate(parent):
+            if os.path.basename(arg) == "torchrun" or arg in ("torch.distributed.run", "torch.distributed.launch"):
+                options = parent[i + 1:parent.index("-m", i) if "-m" in parent[i:] else len(parent)]
+                return ["torchrun", *[o for o in options if not o.endswith("lmtrain")], "-m"]
+        return ["torchrun", f"--nnodes={env.get('GROUP_WORLD_SIZE', '1')}",
+                f"--nproc_per_node={env.get('LOCAL_WORLD_SIZE', '1')}", "-m"]
+    if "SLURM_STEP_NUM_TASKS" in env and int(env["SLURM_STEP_NUM_TASKS"]) > 1:
+        line = ["srun", f"--nodes={env.get('SLURM_STEP_NUM_NODES', env.get('SLURM_JOB_NUM_NODES', '1'))}",
+                f"--ntasks={env['SLURM_STEP_NUM_TASKS']}"]
+        if "SLURM_CPUS_PER_TASK" in env:
+            line.append(f"--cpus-per-task={env['SLURM_CPUS_PER_TASK']}")
+        return line
+    return []
+
+
 # --- trainer.nproc_per_node: this process starts the workers --------------------------------------------
+
+
+def die_with_launcher(launcher: int) -> None:
+    """This worker stops when the process that started it dies, however it dies (SIGKILL too): it gets SIGTERM,
+    so it saves at the end of its step like any stopped run, then exits. On Linux the kernel sends it (prctl's
+    parent-death signal: immediate, and no thread to run); elsewhere a thread checks the parent once a second."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0:
+            if os.getppid() != launcher:  # it died before the kernel was told
+                os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="lmtrain-launcher-watch", daemon=True).start()
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# After a worker failed, the others get this long to end on SIGTERM before SIGKILL: without the lost rank they
+# cannot finish a step or save, and a stopped (SIGSTOP) or hung one never ends by itself
+_SHUTDOWN_S = 5
 
 
 def _configure_worker_logging(run_dir: Path) -> None:
@@ -105,18 +180,39 @@ def _configure_worker_logging(run_dir: Path) -> None:
     quiet_libraries()
 
 
-def _worker(entry: Entry, cfg: TrainConfig, run_dir: Path) -> Outcome:
-    """One worker process of `trainer.nproc_per_node`; its exit status tells elastic launch how it ended."""
+class _Inherited:
+    """A file descriptor that each spawned worker receives a copy of (multiprocessing passes it when it pickles the
+    worker's arguments): the copies share the open file, and with it a flock, until the last of them is closed."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        return _received, (DupFd(self.fd),)
+
+
+def _received(dup) -> int:
+    return dup.detach()  # the descriptor's number in this process, left open
+
+
+def _worker(entry: Entry, cfg: TrainConfig, run_dir: Path, restart: int, lock: int | None,
+            launcher: int) -> Outcome:
+    """One worker process of `trainer.nproc_per_node`; its exit status tells the launcher how it ended. lock: its
+    copy of the run folder's locked file (see _Inherited), which keeps the folder locked while it lives."""
+    die_with_launcher(launcher)
     _configure_worker_logging(run_dir)
     try:
-        resume_after_restart(cfg)
-        return entry(cfg, run_dir)
+        resume_after_restart(cfg, restart)
+        outcome = entry(cfg, run_dir)
+        if os.getppid() != launcher:  # orphaned: nobody will collect the outcome, and elastic would wait for that
+            sys.exit(128 + outcome.stopped_by if outcome.stopped_by else 0)
+        return outcome
     except LmtrainError as e:
-        log.error("%s", e)
-        sys.exit(e.exit_code)  # 2 for a user error, 3 for a divergence
-    except torch.distributed.DistError as e:
-        log.error("Rank %s lost contact with the other ranks (one of them failed or stopped): %s",
-                  os.environ.get("RANK", "?"), str(e).splitlines()[0])
+        if str(e):
+            log.error("%s", e)
+        sys.exit(e.exit_code)  # 2 for a user error, 3 for a divergence, 4 for a lost rank
+    except Exception:
+        log.exception("Training failed with an unexpected error")
         sys.exit(1)
 
 
@@ -133,14 +229,24 @@ def _forward_to_workers(signum: int, frame) -> None:
             pass
 
 
-def start_workers(entry: Entry, cfg: TrainConfig, run_dir: Path, nproc: int) -> Outcome:
-    """Run `entry` in `nproc` worker processes on this node; returns rank 0's outcome."""
+def _first_failure(failures: dict[int, ProcessFailure]) -> tuple[int, ProcessFailure]:
+    """The failure that caused the others: a rank that reported another's loss (LostRank) only followed it."""
+    causes = {r: f for r, f in failures.items() if f.exitcode != LostRank.exit_code} or failures
+    return min(causes.items(), key=lambda kv: kv[1].timestamp)
+
+
+def _describe(rank: int, code: int) -> str:
+    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+    return f"Rank {rank} {how}"
+
+
+def start_workers(entry: Entry, cfg: TrainConfig, run_dir: Path, nproc: int, lock_fd: int | None = None) -> Outcome:
+    """Run `entry` in `nproc` worker processes on this node; returns rank 0's outcome. A failure restarts them all
+    (from the last checkpoint) up to trainer.max_restarts times, each restart logged with the rank and how it
+    failed; a user error or a divergence is not retried."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"lmtrain-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=cfg.trainer.max_restarts,
-                          monitor_interval=0.5, signals_to_handle="SIGHUP,SIGQUIT")
     log.info("Starting %d worker processes (trainer.nproc_per_node=%s)", nproc, cfg.trainer.nproc_per_node)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -151,20 +257,33 @@ def start_workers(entry: Entry, cfg: TrainConfig, run_dir: Path, nproc: int) -> 
     # Each attempt gets a store of its own: in the agent's shared store, workers restarted after a failure
     # would find the dead attempt's gloo addresses and fail to connect.
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    restarts = cfg.trainer.max_restarts
     try:
-        outcomes = elastic_launch(config, _worker)(entry, cfg, run_dir)
-    except ChildFailedError as e:
-        rank, failure = min(e.failures.items(), key=lambda kv: kv[1].timestamp)
-        code = failure.exitcode
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-        if code in (USER_ERROR_EXIT, Diverged.exit_code):
-            sys.exit(code)  # the worker has said what was wrong
-        log.error("Rank %d %s; the other workers were stopped", rank, how)
-        sys.exit(1)
+        for restart in range(restarts + 1):
+            config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, rdzv_backend="c10d",
+                                  run_id=f"lmtrain-{uuid.uuid4().hex[:8]}", rdzv_endpoint="localhost:0",
+                                  max_restarts=0, monitor_interval=0.5, signals_to_handle="SIGHUP,SIGQUIT",
+                                  shutdown_timeout=_SHUTDOWN_S)
+            lock = _Inherited(lock_fd) if lock_fd is not None else None
+            try:
+                return elastic_launch(config, _worker)(entry, cfg, run_dir, restart, lock, os.getpid())[0]
+            except ChildFailedError as e:
+                rank, failure = _first_failure(e.failures)
+                code = failure.exitcode
+                if code in (USER_ERROR_EXIT, Diverged.exit_code):
+                    sys.exit(code)  # the worker has said what was wrong, and trying again would not help
+                what = "a rank was lost (see above)" if code == LostRank.exit_code else _describe(rank, code)
+                if restart < restarts:
+                    log.warning("%s; restarting all workers from the last checkpoint (restart %d of %d)",
+                                what[0].upper() + what[1:], restart + 1, restarts)
+                    continue
+                if code != LostRank.exit_code:
+                    log.error("%s; the other workers were stopped", what)
+                sys.exit(code if code == LostRank.exit_code else 1)
+        raise AssertionError("unreachable: the last attempt returns or exits")
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-    return outcomes[0]
 
 
 # --- torchrun and srun: every rank runs Hydra ---------------------------------------------------------------

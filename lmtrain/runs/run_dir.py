@@ -107,6 +107,10 @@ class RunLock:
         os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self._fd = fd
 
+    def fileno(self) -> int | None:
+        """The locked file's descriptor while held: a worker process that inherits a copy holds the lock too."""
+        return self._fd
+
     def release(self) -> None:
         if self._fd is not None:
             self.path.unlink(missing_ok=True)  # still locked: nobody else can have taken it meanwhile

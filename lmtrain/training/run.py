@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmtrain.config import TrainConfig
+from lmtrain.distributed import collectives, faults
 from lmtrain.distributed.launch import Outcome
 from lmtrain.distributed.world import shutdown
 from lmtrain.training.loop import Trainer
@@ -13,11 +14,19 @@ from lmtrain.training.setup import build_parts
 
 
 def run_training(cfg: TrainConfig, run_dir: Path) -> Outcome:
-    """Train in this process (one of several, or the only one)."""
+    """Train in this process (one of several, or the only one). A collective that fails because another rank died
+    or stopped answering becomes a LostRank error that names that rank, said once."""
+    trainer = None
     try:
-        result = Trainer(build_parts(cfg, run_dir)).fit()
+        trainer = Trainer(build_parts(cfg, run_dir))
+        result = trainer.fit()
     except KeyboardInterrupt:
         return Outcome(interrupted=True)
+    except Exception as e:
+        if not (collectives.active() and faults.communication_failure(e)):
+            raise
+        where = "while starting" if trainer is None else f"at step {trainer.step + 1}"
+        raise faults.lost_rank(e, cfg.trainer.dist_timeout_s, where) from None
     finally:
         shutdown()
     return Outcome(result.val_loss, result.best_val_loss, result.steps,

@@ -5,12 +5,14 @@ The order matters, and is this:
 
  1. the device, and `model.init_from` checked from its files alone: a wrong checkpoint fails before any data
     is read;
- 2. the world: this process joins the others (when there are several) and gets its own device;
+ 2. the world: this process joins the others (when there are several) and gets its own device; the ranks
+    compare their resolved configs (a rank started with other overrides stops the run here, in one line);
  3. the strategy and the number format asked for; TF32 on CUDA; the seed, before anything random is drawn;
- 4. the data, tokenized once per node (local rank 0 first, the others then find the cache);
+ 4. the data, tokenized once per node (local rank 0 first, the others then find the cache); the ranks compare
+    the data's fingerprint (each node's cache and tokenizer);
  5. the model, its vocabulary taken from the tokenizer;
  6. `precision=auto` confirmed on the model's own step, eagerly: before compiling;
- 7. compiling, block by block, then the parallel wrapper (FSDP2 shards the compiled blocks);
+ 7. compiling, block by block, then the parallel wrapper (FSDP2 and HSDP shard the compiled blocks);
  8. the optimizer, over the wrapped (for FSDP2: sharded) parameters;
  9. the loaders: whole global batches, of which this rank trains on its rows;
 10. MFU, metrics.jsonl and the loggers (metrics' clock starts here, just before training);
@@ -30,11 +32,13 @@ import numpy as np
 import torch
 
 from lmtrain.config import ModelConfig, Precision, Strategy, TrainConfig, as_plain_dict
+from lmtrain.config.base import flatten
 from lmtrain.console import PreparationProgress, wants_progress_bar
 from lmtrain.data.loader import TrainLoader, train_loader, val_batches
 from lmtrain.data.prepare import prepare_data
 from lmtrain.data.tokenizer import TextTokenizer
 from lmtrain.distributed import collectives, strategies
+from lmtrain.distributed.agreement import check_same
 from lmtrain.distributed.strategies import Parallel
 from lmtrain.distributed.world import World, pick_device
 from lmtrain.distributed.world import setup as join_world
@@ -50,6 +54,10 @@ from lmtrain.training.optim import Optimizer, build_optimizer
 from lmtrain.training.precision import TrainingPrecision, choose, confirm_on_model
 from lmtrain.training.preflight import init_from_checked
 from lmtrain.training.state import Checkpointer
+
+# Settings that may differ between ranks: where each node keeps its token cache (the data fingerprint compares
+# what is in it)
+RANK_LOCAL_KEYS = ("data.cache_dir",)
 
 
 @dataclass
@@ -97,7 +105,10 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
     device = pick_device(t.device)  # 1
     vocab_multiple = cfg.model.vocab_multiple or (64 if device.type == "cuda" else 1)
     cfg = init_from_checked(cfg, vocab_multiple)
-    world, device = join_world(device, t.dist_timeout_s, group_of_one=t.strategy in (Strategy.ddp, Strategy.fsdp))
+    group_of_one = t.strategy in (Strategy.ddp, Strategy.fsdp, Strategy.hsdp)  # even with one process
+    world, device = join_world(device, t.dist_timeout_s, group_of_one)  # 2
+    check_same({k: v for k, v in flatten(as_plain_dict(cfg)).items() if k not in RANK_LOCAL_KEYS}, "configs",
+               "Start every rank with the same command line (and the same config files)")
     strategy = strategies.resolve(t.strategy, world)  # 3
     choice = choose(t.precision, device)
     if device.type == "cuda":
@@ -108,6 +119,9 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
     with collectives.local_main_first(world), \
             PreparationProgress(wants_progress_bar(t.progress) and world.main) as progress:  # 4
         data = prepare_data(cfg.data, cfg.tokenizer, progress)
+    check_same({"data": data.fingerprint()}, "data (the token caches' manifests and tokenizer)",
+               "The nodes read different files under the same names, or caches built from them: give every node the "
+               "same data (or let one node prepare it on a shared data.cache_dir)")
     tokenizer = data.tokenizer
     vocab = cfg.model.vocab_size or tokenizer.vocab_size  # 5
     if vocab < tokenizer.vocab_size:
@@ -122,7 +136,8 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
     compiled = t.compile if t.compile is not None else device.type == "cuda"  # 7
     if compiled:
         model.compile_blocks()
-    parallel = strategies.wrap(model, strategy, device, precision.name == "bf16")
+    sharding = strategies.Sharding(t.reshard_after_forward, t.fsdp_param_dtype, t.fsdp_reduce_dtype, t.hsdp_shard_size)
+    parallel = strategies.wrap(model, strategy, device, precision.name == "bf16", world, sharding)
     optimizer = build_optimizer(model, cfg.optimizer, device.type)  # 8
 
     block, batch = model_cfg.block_size, t.batch_size * world.size  # 9: the loaders hand out whole global batches
@@ -147,7 +162,7 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
         divergence.load_state_dict(resumed)
 
     micro = micro_batches(t.micro_batch_size, t.batch_size, device, trial_step(  # 12
-        model, model, tokenizer.vocab_size, block, device, precision.autocast))
+        model, model, tokenizer.vocab_size, block, device, precision.autocast), world)
     micro.size = collectives.smallest(micro.size, device)  # every rank runs as many micro-batches
     return Parts(cfg, run_dir, world, device, tokenizer, model_cfg, model, precision, compiled, parallel, optimizer,
                  loader, validation, total_steps, mfu, metrics, checkpoints, divergence, micro, prompts, resumed)

@@ -1,7 +1,8 @@
 """status.json in each run folder: how the run ended, written atomically by the job itself.
 
 `running` while it trains (and forever, if the process was killed without a chance to write), then
-`completed` with its objective, `failed` with the error, `stopped` with the signal, or `diverged`.
+`completed` with its objective, `failed` with the error, `stopped` with the signal, `diverged`, or
+`requeued` when its scheduler (submitit) put it back in the queue after a preemption signal.
 """
 
 from __future__ import annotations
@@ -44,31 +45,40 @@ class JobRecord:
     facts: dict = field(default_factory=dict)  # what the body learnt: the objective and its value, steps
 
 
+def record_requeue(run_dir: Path, job: int | None, received: signal.Signals, step: int) -> None:
+    """Before a scheduler requeues a stopped job (it ends the process): the next attempt reads `requeued` here,
+    and continues from the checkpoint."""
+    _write(run_dir, {**({} if job is None else {"job": job}), "status": "requeued", "signal": received.name,
+                     "steps": step})
+
+
 @contextmanager
-def recorded_status(run_dir: Path, job: int | None) -> Iterator[JobRecord]:
-    """Run a job, then record how it ended; the body adds the completed run's facts to the record."""
+def recorded_status(run_dir: Path, job: int | None, writes: bool = True) -> Iterator[JobRecord]:
+    """Run a job, then record how it ended; the body adds the completed run's facts to the record. writes: false
+    on the ranks other than 0 of a run that torchrun or srun started (rank 0 keeps the record)."""
     global _sweep_stopped_by
     base = {} if job is None else {"job": job}
+    write = _write if writes else lambda run_dir, status: None
     if _sweep_stopped_by is not None:
         message = f"Not started: the sweep was stopped by {_sweep_stopped_by.name}"
-        _write(run_dir, {**base, "status": "stopped", "signal": _sweep_stopped_by.name, "message": message})
+        write(run_dir, {**base, "status": "stopped", "signal": _sweep_stopped_by.name, "message": message})
         raise RunStopped(_sweep_stopped_by, message)
     record = JobRecord(previous=read_status(run_dir))
-    _write(run_dir, {**base, "status": "running"})
+    write(run_dir, {**base, "status": "running"})
     facts = record.facts
     try:
         yield record
     except KeyboardInterrupt:
-        _write(run_dir, {**base, "status": "stopped", "signal": "SIGINT"})
+        write(run_dir, {**base, "status": "stopped", "signal": "SIGINT"})
         raise
     except RunStopped as e:
         _sweep_stopped_by = _sweep_stopped_by or e.received
-        _write(run_dir, {**base, "status": "stopped", "signal": e.received.name, "message": str(e)})
+        write(run_dir, {**base, "status": "stopped", "signal": e.received.name, "message": str(e)})
         raise
     except LmtrainError as e:
-        _write(run_dir, {**base, "status": e.status, "error": str(e)})
+        write(run_dir, {**base, "status": e.status, "error": str(e)})
         raise
     except Exception as e:
-        _write(run_dir, {**base, "status": "failed", "error": f"{type(e).__name__}: {e}"})
+        write(run_dir, {**base, "status": "failed", "error": f"{type(e).__name__}: {e}"})
         raise
-    _write(run_dir, {**base, "status": "completed", **facts})
+    write(run_dir, {**base, "status": "completed", **facts})
