@@ -13,6 +13,7 @@ Three ways in, one behaviour:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -64,6 +65,7 @@ def start(entry: Entry, cfg: TrainConfig, run_dir: Path, nproc: int, lock_fd: in
     if nproc > 1:
         return start_workers(entry, cfg, run_dir, nproc, lock_fd)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank torchrun started: it stops (and saves) if torchrun dies
+        os.environ[_TORCHRUN] = json.dumps(_torchrun_options())  # read now, while torchrun is there to read
         die_with_launcher(os.getppid())
     if world_from_env().rank != 0:  # rank 0 alone writes the log file (submitit's tasks each run Hydra's set-up)
         root = logging.getLogger()
@@ -106,25 +108,37 @@ def processes_to_start(nproc_per_node: str, device: str) -> int:
     return n
 
 
+_TORCHRUN = "LMTRAIN_TORCHRUN_OPTIONS"  # the options of the torchrun that started this rank, as a JSON list
+
+
+def _torchrun_options() -> list[str]:
+    """The options this rank's torchrun was started with, read from its command line (it is this process's
+    parent); from torchrun's variables when that cannot be read."""
+    import psutil
+
+    try:
+        parent = psutil.Process().parent().cmdline()
+    except (psutil.Error, AttributeError):
+        parent = []
+    for i, arg in enumerate(parent):
+        if os.path.basename(arg) == "torchrun" or arg in ("torch.distributed.run", "torch.distributed.launch"):
+            rest = parent[i + 1:]
+            entry = next((j for j, a in enumerate(rest) if a == "-m" or os.path.basename(a) == "lmtrain"), len(rest))
+            return rest[:entry]
+    nodes = os.environ.get("GROUP_WORLD_SIZE", "1")
+    return ["--standalone" if nodes == "1" else f"--nnodes={nodes}",
+            f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '1')}"]
+
+
 def launcher_prefix() -> list[str]:
     """The launcher part of the command that started this rank, for a resume command that keeps the world:
-    torchrun's own options (read from the torchrun process, this rank's parent) followed by `-m`, or an srun line
-    with the step's nodes, tasks and CPUs; empty for one process and for trainer.nproc_per_node's workers."""
+    torchrun with its own options, or an srun line with the step's nodes, tasks and CPUs per task; empty for
+    one process and for trainer.nproc_per_node (its overrides keep the number)."""
     env = os.environ
     if "TORCHELASTIC_RUN_ID" in env:
-        import psutil
-
-        try:
-            parent = psutil.Process().parent().cmdline()
-        except (psutil.Error, AttributeError):
-            parent = []
-        for i, arg in enumerate(parent):
-            if os.path.basename(arg) == "torchrun" or arg in ("torch.distributed.run", "torch.distributed.launch"):
-                options = parent[i + 1:parent.index("-m", i) if "-m" in parent[i:] else len(parent)]
-                return ["torchrun", *[o for o in options if not o.endswith("lmtrain")], "-m"]
-        return ["torchrun", f"--nnodes={env.get('GROUP_WORLD_SIZE', '1')}",
-                f"--nproc_per_node={env.get('LOCAL_WORLD_SIZE', '1')}", "-m"]
-    if "SLURM_STEP_NUM_TASKS" in env and int(env["SLURM_STEP_NUM_TASKS"]) > 1:
+        options = json.loads(env[_TORCHRUN]) if _TORCHRUN in env else _torchrun_options()
+        return ["torchrun", *options, "-m"]
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1:
         line = ["srun", f"--nodes={env.get('SLURM_STEP_NUM_NODES', env.get('SLURM_JOB_NUM_NODES', '1'))}",
                 f"--ntasks={env['SLURM_STEP_NUM_TASKS']}"]
         if "SLURM_CPUS_PER_TASK" in env:
@@ -216,17 +230,28 @@ def _worker(entry: Entry, cfg: TrainConfig, run_dir: Path, restart: int, lock: i
         sys.exit(1)
 
 
-def _forward_to_workers(signum: int, frame) -> None:
-    """SIGTERM or SIGUSR2 reaching the launcher (a scheduler's preemption) goes on to every worker, which all
-    stop at the same step and save. Ctrl-C reaches the workers from the terminal directly."""
-    import psutil
+class _ForwardOnce:
+    """The launcher's SIGTERM and SIGUSR2 handler: the first such signal (a scheduler's preemption) goes on to every
+    worker, which all stop at the same step and save. Later ones are not passed on: the workers are stopping
+    already, and one that has finished training no longer handles them (submitit_local, for one, sends its own
+    SIGUSR2 at the time limit, whatever happened before). Ctrl-C reaches the workers from the terminal directly."""
 
-    for child in psutil.Process().children():
-        try:
-            if any("spawn_main" in part for part in child.cmdline()):
-                child.send_signal(signum)
-        except psutil.Error:
-            pass
+    def __init__(self):
+        self.forwarded: int | None = None
+
+    def __call__(self, signum: int, frame) -> None:
+        import psutil
+
+        if self.forwarded is not None:
+            log.info("%s received; the workers are stopping already", signal.Signals(signum).name)
+            return
+        self.forwarded = signum
+        for child in psutil.Process().children():
+            try:
+                if any("spawn_main" in part for part in child.cmdline()):
+                    child.send_signal(signum)
+            except psutil.Error:
+                pass
 
 
 def _first_failure(failures: dict[int, ProcessFailure]) -> tuple[int, ProcessFailure]:
@@ -250,8 +275,9 @@ def start_workers(entry: Entry, cfg: TrainConfig, run_dir: Path, nproc: int, loc
     log.info("Starting %d worker processes (trainer.nproc_per_node=%s)", nproc, cfg.trainer.nproc_per_node)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _forward_to_workers)
-    signal.signal(signal.SIGUSR2, _forward_to_workers)
+    forward = _ForwardOnce()
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGUSR2, forward)
     for name in ("torch.distributed.elastic", "torch.multiprocessing"):  # their failure reports are ours to give
         logging.getLogger(name).setLevel(logging.CRITICAL)
     # Each attempt gets a store of its own: in the agent's shared store, workers restarted after a failure

@@ -33,9 +33,15 @@ def requeue(sig: signal.Signals, before: Callable[[], None]) -> str | None:
     handler = submitit_handler(sig)
     if handler is None:
         return "this is no submitit job"
-    before()
+    # A second copy of the signal (submitit_local sends its own at the time limit, whatever came before) must not
+    # run the handler again halfway through this call: it waits, and is then ignored
+    signal.pthread_sigmask(signal.SIG_BLOCK, {sig})
     try:
+        before()
         handler(sig, None)
     except Exception as e:  # submitit's UncompletedJobError: timed out too many times, or nothing to checkpoint
         return str(e) or type(e).__name__
+    finally:
+        signal.signal(sig, signal.SIG_IGN)  # the job is handed over: later copies mean nothing
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
     return None

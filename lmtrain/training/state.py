@@ -310,7 +310,7 @@ class Checkpointer:
         raise ConfigError(f"{checkpoint.folder} was trained with a global batch of {saved} sequences per step{ranks}; "
                           f"this run's is {now}. Resume with the same launcher and process count (the command "
                           f"printed when the run stopped keeps them), or a batch that makes {saved}; "
-                          "trainer.allow_batch_change=true resumes anyway")
+                          "trainer.allow_batch_change=true resumes anyway" if self.world.main else "")  # said once
 
     def _check_tokenizer(self, folder: Path, key: str) -> None:
         """The checkpoint's model must have learned the ids of the tokenizer that made this run's token cache."""

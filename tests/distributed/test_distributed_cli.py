@@ -159,3 +159,22 @@ def test_a_killed_rank_ends_the_run_within_60_s_and_resume_auto_repeats_it_exact
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"Resuming from {run}/checkpoints/step_000010 at step 10" in result.stdout
     assert losses(run) == losses(ddp[0])  # every step once, each loss exactly the uninterrupted run's
+
+
+def test_hsdp_on_four_ranks_as_two_replicas_of_two_shards_matches_ddp(ddp, tmp_path):
+    """HSDP on a 2 x 2 mesh (4 ranks x batch 2: the same global batch of 8) against DDP's 2 x 4, for the first
+    steps (inside the warm-up the LR does not depend on max_steps); its checkpoint reshards onto one process."""
+    run = tmp_path / "hsdp"
+    result = run_cli("train", *COMMON, "trainer.batch_size=2", "trainer.max_steps=4", "trainer.save_every=2",
+                     "trainer.eval_every=2", "trainer.strategy=hsdp", "trainer.hsdp_shard_size=2",
+                     "trainer.reshard_after_forward=false", "trainer.nproc_per_node=4", f"hydra.run.dir={run}",
+                     env=ONE_THREAD)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Strategy hsdp: 4 processes on 1 node" in result.stdout
+    assert_losses_match(run, ddp[0], range(1, 5), 1e-5)
+    assert len(list((run / "checkpoints/step_000002/shards").glob("*.safetensors"))) == 4
+
+    one = run_cli("train", *COMMON, "trainer.batch_size=8", "trainer.max_steps=4", "trainer.eval_every=2",
+                  f"trainer.resume={run}/checkpoints/step_000002", f"hydra.run.dir={tmp_path / 'one'}", env=ONE_THREAD)
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert_losses_match(tmp_path / "one", ddp[0], range(3, 5), 1e-5)
