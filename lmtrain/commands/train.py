@@ -10,12 +10,13 @@ import shlex
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lmtrain.config import register_configs, to_train_config
+from lmtrain.config import TrainConfig, register_configs, to_train_config
 from lmtrain.console import quiet_libraries
 from lmtrain.distributed.ranks import world_from_env
 from lmtrain.errors import Diverged, RunStopped, in_multirun, reports_user_errors
@@ -24,6 +25,9 @@ from lmtrain.runs.sweeps.callback import finish_sweep
 from lmtrain.runs.sweeps.jobs import finished_objective, register_job_name_resolver
 from lmtrain.runs.sweeps.runs import objective_value, read_records
 from lmtrain.runs.sweeps.status import record_requeue, recorded_status
+
+if TYPE_CHECKING:
+    from lmtrain.distributed.launch import Outcome
 
 register_configs()
 register_job_name_resolver()
@@ -94,14 +98,14 @@ def train(cfg: DictConfig) -> float:
                 log.info("Job already completed (%s %.4f): skipping it", objective, done)
                 job.facts.update(job.previous, objective=objective, value=done)
                 return done
-        quiet_libraries()
         from lmtrain.distributed import launch  # imported late: --help and config errors stay fast
-        from lmtrain.training.run import run_training
 
         launch.resume_after_restart(train_cfg, previous_status=job.previous)
         run.claim(train_cfg.trainer.resume, train_cfg.trainer.overwrite)
         nproc = launch.processes_to_start(train_cfg.trainer.nproc_per_node, train_cfg.trainer.device)
-        result = launch.start(run_training, train_cfg, run_dir, nproc, run.lock.fileno())
+        if nproc == 1:  # this process loads the data; workers set themselves up
+            quiet_libraries()
+        result = launch.start(train_here, train_cfg, run_dir, nproc, run.lock.fileno())
         if result.interrupted:
             raise RunStopped(signal.SIGINT, f"Interrupted. {_continue_hint(run_dir)}" if main_rank else "") from None
         if result.stopped_by is not None:
@@ -114,6 +118,14 @@ def train(cfg: DictConfig) -> float:
             raise Diverged(f"training diverged: the final {objective} is {result.val_loss} (trainer.objective)")
         job.facts.update(objective=objective, value=value, steps=result.steps)
         return value  # what a sweeper minimizes
+
+
+def train_here(cfg: TrainConfig, run_dir: Path) -> Outcome:
+    """Training in this process, or in a worker: launch pickles this function by name, so a launcher of
+    trainer.nproc_per_node workers never imports the training stack (each worker imports it anyway)."""
+    from lmtrain.training.run import run_training
+
+    return run_training(cfg, run_dir)
 
 
 def _stopped(received: signal.Signals, steps: int, run_dir: Path, job_num: int | None, main_rank: bool) -> RunStopped:

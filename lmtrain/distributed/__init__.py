@@ -5,8 +5,8 @@
 - world.py: this rank's device, joining the process group;
 - collectives.py: the few collectives the loop needs, no-ops with one process;
 - strategies.py: single, DDP, FSDP2: how the model is spread over the ranks;
-- launch.py: `trainer.nproc_per_node` workers, one run directory for torchrun and srun ranks, resume commands
-  that keep the launcher;
+- launch.py: starting a run's processes, one run directory for torchrun and srun ranks, resume commands that
+  keep the launcher; workers.py: `trainer.nproc_per_node` workers, watched, restarted, stopped;
 - faults.py: a lost rank named once; requeue.py: a preempted submitit job back in the queue;
 - agreement.py: every rank started with the same config and data, checked before the first step;
 - sharded.py: FSDP2 checkpoints, each rank writing its shards through torch.distributed.checkpoint.

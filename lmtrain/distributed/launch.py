@@ -1,14 +1,17 @@
-"""Starting the processes of a distributed run, and making every rank agree on one run directory.
+"""Starting the processes of a distributed run, making every rank agree on one run directory, and the
+launcher part of a resume command.
 
 Three ways in, one behaviour:
 - `lmtrain train trainer.nproc_per_node=N`: the Hydra job composes the config and makes the run dir once,
-  then starts N workers with torch.distributed's elastic launch API. Workers do not run Hydra: they get
-  the checked config and the run dir, and return how the run ended; the job reports it as for one process.
+  then starts N workers (workers.py). Workers do not run Hydra: they get the checked config and the run dir,
+  and return how the run ended; the job reports it as for one process.
 - `torchrun ... -m lmtrain train` and `srun ... lmtrain train`: every rank runs Hydra itself. Before it
   composes, `shared_run_dir_overrides` names the run dir after one start time that all ranks agree on
   through torchrun's store (`${now:}` differs between processes), or, under SLURM, puts the run in
   outputs/slurm/<job id>, which a requeued job finds again; ranks other than 0 write no .hydra/ folder
   and no log file. A hydra.run.dir given on the command line wins.
+A worker of either launcher stops (and saves) when its launcher dies: `die_with_launcher`. A job that was
+requeued, or whose workers were restarted, continues its checkpoint: `resume_after_restart`.
 """
 
 from __future__ import annotations
@@ -20,23 +23,17 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from multiprocessing.reduction import DupFd
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from lmtrain.config import TrainConfig
 from lmtrain.distributed.slurm import check_started_by_srun
 from lmtrain.distributed.world import world_from_env
-from lmtrain.errors import USER_ERROR_EXIT, ConfigError, Diverged, LmtrainError, LostRank
-
-if TYPE_CHECKING:
-    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+from lmtrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +52,7 @@ class Outcome:
     interrupted: bool = False  # a second Ctrl-C: stopped at once
 
 
-Entry = Callable[[TrainConfig, Path], Outcome]  # trains in one process: lmtrain.training.run.run_training
+Entry = Callable[[TrainConfig, Path], Outcome]  # trains in one process: lmtrain.commands.train.train_here
 
 
 def start(entry: Entry, cfg: TrainConfig, run_dir: Path, nproc: int, lock_fd: int | None = None) -> Outcome:
@@ -63,6 +60,8 @@ def start(entry: Entry, cfg: TrainConfig, run_dir: Path, nproc: int, lock_fd: in
     itself be one rank that torchrun or srun started. lock_fd: the run folder's locked file, which the workers
     inherit, so that the folder stays locked until the last of them exits."""
     if nproc > 1:
+        from lmtrain.distributed.workers import start_workers
+
         return start_workers(entry, cfg, run_dir, nproc, lock_fd)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank torchrun started: it stops (and saves) if torchrun dies
         os.environ[_TORCHRUN] = json.dumps(_torchrun_options())  # read now, while torchrun is there to read
@@ -147,9 +146,6 @@ def launcher_prefix() -> list[str]:
     return []
 
 
-# --- trainer.nproc_per_node: this process starts the workers --------------------------------------------
-
-
 def die_with_launcher(launcher: int) -> None:
     """This worker stops when the process that started it dies, however it dies (SIGKILL too): it gets SIGTERM,
     so it saves at the end of its step like any stopped run, then exits. On Linux the kernel sends it (prctl's
@@ -172,144 +168,6 @@ def die_with_launcher(launcher: int) -> None:
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
-# After a worker failed, the others get this long to end on SIGTERM before SIGKILL: without the lost rank they
-# cannot finish a step or save, and a stopped (SIGSTOP) or hung one never ends by itself
-_SHUTDOWN_S = 5
-
-
-def _configure_worker_logging(run_dir: Path) -> None:
-    """What Hydra's job_logging gives the job: the console handler (INFO on rank 0 only) and, on rank 0, the
-    run's train.log, appended to after the launching job's own lines."""
-    from lmtrain.console import make_console_handler, quiet_libraries
-
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    root.addHandler(make_console_handler())
-    if int(os.environ.get("RANK", "0")) == 0:
-        file = logging.FileHandler(run_dir / "train.log")
-        file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-        root.addHandler(file)
-    for name in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    quiet_libraries()
-
-
-class _Inherited:
-    """A file descriptor that each spawned worker receives a copy of (multiprocessing passes it when it pickles the
-    worker's arguments): the copies share the open file, and with it a flock, until the last of them is closed."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-
-    def __reduce__(self):
-        return _received, (DupFd(self.fd),)
-
-
-def _received(dup) -> int:
-    return dup.detach()  # the descriptor's number in this process, left open
-
-
-def _worker(entry: Entry, cfg: TrainConfig, run_dir: Path, restart: int, lock: int | None,
-            launcher: int) -> Outcome:
-    """One worker process of `trainer.nproc_per_node`; its exit status tells the launcher how it ended. lock: its
-    copy of the run folder's locked file (see _Inherited), which keeps the folder locked while it lives."""
-    die_with_launcher(launcher)
-    _configure_worker_logging(run_dir)
-    try:
-        resume_after_restart(cfg, restart)
-        outcome = entry(cfg, run_dir)
-        if os.getppid() != launcher:  # orphaned: nobody will collect the outcome, and elastic would wait for that
-            sys.exit(128 + outcome.stopped_by if outcome.stopped_by else 0)
-        return outcome
-    except LmtrainError as e:
-        if str(e):
-            log.error("%s", e)
-        sys.exit(e.exit_code)  # 2 for a user error, 3 for a divergence, 4 for a lost rank
-    except Exception:
-        log.exception("Training failed with an unexpected error")
-        sys.exit(1)
-
-
-class _ForwardOnce:
-    """The launcher's SIGTERM and SIGUSR2 handler: the first such signal (a scheduler's preemption) goes on to every
-    worker, which all stop at the same step and save. Later ones are not passed on: the workers are stopping
-    already, and one that has finished training no longer handles them (submitit_local, for one, sends its own
-    SIGUSR2 at the time limit, whatever happened before). Ctrl-C reaches the workers from the terminal directly."""
-
-    def __init__(self):
-        self.forwarded: int | None = None
-
-    def __call__(self, signum: int, frame) -> None:
-        import psutil
-
-        if self.forwarded is not None:
-            log.info("%s received; the workers are stopping already", signal.Signals(signum).name)
-            return
-        self.forwarded = signum
-        for child in psutil.Process().children():
-            try:
-                if any("spawn_main" in part for part in child.cmdline()):
-                    child.send_signal(signum)
-            except psutil.Error:
-                pass
-
-
-def _first_failure(failures: dict[int, ProcessFailure]) -> tuple[int, ProcessFailure]:
-    """The failure that caused the others: a rank that reported another's loss (LostRank) only followed it."""
-    causes = {r: f for r, f in failures.items() if f.exitcode != LostRank.exit_code} or failures
-    return min(causes.items(), key=lambda kv: kv[1].timestamp)
-
-
-def _describe(rank: int, code: int) -> str:
-    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-    return f"Rank {rank} {how}"
-
-
-def start_workers(entry: Entry, cfg: TrainConfig, run_dir: Path, nproc: int, lock_fd: int | None = None) -> Outcome:
-    """Run `entry` in `nproc` worker processes on this node; returns rank 0's outcome. A failure restarts them all
-    (from the last checkpoint) up to trainer.max_restarts times, each restart logged with the rank and how it
-    failed; a user error or a divergence is not retried."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    log.info("Starting %d worker processes (trainer.nproc_per_node=%s)", nproc, cfg.trainer.nproc_per_node)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    forward = _ForwardOnce()
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGUSR2, forward)
-    for name in ("torch.distributed.elastic", "torch.multiprocessing"):  # their failure reports are ours to give
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-    # Each attempt gets a store of its own: in the agent's shared store, workers restarted after a failure
-    # would find the dead attempt's gloo addresses and fail to connect.
-    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-    restarts = cfg.trainer.max_restarts
-    try:
-        for restart in range(restarts + 1):
-            config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, rdzv_backend="c10d",
-                                  run_id=f"lmtrain-{uuid.uuid4().hex[:8]}", rdzv_endpoint="localhost:0",
-                                  max_restarts=0, monitor_interval=0.5, signals_to_handle="SIGHUP,SIGQUIT",
-                                  shutdown_timeout=_SHUTDOWN_S)
-            lock = _Inherited(lock_fd) if lock_fd is not None else None
-            try:
-                return elastic_launch(config, _worker)(entry, cfg, run_dir, restart, lock, os.getpid())[0]
-            except ChildFailedError as e:
-                rank, failure = _first_failure(e.failures)
-                code = failure.exitcode
-                if code in (USER_ERROR_EXIT, Diverged.exit_code):
-                    sys.exit(code)  # the worker has said what was wrong, and trying again would not help
-                what = "a rank was lost (see above)" if code == LostRank.exit_code else _describe(rank, code)
-                if restart < restarts:
-                    log.warning("%s; restarting all workers from the last checkpoint (restart %d of %d)",
-                                what[0].upper() + what[1:], restart + 1, restarts)
-                    continue
-                if code != LostRank.exit_code:
-                    log.error("%s; the other workers were stopped", what)
-                sys.exit(code if code == LostRank.exit_code else 1)
-        raise AssertionError("unreachable: the last attempt returns or exits")
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
 
 
 # --- torchrun and srun: every rank runs Hydra ---------------------------------------------------------------

@@ -38,14 +38,15 @@ def pick_device(setting: str, key: str = "trainer.device") -> torch.device:
     return device
 
 
-def _cpu_count() -> int:
+def cpu_count() -> int:
+    """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def share_cpu(world: World) -> None:
     """Split the CPU's cores between the ranks on this node, so that N processes do not each start a thread
     per core and thrash; never more than one thread per rank when there are as many ranks as cores."""
-    cores = _cpu_count()
+    cores = cpu_count()
     threads = max(1, cores // world.local_size)
     if world.local_size > 1 and torch.get_num_threads() > threads:
         torch.set_num_threads(threads)

@@ -191,7 +191,7 @@ def test_a_rank_that_stops_answering_is_named_with_the_timeout_once(tmp_path):
     victim.suspend()  # SIGSTOP: alive, but it answers nothing
     output = read_until(proc, "stopped answering")
     survivor.wait(timeout=60)
-    time.sleep(2)  # the launcher polls its workers every 0.5 s: it has seen rank 0's exit, and stops the others
+    time.sleep(2)  # the launcher polls its workers every 0.1 s: it has seen rank 0's exit, and stops the others
     victim.kill()  # which would give the stopped process 30 s to answer its SIGTERM first
     output += proc.communicate(timeout=120)[0]
     assert proc.returncode == 4, output  # lmtrain's exit status for a lost rank

@@ -1,6 +1,8 @@
 """The pieces of a distributed run that need no second process: who is who (torchrun's or SLURM's
 variables), each rank's rows of a global batch, launch decisions and the config's refusals."""
 
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -180,3 +182,96 @@ def test_srun_ranks_share_one_run_dir_named_after_the_job_and_only_rank_0_writes
     assert shared_run_dir_overrides(["--cfg", "job"]) == []  # nothing runs: nothing to share
     monkeypatch.setenv("SLURM_PROCID", "0")
     assert shared_run_dir_overrides([]) == ["hydra.run.dir=outputs/slurm/4242"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"fsdp_param_dtype": "bf16"}, "trainer.fsdp_param_dtype=bf16 applies to trainer.strategy=fsdp or hsdp, not auto"),
+    ({"fsdp_reduce_dtype": "fp32", "strategy": Strategy.ddp}, "trainer.fsdp_reduce_dtype=fp32 applies to"),
+    ({"hsdp_shard_size": 2, "strategy": Strategy.fsdp}, "trainer.hsdp_shard_size=2 applies to trainer.strategy=hsdp"),
+    ({"hsdp_shard_size": -1, "strategy": Strategy.hsdp}, "trainer.hsdp_shard_size=-1 must be >= 0"),
+])
+def test_sharding_settings_are_refused_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(TrainConfig(trainer=TrainerConfig(**overrides)))
+    validate(TrainConfig(trainer=TrainerConfig(strategy=Strategy.hsdp, hsdp_shard_size=2, fsdp_param_dtype="bf16")))
+
+
+def test_an_hsdp_shard_size_that_does_not_divide_the_ranks_is_refused():
+    from lmtrain.distributed.strategies import hsdp_mesh
+
+    with pytest.raises(ConfigError, match="trainer.hsdp_shard_size=3 must divide the run's 4 processes"):
+        hsdp_mesh(World(size=4, local_size=4), torch.device("cpu"), 3)
+
+
+def test_the_resume_command_keeps_torchruns_options_or_the_srun_step(monkeypatch):
+    from lmtrain.distributed.launch import launcher_prefix
+
+    for key in ("TORCHELASTIC_RUN_ID", "LMTRAIN_TORCHRUN_OPTIONS", "SLURM_STEP_NUM_TASKS", "SLURM_CPUS_PER_TASK"):
+        monkeypatch.delenv(key, raising=False)
+    assert launcher_prefix() == []  # one process, or trainer.nproc_per_node (its overrides keep the number)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "abc")
+    monkeypatch.setenv("LMTRAIN_TORCHRUN_OPTIONS", '["--nnodes=2", "--rdzv-endpoint=host0:29500"]')
+    assert launcher_prefix() == ["torchrun", "--nnodes=2", "--rdzv-endpoint=host0:29500", "-m"]
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    for key, value in {**SRUN_TASK_3_OF_8, "SLURM_CPUS_PER_TASK": "8"}.items():
+        monkeypatch.setenv(key, value)
+    assert launcher_prefix() == ["srun", "--nodes=4", "--ntasks=8", "--cpus-per-task=8"]
+
+
+def test_the_launcher_blames_the_rank_that_failed_first_not_one_that_reported_the_loss():
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from lmtrain.distributed.workers import _first_failure
+
+    def failure(code: int, when: int) -> ProcessFailure:
+        f = ProcessFailure(local_rank=0, pid=1, exitcode=code, error_file="<N/A>")
+        f.timestamp = when
+        return f
+
+    # rank 0 noticed rank 1's loss (exit 4) before the launcher saw rank 1 killed
+    assert _first_failure({0: failure(4, 10), 1: failure(-9, 11)})[0] == 1
+    assert _first_failure({0: failure(2, 11), 1: failure(4, 10)})[0] == 0  # a user error on rank 0: exit 2
+    assert _first_failure({0: failure(4, 10), 1: failure(4, 11)})[0] == 0
+
+
+def test_a_failed_collective_is_told_apart_from_the_ranks_own_errors():
+    from lmtrain.distributed.faults import communication_failure
+
+    gloo = "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation"
+    assert communication_failure(RuntimeError(gloo))
+    assert communication_failure(torch.distributed.DistStoreError("the store is gone"))
+    assert not communication_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not communication_failure(ValueError("Timed out"))
+
+
+def test_ranks_that_disagree_are_named_key_by_key():
+    from lmtrain.distributed.agreement import differences, ranks_text
+
+    assert [ranks_text(r) for r in ([3], [0, 1, 2, 3], [0, 2, 5])] == ["rank 3", "ranks 0-3", "ranks 0, 2, 5"]
+    everyone = [{"optimizer.lr": 0.002, "trainer.seed": 1}] * 3 + [{"optimizer.lr": 0.001, "trainer.seed": 1}]
+    assert differences(everyone) == ["optimizer.lr is 0.002 on ranks 0-2 but 0.001 on rank 3"]
+    assert differences([{"a": 1}, {"a": 1}]) == []
+
+
+def test_only_submitits_own_preemption_handler_is_chained():
+    from lmtrain.distributed.requeue import requeue, submitit_handler
+
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: None)
+    try:
+        assert submitit_handler(signal.SIGUSR2) is None
+        assert requeue(signal.SIGUSR2, lambda: None) == "this is no submitit job"
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_the_fsdp_mixed_precision_policy_follows_the_config():
+    from lmtrain.distributed.strategies import Sharding, mixed_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    auto = Sharding()
+    assert (mixed_precision(auto, True, cuda).param_dtype, mixed_precision(auto, True, cuda).reduce_dtype) == (
+        torch.bfloat16, torch.float32)  # bf16 compute, fp32 gradient reduction: as before these settings
+    assert mixed_precision(auto, True, cpu).param_dtype is None  # on the CPU autocast chooses the dtypes
+    chosen = mixed_precision(Sharding(param_dtype="bf16", reduce_dtype="bf16"), False, cpu)
+    assert (chosen.param_dtype, chosen.reduce_dtype) == (torch.bfloat16, torch.bfloat16)
+    assert mixed_precision(Sharding(param_dtype="fp16"), False, cpu).reduce_dtype == torch.float32

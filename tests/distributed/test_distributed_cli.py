@@ -140,19 +140,25 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_step_and_resumes_on_one_ran
     assert_close_weights(run, reference, 1e-4)
 
 
-def test_a_killed_rank_ends_the_run_within_60_s_and_resume_auto_repeats_it_exactly(ddp, tmp_path):
+def test_a_killed_rank_restarts_the_workers_once_then_ends_the_run_within_60_s_and_resume_auto_repeats_it(
+        ddp, tmp_path):
     run = tmp_path / "run"
+    # eval_every=1 slows each step, so the second kill lands well before step 20's checkpoint
     proc = start(*TWO, "trainer.nproc_per_node=2", "trainer.max_steps=100000", "trainer.resume=auto",
-                 f"hydra.run.dir={run}")
+                 "trainer.max_restarts=1", "trainer.eval_every=1", f"hydra.run.dir={run}")
     read_until(proc, "Saved checkpoint", "step_000010")
+    rank_process(proc, 1).kill()  # trainer.max_restarts=1: the launcher says which rank failed, and restarts
+    read_until(proc, "Rank 1 was killed by SIGKILL; restarting all workers from the last checkpoint (restart 1 of 1)")
+    read_until(proc, "Resuming from", "step_000010 at step 10")
+    read_until(proc, "Epoch 0, Batch 11,")
     workers = [rank_process(proc, 0), rank_process(proc, 1)]
-    workers[1].kill()
+    workers[1].kill()  # no restart left
     killed = time.monotonic()
     output = proc.stdout.read()
     assert proc.wait(timeout=60) != 0, output
     psutil.wait_procs(workers, timeout=max(1.0, 60 - (time.monotonic() - killed)))
     assert time.monotonic() - killed < 60 and not any(w.is_running() for w in workers)
-    assert "Rank 1 was killed by SIGKILL" in output
+    assert "Rank 1 was killed by SIGKILL; the other workers were stopped" in output
 
     result = run_cli("train", *TWO, "trainer.nproc_per_node=2", "trainer.resume=auto", f"hydra.run.dir={run}",
                      env=ONE_THREAD)
