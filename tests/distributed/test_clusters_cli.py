@@ -2,9 +2,9 @@
 finished, resume commands that keep the launcher, ranks that disagree stopped in one line, a lost rank named,
 workers that die with their launcher, Muon under FSDP2 and a damaged sharded checkpoint.
 
-As in test_distributed_cli.py, 2 ranks x batch 4 train on the sequences 1 rank x batch 8 does, and every run
-stays inside the 30-step LR warm-up, so a run started with a large trainer.max_steps (a signal reaches it
-mid-run) matches the 20-step reference step for step.
+As in test_distributed_cli.py (conftest.DIST_COMMON), 2 ranks x batch 4 train on the sequences 1 rank x batch 8
+does, and every run stays inside the 30-step LR warm-up, so a run started with a large trainer.max_steps (a
+signal reaches it mid-run) matches the 20-step reference step for step.
 """
 
 import fcntl
@@ -20,30 +20,22 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lmtrain.runs.metrics import read_metrics
 from lmtrain.runs.sweeps.status import read_status
 
-from conftest import FAST_TRAIN, ONE_THREAD, TINY_MODEL, read_until, run_cli, start
+from conftest import (
+    ONE_THREAD,
+    TWO_RANKS,
+    assert_losses_match,
+    read_until,
+    run_cli,
+    start,
+    step_losses,
+)
 
 pytestmark = pytest.mark.slow
 
-COMMON = [*TINY_MODEL, *(o for o in FAST_TRAIN if not o.startswith("trainer.batch_size=")), "trainer.eval_every=10",
-          "trainer.save_every=10", "trainer.dist_timeout_s=30"]
-ONE = [*COMMON, "trainer.batch_size=8", "trainer.max_steps=20"]  # 1 rank x 8
-TWO = [*COMMON, "trainer.batch_size=4", "trainer.max_steps=20"]  # 2 ranks x 4
 SLOW_STEPS = ["trainer.eval_every=1", "trainer.max_steps=100000"]  # every step evaluates: a signal lands mid-run
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-
-
-def losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
-
-
-def assert_losses_match(run: Path, reference: Path, steps: range, tol: float) -> None:
-    got, want = losses(run), losses(reference)
-    assert sorted(got) == list(steps)
-    for step in steps:
-        assert abs(got[step] - want[step]) <= tol, (step, got[step], want[step])
 
 
 def descendants(proc: subprocess.Popen, fragment: str) -> list[psutil.Process]:
@@ -65,28 +57,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """One process, batch 8, 20 steps."""
-    run = tmp_path_factory.mktemp("one") / "run"
-    result = run_cli("train", *ONE, f"hydra.run.dir={run}", env=ONE_THREAD)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return run
 
 
 # ---- 1. preemption under submitit: the job is requeued and the run finishes as if never stopped ----------------
 
 
-def test_a_preempted_submitit_job_is_requeued_and_finishes_with_the_uninterrupted_losses(reference, tmp_path):
+def test_a_preempted_submitit_job_is_requeued_and_finishes_with_the_uninterrupted_losses(one_rank_reference, tmp_path):
     sweep = tmp_path / "sweep"
     # hydra/launcher=submitit_local with a one-minute limit: its controller sends the task SIGUSR2 30 s before the
     # limit, and starts the job again when the task exits with submitit's requeue code
     proc = start("-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=1", "trainer.nproc_per_node=2",
-                 *TWO, "trainer.eval_every=1", f"hydra.sweep.dir={sweep}")
+                 *TWO_RANKS, "trainer.eval_every=1", f"hydra.sweep.dir={sweep}")
 
     def trained(steps: int) -> bool:
         metrics = next(sweep.glob("0_*/metrics.jsonl"), None)
-        return metrics is not None and len(losses(metrics.parent)) >= steps
+        return metrics is not None and len(step_losses(metrics.parent)) >= steps
 
     wait_for(lambda: trained(2), what="the job's first steps")
     # what the controller does at the time limit less signal_delay_s, sent now rather than a minute into the job
@@ -100,16 +85,16 @@ def test_a_preempted_submitit_job_is_requeued_and_finishes_with_the_uninterrupte
     assert "submitit requeued this job after SIGUSR2: continuing from the last checkpoint" in log
     assert "Traceback" not in log + output
     assert read_status(job)["status"] == "completed"
-    assert_losses_match(job, reference, range(1, 21), 1e-5)  # each step once, as the uninterrupted run
+    assert_losses_match(job, one_rank_reference, range(1, 21), 1e-5)  # each step once, as the uninterrupted run
 
 
 # ---- 2 and 5. SIGUSR2 to torchrun, and a resume command that keeps the launcher and the global batch -------------
 
 
 def test_sigusr2_to_torchrun_reaches_its_workers_once_and_the_printed_command_resumes_the_same_world(
-        reference, tmp_path):
+        one_rank_reference, tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "lmtrain", "train", *TWO,
+    proc = subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "lmtrain", "train", *TWO_RANKS,
                              *SLOW_STEPS, f"hydra.run.dir={run}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, **ONE_THREAD})
     read_until(proc, "Epoch 0, Batch 2,")
@@ -129,7 +114,7 @@ def test_sigusr2_to_torchrun_reaches_its_workers_once_and_the_printed_command_re
                            "trainer.resume=auto"]
 
     # as one process at half the global batch it would go on silently (tokens going backwards): refused, by number
-    refused = run_cli("train", *TWO, "trainer.resume=auto", f"hydra.run.dir={run}", env=ONE_THREAD)
+    refused = run_cli("train", *TWO_RANKS, "trainer.resume=auto", f"hydra.run.dir={run}", env=ONE_THREAD)
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert (f"step_{step:06d} was trained with a global batch of 8 sequences per step on 2 processes; this run's is "
             "4 (trainer.batch_size=4 x trainer.grad_accum_steps=1 x 1 process)") in refused.stdout
@@ -140,7 +125,7 @@ def test_sigusr2_to_torchrun_reaches_its_workers_once_and_the_printed_command_re
                             capture_output=True, text=True, timeout=600, env={**os.environ, **ONE_THREAD})
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"Resuming from {run}/checkpoints/step_{step:06d} at step {step}" in result.stdout
-    assert_losses_match(run, reference, range(1, 21), 1e-5)
+    assert_losses_match(run, one_rank_reference, range(1, 21), 1e-5)
 
 
 # ---- 3. every rank started with the same config and data ----------------------------------------------------
@@ -158,7 +143,7 @@ def start_ranks(args: list[list[str]], cwds: list[Path] | None = None) -> list[s
 
 def test_ranks_started_with_different_configs_or_data_stop_before_the_first_step_in_one_line(tmp_path):
     run = tmp_path / "run"
-    ranks = start_ranks([[*TWO, f"hydra.run.dir={run}"], [*TWO, "optimizer.lr=1e-3", "trainer.max_steps=30",
+    ranks = start_ranks([[*TWO_RANKS, f"hydra.run.dir={run}"], [*TWO_RANKS, "optimizer.lr=1e-3", "trainer.max_steps=30",
                                                           f"hydra.run.dir={run}"]])
     outputs = [p.communicate(timeout=300)[0] for p in ranks]
     assert [p.returncode for p in ranks] == [2, 2], outputs
@@ -173,7 +158,7 @@ def test_ranks_started_with_different_configs_or_data_stop_before_the_first_step
         node.mkdir()
         (node / "corpus.txt").write_text("\n".join(f"{words} {i}" for i in range(300)) + "\n")
     data = ["data=text_files", "data.train_files=[corpus.txt]", f"hydra.run.dir={tmp_path / 'run2'}"]
-    ranks = start_ranks([[*TWO, *data], [*TWO, *data]], cwds=nodes)
+    ranks = start_ranks([[*TWO_RANKS, *data], [*TWO_RANKS, *data]], cwds=nodes)
     outputs = [p.communicate(timeout=300)[0] for p in ranks]
     assert [p.returncode for p in ranks] == [2, 2], outputs
     assert "[rank 0] the ranks were started with different data (the token caches' manifests and tokenizer): " \
@@ -185,7 +170,8 @@ def test_ranks_started_with_different_configs_or_data_stop_before_the_first_step
 
 
 def test_a_rank_that_stops_answering_is_named_with_the_timeout_once(tmp_path):
-    proc = start(*TWO, *SLOW_STEPS, "trainer.nproc_per_node=2", "trainer.dist_timeout_s=5", f"hydra.run.dir={tmp_path}")
+    proc = start(*TWO_RANKS, *SLOW_STEPS, "trainer.nproc_per_node=2", "trainer.dist_timeout_s=5",
+                 f"hydra.run.dir={tmp_path}")
     read_until(proc, "Epoch 0, Batch 2,")
     survivor, victim = descendants(proc, "spawn_main")
     victim.suspend()  # SIGSTOP: alive, but it answers nothing
@@ -202,7 +188,7 @@ def test_a_rank_that_stops_answering_is_named_with_the_timeout_once(tmp_path):
 
 def test_slurm_tasks_without_srun_are_refused_at_once(tmp_path):
     env = {"SLURM_JOB_ID": "77", "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "gpu[01-02]"}
-    result = run_cli("train", *TWO, f"hydra.run.dir={tmp_path / 'run'}", env=env, timeout=120)
+    result = run_cli("train", *TWO_RANKS, f"hydra.run.dir={tmp_path / 'run'}", env=env, timeout=120)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "this SLURM job has 8 tasks (SLURM_NTASKS=8) but srun did not start this process" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
@@ -213,7 +199,7 @@ def test_slurm_tasks_without_srun_are_refused_at_once(tmp_path):
 
 def test_sigkill_of_the_launcher_stops_its_workers_which_save_and_keep_the_folder_locked(tmp_path):
     run = tmp_path / "run"
-    proc = start(*TWO, *SLOW_STEPS, "trainer.nproc_per_node=2", f"hydra.run.dir={run}")
+    proc = start(*TWO_RANKS, *SLOW_STEPS, "trainer.nproc_per_node=2", f"hydra.run.dir={run}")
     read_until(proc, "Epoch 0, Batch 2,")
     workers = descendants(proc, "spawn_main")
     proc.kill()
@@ -234,18 +220,18 @@ def test_sigkill_of_the_launcher_stops_its_workers_which_save_and_keep_the_folde
     output = proc.stdout.read()
     assert output.count("SIGTERM received: stopping after this step") == 2
     steps = [int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*")]
-    assert len(steps) == 1 and max(losses(run)) == steps[0]  # both stopped at one step and saved it
+    assert len(steps) == 1 and max(step_losses(run)) == steps[0]  # both stopped at one step and saved it
 
 
 # ---- 7. Muon under FSDP2 saves and resumes; a damaged sharded checkpoint falls back --------------------------
 
 
 def test_muon_under_fsdp2_resumes_exactly_and_a_truncated_shard_falls_back_to_the_checkpoint_before(tmp_path):
-    muon = [*TWO, "optimizer=muon", "trainer.strategy=fsdp", "trainer.nproc_per_node=2", "trainer.save_every=5",
+    muon = [*TWO_RANKS, "optimizer=muon", "trainer.strategy=fsdp", "trainer.nproc_per_node=2", "trainer.save_every=5",
             "trainer.max_steps=10", "trainer.keep_last=0", f"hydra.run.dir={tmp_path}"]
     result = run_cli("train", *muon, env=ONE_THREAD)
     assert result.returncode == 0, result.stdout + result.stderr
-    first = losses(tmp_path)
+    first = step_losses(tmp_path)
     assert list(first) == list(range(1, 11))
     shard = sorted((tmp_path / "checkpoints/step_000010/shards").glob("*.safetensors"))[1]
     os.truncate(shard, shard.stat().st_size // 2)
@@ -256,4 +242,4 @@ def test_muon_under_fsdp2_resumes_exactly_and_a_truncated_shard_falls_back_to_th
     assert "Falling back to step_000005, the newest checkpoint that reads whole" in result.stdout
     assert f"Resuming from {tmp_path}/checkpoints/step_000005 at step 5" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
-    assert losses(tmp_path) == first  # Muon's and AdamW's state came back whole
+    assert step_losses(tmp_path) == first  # Muon's and AdamW's state came back whole
