@@ -204,19 +204,23 @@ def test_sigkill_of_the_launcher_stops_its_workers_which_save_and_keep_the_folde
     workers = descendants(proc, "spawn_main")
     proc.kill()
     proc.wait()
-    locked_while_alive = []
-    while any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers):
-        with open(run / ".lmtrain.lock") as f:  # what a second `lmtrain train` in this folder would try
+
+    def locked() -> bool:  # what a second `lmtrain train` in this folder would find
+        with open(run / ".lmtrain.lock") as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                locked_while_alive.append(False)
-                fcntl.flock(f, fcntl.LOCK_UN)
             except BlockingIOError:
-                locked_while_alive.append(True)
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return False
+
+    locked_while_alive = []
+    while any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers):
+        locked_while_alive.append(locked())
         time.sleep(0.2)
     assert locked_while_alive and all(locked_while_alive)
-    with open(run / ".lmtrain.lock") as f:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once the last worker has gone
+    # free once the last worker has gone (the kernel may close an exiting process's files a moment later)
+    wait_for(lambda: not locked(), timeout=30, what="the lock to be released")
     output = proc.stdout.read()
     assert output.count("SIGTERM received: stopping after this step") == 2
     steps = [int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*")]
