@@ -93,6 +93,12 @@ def main() -> None:
         words = os.environ["COMP_LINE"].split(" ")
         if len(words) > 1 and words[1] == command:
             os.environ["COMP_LINE"] = " ".join(words[:1] + words[2:])
+        shell = completion.query_request(argv[1:])
+        if command in HYDRA_COMMANDS and shell is not None:  # answered here, without Hydra composing a config
+            answer = completion.answer(command, os.environ["COMP_LINE"])
+            if answer is not None:
+                print(completion.formatted(answer, shell))
+                return
     module = importlib.import_module(COMMANDS[command][0])
     if command in HYDRA_COMMANDS:
         _check_command_line(command, argv[1:])

@@ -114,23 +114,22 @@ def wants_progress_bar(setting: bool | None, target: Console = console) -> bool:
     return target.is_terminal and not parallel_job() if setting is None else setting
 
 
-def progress_bar(enabled: bool) -> Progress:
-    """Step, loss, lr, tokens/s and ETA; a disabled bar draws nothing but accepts the same calls."""
-    return Progress(
-        TextColumn("{task.description}", style="bold", markup=False),  # a description may name a path
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss [cyan]{task.fields[loss]}"),
-        TextColumn("lr {task.fields[lr]}"),
-        TextColumn("{task.fields[speed]} tok/s"),
-        TextColumn("MFU {task.fields[mfu]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled,
-        transient=False,
-    )
+WIDE_TERMINAL = 110  # columns from which the bar also shows MFU and the elapsed time
+
+
+def progress_bar(enabled: bool, target: Console = console) -> Progress:
+    """Step, loss, lr, tokens/s, MFU, elapsed time and the ETA (the task's `eta` field: the run's own, which the log
+    lines show too). On a terminal narrower than WIDE_TERMINAL, a shorter bar without MFU and elapsed time, so
+    that the ETA always shows whole. A disabled bar draws nothing but accepts the same calls."""
+    wide = target.width >= WIDE_TERMINAL
+    columns = [TextColumn("{task.description}", style="bold", markup=False),  # a description may name a path
+               BarColumn(bar_width=30 if wide else 10), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("loss [cyan]{task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+               TextColumn("{task.fields[speed]} tok/s")]
+    if wide:
+        columns += [TextColumn("MFU {task.fields[mfu]}"), TimeElapsedColumn()]
+    return Progress(*columns, TextColumn("ETA {task.fields[eta]}"), console=target, disable=not enabled,
+                    transient=False)
 
 
 def count_bar(enabled: bool) -> Progress:

@@ -2,8 +2,10 @@
 
 Every command runs inside `reports_user_errors`, the one boundary where an error or a stop becomes an exit
 status. A single run exits (2 for a user error, 3 for a divergence, 4 when a distributed run lost one of its
-ranks, 128 + the signal for a stop); under a Hydra multirun the same error is raised to Hydra instead, so the
-other jobs of the sweep still run and the sweeper (Optuna, say) records this job as failed.
+ranks, 128 + the signal for a stop). A job of a Hydra multirun ends instead, so the other jobs of the sweep
+still run: its status.json records how, and the sweep's summary reports it (lmtrain.runs.sweeps.callback,
+which also sets the sweep's exit status). A search sweeper (Optuna) scores its jobs, so there the error is
+also raised to Hydra, and the trial counts as failed.
 """
 
 from __future__ import annotations
@@ -84,6 +86,19 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def is_search(sweeper_target: str) -> bool:
+    """Whether a sweeper (its `_target_`) searches, scoring each job (Optuna), rather than running a grid: a failed
+    job must reach it as a failure. Hydra's basic sweeper only stops at the first failure and prints it again."""
+    return not sweeper_target.endswith("BasicSweeper")
+
+
+def in_search() -> bool:
+    """Whether this process runs a job of a multirun whose sweeper searches (see is_search)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return in_multirun() and is_search(str(HydraConfig.get().sweeper.get("_target_", "")))
+
+
 # What to do about a filesystem failure, by errno; the message names the path.
 _FILESYSTEM_FIXES = {
     errno.ENOSPC: "the disk is full: free space there (or point the path at another disk), then run the command "
@@ -108,10 +123,18 @@ def filesystem_error(e: OSError) -> str:
     return f"{e.strerror or e} at {paths}: {fix}"
 
 
-def reports_user_errors(fn: F) -> F:
-    """Run a command; on an LmtrainError log its message, then exit with its code (raise under multirun).
+def _end_job(message: str, cause: BaseException) -> None:
+    """A sweep job that failed, its message logged and its status.json written: it ends here (returns nothing to
+    Hydra), or, under a search sweeper, the failure is raised to it (lmtrain's sweep callback keeps Hydra from
+    printing it again)."""
+    if in_search():
+        raise JobFailed(message) from cause
 
-    An unexpected exception under multirun goes into the job's log with its traceback, then to Hydra.
+
+def reports_user_errors(fn: F) -> F:
+    """Run a command; on an LmtrainError log its message, then exit with its code (a sweep job: see _end_job).
+
+    An unexpected exception under multirun goes into the job's log with its traceback, and ends the job.
     HYDRA_FULL_ERROR=1 re-raises, so the whole traceback shows, as it does for Hydra's own errors.
     """
 
@@ -125,18 +148,19 @@ def reports_user_errors(fn: F) -> F:
             if str(e):  # an empty message: another rank has said it (LostRank, RunStopped on ranks other than 0)
                 (log.warning if isinstance(e, RunStopped) else log.error)("%s", e)
             if in_multirun():
-                raise JobFailed(f"{e.status}: {e}") from e
+                return _end_job(f"{e.status}: {e}", e)
             sys.exit(e.exit_code)
         except OSError as e:  # the one boundary for filesystem failures: one line naming the path and the fix
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             log.error("%s", filesystem_error(e))
             if in_multirun():
-                raise JobFailed(f"failed: {filesystem_error(e)}") from e
+                return _end_job(f"failed: {filesystem_error(e)}", e)
             sys.exit(USER_ERROR_EXIT)
-        except Exception:
-            if in_multirun():
-                log.exception("The job failed with an unexpected error")
-            raise
+        except Exception as e:
+            if not in_multirun() or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            log.exception("The job failed with an unexpected error")
+            return _end_job(f"failed: {type(e).__name__}: {e}", e)
 
     return wrapper  # type: ignore[return-value]

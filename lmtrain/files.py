@@ -19,7 +19,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 # `.NAME.tmp123`: being written; `.NAME.old123`: being replaced; `.NAME.trash123`: being deleted (123: a pid).
-_SCRATCH = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old|trash)\d+")
+_SCRATCH = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old|trash)(?P<pid>\d+)")
 
 
 def _fsync(path: Path) -> None:
@@ -95,12 +95,29 @@ def write_text(path: Path, text: str) -> None:
     _fsync(path.parent)
 
 
+def _running_elsewhere(pid: int) -> bool:
+    """Whether `pid` is another process that is running now (on this machine)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists is checked
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, and belongs to another user
+        return True
+    return True
+
+
 def recover(folder: Path) -> None:
     """Tidy what a crash during a save left in `folder`: a folder caught between being moved aside and
-    its successor arriving is put back; unfinished and half-deleted copies are removed."""
+    its successor arriving is put back; unfinished and half-deleted copies are removed. What a process that
+    is still running is writing (its PID ends the name) is left alone."""
     for p in Path(folder).glob(".*"):
         m = _SCRATCH.fullmatch(p.name)
         if m is None:
+            continue
+        if _running_elsewhere(int(m["pid"])):
+            log.warning("Leaving %s alone: process %s, which is writing it, is still running", p, m["pid"])
             continue
         target = p.with_name(m["name"])
         if m["kind"] == "old" and not target.exists():

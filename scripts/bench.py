@@ -59,7 +59,7 @@ def parse_case(spec: str) -> tuple[str, dict[str, str], ModelConfig, int]:
     preset, *pairs = spec.split(",")
     overrides = dict(pair.split("=", 1) for pair in pairs)
     batch = int(overrides.pop("batch", 8))
-    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(PRESETS / f"{preset}.yaml"),
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(PRESETS / f"{preset}.yaml").model,
                              OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()]))
     cfg: ModelConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     if cfg.vocab_size is None:

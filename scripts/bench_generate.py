@@ -24,7 +24,7 @@ PRESETS = Path(__file__).resolve().parents[1] / "configs" / "model"
 
 
 def build(preset: str, block_size: int, vocab_size: int, device: str) -> GPT:
-    values = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(PRESETS / f"{preset}.yaml"),
+    values = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(PRESETS / f"{preset}.yaml").model,
                              {"block_size": block_size, "vocab_size": vocab_size})
     torch.manual_seed(0)
     return GPT(OmegaConf.to_object(values)).to(device).eval()

@@ -1,21 +1,21 @@
-"""Seconds from the command to the first training step, and to the exit: `lmtrain train trainer.nproc_per_node=N`
-against `torchrun --standalone --nproc_per_node=N -m lmtrain train`, the same short run, in alternating rounds.
+"""How fast lmtrain answers when it has nothing to train: --help, a config error, a shell completion (TAB).
 
-    python scripts/bench_startup.py                          # 2 processes, 3 rounds
-    python scripts/bench_startup.py --procs 4 --rounds 5
-    python scripts/bench_startup.py --source /tmp/lmtrain-main . # also each launcher on another source tree
+    python scripts/bench_startup.py                          # each case 5 times: median and best wall time
+    python scripts/bench_startup.py --baseline OLD_CHECKOUT     # and the same cases on another source tree
 
-Each round runs every case once, in turn, so that a machine whose load drifts treats them alike; the table
-shows the median and the best round of each case. --source runs lmtrain from those source trees (their
-folders go first on PYTHONPATH), to compare a change with the code before it in one session. The token
-cache and the measured precision figures are warmed by a first run that does not count. On a shared machine
-wrap it in `flock /tmp/lmtrain-bench.lock`.
+Each case runs `python -m lmtrain ...` in a fresh process in an empty scratch folder, as a user's shell would,
+and a second time with `-X importtime` to say whether it imported torch (the import that costs seconds).
+--baseline names the root of another lmtrain checkout (`git archive COMMIT | tar -x -C DIR`, say): its lmtrain/
+and configs/ are copied into a scratch folder laid out as an install (configs/ as lmtrain/configs) and put first
+on PYTHONPATH, and each case runs on both, alternating, so a machine whose load changes affects both alike. On a
+busy machine the medians grow; the best time is the closest to a quiet machine's.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -23,54 +23,59 @@ import tempfile
 import time
 from pathlib import Path
 
-TORCHRUN = Path(sys.executable).parent / "torchrun"
-RUN = ["trainer.max_steps=3", "trainer.log_every=1", "trainer.eval_every=100", "trainer.save_every=0",
-       "trainer.sample_every=0", "trainer.progress=false", "data.max_documents=300"]
+CASES = [  # (name, arguments, extra environment)
+    ("lmtrain --help", ["--help"], {}),
+    ("lmtrain train --help", ["train", "--help"], {}),
+    ("a mistyped value: optimizer.lr=abc", ["train", "optimizer.lr=abc"], {}),
+    ("a cross-field error: d_model=100 n_heads=12", ["train", "model.d_model=100", "model.n_heads=12"], {}),
+    ("completion: lmtrain train trainer.max_<TAB>", ["train", "-sc", "query=bash"],
+     {"COMP_LINE": "lmtrain train trainer.max_", "COMP_POINT": "26"}),
+]
 
 
-def timed(command: list[str], env: dict) -> tuple[float, float]:
-    """Seconds to the line of the first training step, and to the exit."""
-    start, first = time.perf_counter(), None
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if first is None and "Epoch 0, Batch 1," in line:
-            first = time.perf_counter() - start
-    if proc.wait() != 0 or first is None:
-        sys.exit(f"{' '.join(command)} failed:\n{''.join(lines[-30:])}")
-    return first, time.perf_counter() - start
+def installed_copy(checkout: Path, into: Path) -> dict:
+    """The environment that imports lmtrain from a copy of `checkout`, laid out as an install."""
+    shutil.copytree(checkout / "lmtrain", into / "lmtrain", ignore=shutil.ignore_patterns("__pycache__", "configs"))
+    shutil.copytree(checkout / "configs", into / "lmtrain" / "configs")
+    return {"PYTHONPATH": str(into)}
+
+
+def run(args: list[str], env: dict, cwd: str, importtime: bool = False) -> tuple[float, int, str]:
+    argv = [sys.executable, *(["-X", "importtime"] if importtime else []), "-m", "lmtrain", *args]
+    start = time.perf_counter()
+    done = subprocess.run(argv, cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True)
+    return time.perf_counter() - start, done.returncode, done.stderr
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--procs", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--source", nargs="*", default=[], help="source trees to run lmtrain from (default: installed)")
-    parser.add_argument("overrides", nargs="*", help="more `lmtrain train` overrides (a model, say)")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--baseline", type=Path, default=None, help="another checkout's root, timed side by side")
     args = parser.parse_args()
-    sources = args.source or [""]
-    workdir = Path(tempfile.mkdtemp(prefix="lmtrain-startup-"))
-    cases = [(source, launcher) for source in sources for launcher in ("nproc_per_node", "torchrun")]
-    times: dict[tuple[str, str], list[tuple[float, float]]] = {case: [] for case in cases}
-    for r in range(args.rounds + 1):  # round 0 warms the caches
-        for source, launcher in cases:
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH")) if p)}
-            run = [*RUN, *args.overrides, f"hydra.run.dir={workdir}/{len(os.listdir(workdir))}"]
-            ours = [sys.executable, "-m", "lmtrain", "train", *run, f"trainer.nproc_per_node={args.procs}"]
-            theirs = [str(TORCHRUN), "--standalone", f"--nproc_per_node={args.procs}", "-m", "lmtrain", "train", *run]
-            command = ours if launcher == "nproc_per_node" else theirs
-            result = timed(command, env)
-            if r > 0:
-                times[(source, launcher)].append(result)
-            print(f"round {r}: {source or 'installed'} {launcher}: first step {result[0]:.1f} s, "
-                  f"exit {result[1]:.1f} s", flush=True)
-    print(f"\n{args.procs} processes, {args.rounds} rounds (median / best, seconds)")
-    print("| source | launcher | to the first step | to the exit |\n|---|---|---|---|")
-    for (source, launcher), values in times.items():
-        first, total = [v[0] for v in values], [v[1] for v in values]
-        print(f"| {source or 'installed'} | {launcher} | {statistics.median(first):.1f} / {min(first):.1f} | "
-              f"{statistics.median(total):.1f} / {min(total):.1f} |")
+    with tempfile.TemporaryDirectory(prefix="bench-startup-") as scratch:
+        trees = {"this checkout": {}}
+        if args.baseline is not None:
+            trees["baseline"] = installed_copy(args.baseline.resolve(), Path(scratch) / "baseline")
+        work = Path(scratch) / "work"
+        work.mkdir()
+        keys = [(tree, name) for name, _, _ in CASES for tree in trees]
+        times: dict[tuple, list[float]] = {key: [] for key in keys}
+        status, torch = {}, {}
+        cases = {name: (argv, env) for name, argv, env in CASES}
+        for tree, name in keys:
+            argv, env = cases[name]
+            _, _, stderr = run(argv, {**env, **trees[tree]}, str(work), importtime=True)
+            torch[tree, name] = any(line.split("|")[-1].strip() == "torch" for line in stderr.splitlines())
+        for _ in range(args.runs):
+            for tree, name in keys:
+                argv, env = cases[name]
+                seconds, status[tree, name], _ = run(argv, {**env, **trees[tree]}, str(work))
+                times[tree, name].append(seconds)
+    print(f"{'case':<46}{'tree':<15}{'median s':>9}{'best s':>8}{'exit':>6}  torch   ({args.runs} runs, load average "
+          f"{os.getloadavg()[0]:.1f})")
+    for tree, name in keys:
+        print(f"{name:<46}{tree:<15}{statistics.median(times[tree, name]):>9.2f}{min(times[tree, name]):>8.2f}"
+              f"{status[tree, name]:>6}  {'yes' if torch[tree, name] else 'no'}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,12 @@
     python scripts/check_readme.py --list       # what each command would run, or why it is skipped; runs nothing
     python scripts/check_readme.py --only eval  # only commands containing this text (and the runs they need)
 
+Before any command runs, every file a doc names must exist: a path under lmtrain/, docs/, scripts/, configs/ or
+tests/ anywhere in its text, naming a file (with an extension), a folder (with a trailing /) or a glob (which
+must match something), a module named from inside the package (`training/setup.py`), and the target of each
+relative Markdown link (its `#anchor` left out). A doc naming a file that was moved or removed fails the check,
+one line per name.
+
 Which commands: every line of a fenced code block that starts, at column 0 or after a `$ ` prompt, with
 `lmtrain`, `python`, `python3`, `pip`, `torchrun`, `srun` or `sbatch`. Indented lines and other lines are
 the output shown beside them. `# comments` are dropped; `a && b` chains run part by part.
@@ -13,17 +19,20 @@ How each one runs (the rules, in order):
 - Installs (`pip ...`, `python3 -m venv ...`, `. .venv/bin/activate`), the test suite (`python -m pytest`)
   and this script are skipped: a fresh clone's CI runs them already.
 - Commands that need a GPU or a cluster (`cuda`, `torchrun`, `srun`, `sbatch`, `nproc_per_node`, `slurm`)
-  and ones that need the Hugging Face hub (`data=hf` with a non-local path, `data=tinystories`,
-  `data=fineweb_edu`, `tokenizer=pretrained`, also when an `experiment=` recipe chooses them) are skipped.
+  and ones that need the Hugging Face hub (`data=hf` with a non-local path and no `data.data_files`,
+  `data=tinystories`, `data=fineweb_edu`, `tokenizer=pretrained`, a `hf:<repo id>` model, also when an
+  `experiment=` recipe chooses them) are skipped.
 - Benchmarks (`scripts/bench*.py`, `scripts/crash_test.py`) take minutes by design: skipped unless `--slow`.
 - `python -c` code that imports a package this environment lacks (transformers without the `hf` extra)
   is skipped, naming the package.
 - Placeholders become real paths: a run directory (`RUN_DIR`, `outputs/DATE/TIME`, `outputs/...`, any
   `outputs/<date>/<time>`) is the folder of the first training run that succeeded, `step_NNNNNN` its newest
-  step checkpoint; input files (`data.*train_files`, `data.*val_files`, `prompt_file`) that do not exist
-  are written with a small sample text (`.jsonl` as records with a `text` field), globs as one file.
+  step checkpoint; input files (`data.*train_files`, `data.*val_files`, `data.*data_files`, `prompt_file`)
+  that do not exist are written with a small sample text (`.jsonl` as records and `.csv` as rows, the text
+  under `data.text_column`, else `text`), globs as one file.
 - `lmtrain train` and `prepare` get tiny budgets appended (a 2-layer model, a few steps, a few documents,
-  a 300-token BPE); `generate` a few new tokens; `eval` a few hundred tokens. `--help`, `--cfg` and
+  a 300-token BPE; with `model.init_from`, whose checkpoint gives the model, only its context is cut);
+  `generate` a few new tokens; `eval` a few hundred tokens. `--help`, `--cfg` and
   `-sc` run as written. Every command runs in one scratch folder, with HF_HUB_OFFLINE=1, its own token
   cache and stdin of two prompt lines (for `interactive=true`).
 - A block whose output shows `ERROR: message` expects its command to fail as a user error (exit status 2 or
@@ -67,11 +76,17 @@ BUDGETS = {"train": TINY_TRAIN, "prepare": TINY_DATA, "generate": {"max_new_toke
            "eval": {"max_tokens": "400"}}
 RUN_DIR_PLACEHOLDER = re.compile(r"/?(?:abs/)?outputs/(?:DATE/TIME|\.\.\.|\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d)|\bRUN_DIR\b")
 STEP_PLACEHOLDER = re.compile(r"\bstep_\d{6}\b")
-INPUT_KEYS = re.compile(r"^(?:\+)?(?:data\.(?:mixture\.\d+\.)?(?:train_files|val_files)|prompt_file)=(?P<value>.+)$")
+INPUT_KEYS = re.compile(r"^(?:\+)?(?:data\.(?:mixture\.\d+\.)?(?:train_files|val_files|data_files)|prompt_file)="
+                        r"(?P<value>.+)$")
 GPU_OR_CLUSTER = re.compile(r"\bcuda\b|\btorchrun\b|\bsrun\b|\bsbatch\b|nproc_per_node|gpus_per_node|slurm|gpu_check")
-HUB = re.compile(r"\bdata=(?:tinystories|fineweb_edu)\b|\btokenizer=pretrained\b")
+HUB = re.compile(r"\bdata=(?:tinystories|fineweb_edu)\b|\btokenizer=pretrained\b|=hf:")
 BENCHMARK = re.compile(r"\bscripts/(?:bench\w*|crash_test)\.py\b")
 INSTALL = re.compile(r"^(?:pip3?|python3? -m (?:venv|pip)|\. \S*activate|source \S*activate)\b")
+# A repository path in a doc's text, and a Markdown link's target (not a URL, not an anchor on the same page).
+REPO_PATH = re.compile(r"(?<![\w./~-])(?:lmtrain|docs|scripts|configs|tests)/[\w./*{}-]*[\w*/]")
+# A module named from inside the package, as the docs often do: `training/setup.py` is lmtrain/training/setup.py.
+PACKAGE_MODULE = re.compile(r"(?<![\w./~-])(?:training|runs|data|model|config|commands|distributed|hf)/[\w/]*\w\.py\b")
+LINK = re.compile(r"\]\((?![a-z][\w+.-]*:|#)(?P<target>[^)\s#]+)(?:#[^)]*)?\)")
 
 
 @dataclass
@@ -128,6 +143,24 @@ def extract_commands(path: Path, root: Path = ROOT) -> list[DocCommand]:
     return commands
 
 
+def missing_paths(path: Path, root: Path = ROOT) -> list[str]:
+    """`file:line: NAME` for each repository path or linked file that the doc names and that does not exist."""
+    missing = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        # a file (an extension), a folder (a trailing /) or a glob: `lmtrain/bare` may be a ratio's name
+        named = [(root, m[0]) for m in REPO_PATH.finditer(line) if m[0].endswith("/") or "*" in m[0]
+                 or "." in m[0].rsplit("/", 1)[1]]
+        named += [(root / "lmtrain", m[0]) for m in PACKAGE_MODULE.finditer(line)]
+        named += [(path.parent, m["target"]) for m in LINK.finditer(line)]
+        for base, name in named:
+            name = name.rstrip(".")
+            found = list(base.glob(name)) if "*" in name else [base / name] if (base / name).exists() else []
+            if not found:
+                where = path.relative_to(root) if path.is_relative_to(root) else path
+                missing.append(f"{where}:{number}: {name}")
+    return missing
+
+
 def _without_comment(line: str) -> str:
     """The line without a trailing `# comment`, as a shell reads it: a `#` inside quotes stays."""
     quote = None
@@ -177,6 +210,8 @@ def _recipes(text: str) -> str:
         for line in file.read_text(encoding="utf-8").splitlines():
             if m := re.match(r"\s*-\s*(?:override\s+)?/?(\w+):\s*(\w+)", line):
                 found.append(f"{m[1]}={m[2]}")
+            elif m := re.match(r"\s*init_from:\s*(hf:\S+)", line):  # a model on the hub
+                found.append(f"model.init_from={m[1]}")
             elif m := re.match(r"\s*-\s*(\w+)\s*$", line):  # another recipe it builds on
                 names.append(m[1])
     return " " + " ".join(found)
@@ -184,6 +219,8 @@ def _recipes(text: str) -> str:
 
 def _hub_dataset(text: str) -> bool:
     if not re.search(r"\bdata(?:\.mixture\.\d+)?\.?source=hf\b|\bdata=hf\b", text):
+        return False
+    if re.search(r"\bdata(?:\.mixture\.\d+)?\.data_files=", text):  # a builder (data.path=csv) on local files
         return False
     path = re.search(r"\bdata(?:\.mixture\.\d+)?\.path=(\S+)", text)
     return path is None or not (path[1].startswith(("/", ".", "~")) or os.sep in path[1] and Path(path[1]).exists())
@@ -205,15 +242,19 @@ def sample_text(lines: int = 400) -> str:
     return "\n".join(" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(14)) for i in range(lines)) + "\n"
 
 
-def write_input(path: Path) -> None:
-    """A stand-in for a user's file: `*` in a glob becomes `sample`; .jsonl gets `{"text": ...}` records."""
+def write_input(path: Path, column: str = "text") -> None:
+    """A stand-in for a user's file: `*` in a glob becomes `sample`; .jsonl gets `{column: ...}` records and .csv
+    a header and one row per line, the text under `column` (the command's data.text_column)."""
     path = Path(str(path).replace("*", "sample"))
     if path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     text = sample_text()
     if path.suffix == ".jsonl":
-        path.write_text("".join(json.dumps({"text": line}) + "\n" for line in text.splitlines()), encoding="utf-8")
+        path.write_text("".join(json.dumps({column: line}) + "\n" for line in text.splitlines()), encoding="utf-8")
+    elif path.suffix == ".csv":
+        rows = "".join(f'{i},"{line}"\n' for i, line in enumerate(text.splitlines()))
+        path.write_text(f"id,{column}\n{rows}", encoding="utf-8")
     else:
         path.write_text(text, encoding="utf-8")
 
@@ -255,12 +296,14 @@ class Checker:
         """One command of a chain as it runs here: budgets added, input files written, run dirs chosen.
         keep_own (a command the docs show failing): budgets only for keys the command does not set itself."""
         words = [w for w in words if w not in ("...", "…")]  # an elision: "your other overrides"
+        column = next((w.split("=", 1)[1] for w in words if re.match(r"data\.(?:mixture\.\d+\.)?text_column=", w)),
+                      "text")
         for word in words:
             if m := INPUT_KEYS.match(word):
                 for item in m["value"].strip("[]").split(","):
                     item = item.strip().strip("'\"")
                     if item and not os.path.isabs(item):
-                        write_input(self.workdir / item)
+                        write_input(self.workdir / item, column)
         if words[0] in ("python", "python3"):
             return [sys.executable, *words[1:]]
         if words[0] != "lmtrain":
@@ -271,6 +314,8 @@ class Checker:
         budget = dict(BUDGETS.get(command, {}))
         if command in ("train", "prepare"):
             budget.update(self._mixture_budget(words))
+        if command == "train" and any(w.startswith("model.init_from=") for w in words):  # it gives the shape
+            budget = {k: v for k, v in budget.items() if not k.startswith("model.") or k == "model.block_size"}
         if keep_own:
             budget = {k: v for k, v in budget.items() if not any(w.split("=", 1)[0] == k for w in words)}
         own = [w for w in words[2:] if w.split("=", 1)[0].lstrip("+") not in budget]
@@ -358,14 +403,14 @@ def family(c: DocCommand) -> tuple[str, ...]:
 
 
 def sample(commands: list[DocCommand]) -> list[DocCommand]:
-    """The first command of each family, README's first, and the first command that names each run or sweep
-    folder (later commands may read it): what the test runs to stay within its time budget (the script runs
-    them all)."""
+    """The first command of each family that runs here (not skipped), README's first, and the first command that
+    names each run or sweep folder (later commands may read it): what the test runs to stay within its time
+    budget (the script runs them all)."""
     seen, folders, chosen = set(), set(), []
     for c in commands:
         folder = re.search(r"\bhydra\.(?:run|sweep)\.dir=(\S+)", c.text)
         new_folder = folder is not None and folder[1] not in folders
-        if family(c) not in seen or new_folder:
+        if (family(c) not in seen and skip_reason(c.text) is None) or new_folder:
             chosen.append(c)
             seen.add(family(c))
             folders.update([folder[1]] if folder else [])
@@ -388,9 +433,12 @@ def main() -> None:
             print(f"{c.where}: {c.text}\n    {'skip: ' + reason if reason else 'runs'}"
                   f"{'; expects ERROR: ' + c.expect_error if c.expect_error else ''}")
         return
+    missing = [m for path in doc_files() for m in missing_paths(path)]
+    for m in missing:
+        print(f" FAILED  {m}: no such file (moved or removed? fix the doc)", flush=True)
     with tempfile.TemporaryDirectory(prefix="check-readme-") as tmp:
         checker = Checker(args.workdir or Path(tmp))
-        failed = 0
+        failed = len(missing)
         for c in commands:
             wanted = args.only is None or args.only in c.text
             if not wanted and not (checker.run_dir is None and c.text.startswith("lmtrain train")

@@ -1,13 +1,16 @@
-"""Shared fixtures: a private token cache, a small corpus on disk, and a runner for the real CLI."""
+"""Shared fixtures: a private token cache, a small corpus, a runner for the real CLI, tiny transformers folders."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 # Tests never reach the Hugging Face hub. huggingface_hub reads these when first imported, so they are
 # set here, before any test module imports datasets.
@@ -113,3 +116,92 @@ def one_rank_reference(tmp_path_factory) -> Path:
     result = run_cli("train", *ONE_RANK, f"hydra.run.dir={run}", env=ONE_THREAD)
     assert result.returncode == 0, result.stdout + result.stderr
     return run
+
+
+# Tiny Hugging Face model folders, built offline as a user's would be: a randomly initialised transformers model
+# saved with `save_pretrained` (safetensors), a byte-level BPE tokenizer trained with `tokenizers` on a few lines
+# and saved as the folder's tokenizer.json, with the tokenizer_config.json and special tokens a real folder has.
+HF_TEXT = ("the quick brown fox jumps over the lazy dog while a small bird sings in the old tree\n"
+        "def main(argv):\n    return sum(x * 2 for x in argv)  # héllo wörld\n")
+
+# Per architecture: its transformers config (tiny: 2 layers, width 32, context 64), the special tokens of its
+# tokenizer, the one its tokenizer puts before every text (as Llama's does), and the eos its
+# tokenizer_config.json names. Between them they cover GQA, untied and tied heads, Llama 3's rope_scaling,
+# biases on q/k/v alone, a padded vocabulary and an eos that is not lmtrain's first guess.
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 16}
+FAMILIES = {
+    "gpt2": dict(config=lambda transformers, v: transformers.GPT2Config(
+        vocab_size=v, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0),
+        specials=["<|endoftext|>"], bos=None, eos="<|endoftext|>"),
+    "llama": dict(config=lambda transformers, v: transformers.LlamaConfig(
+        vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling=LLAMA3_SCALING, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1),
+        specials=["<|begin_of_text|>", "<|end_of_text|>"], bos="<|begin_of_text|>", eos="<|end_of_text|>"),
+    "mistral": dict(config=lambda transformers, v: transformers.MistralConfig(
+        vocab_size=v, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, max_position_embeddings=64, sliding_window=None, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=1),
+        specials=["<s>", "</s>", "<unk>"], bos="<s>", eos="</s>"),
+    "qwen2": dict(config=lambda transformers, v: transformers.Qwen2Config(
+        vocab_size=v + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rope_theta=1000000.0, tie_word_embeddings=True,
+        use_sliding_window=False, bos_token_id=None, eos_token_id=2),
+        specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], bos=None, eos="<|im_end|>", split=True),
+}
+# Qwen2's own pre-tokenizer, as its tokenizer.json has it (and as transformers 5 applies to any qwen2 folder)
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+               r"|\s+(?!\S)|\s+")
+CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+           "qwen2": "Qwen2ForCausalLM"}
+
+
+def train_tokenizer(specials: list[str], bos: str | None, split: bool = False) -> Tokenizer:
+    """A 300-token byte-level BPE; with `bos`, a post-processor that puts it before every text, as Llama's;
+    with `split`, Qwen2's pre-tokenizer."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]) if split else pre_tokenizers.ByteLevel(
+        add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([HF_TEXT] * 20, trainer=trainer)
+    if bos is not None:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))])
+    return tokenizer
+
+
+def perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """Every weight moved well away from its init (norms and biases too): a wrong mapping cannot hide."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def hf_folder(path: Path, family: str, tokenizer_file: bool = True) -> Path:
+    """A tiny transformers folder of `family` at `path`: config.json, model.safetensors, tokenizer files."""
+    transformers = pytest.importorskip("transformers")
+    spec = FAMILIES[family]
+    tokenizer = train_tokenizer(spec["specials"], spec["bos"], spec.get("split", False))
+    config = spec["config"](transformers, tokenizer.get_vocab_size())
+    model = perturbed(getattr(transformers, CLASSES[family])(config)).eval()
+    model.save_pretrained(path)
+    if tokenizer_file:
+        tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": spec["bos"], "eos_token": spec["eos"],
+        "model_max_length": 64, "clean_up_tokenization_spaces": False}))
+    return path
+
+
+@pytest.fixture(scope="session")
+def hf_folders(tmp_path_factory) -> dict[str, Path]:
+    """One tiny folder per architecture, built once per session (tests must not change them)."""
+    root = tmp_path_factory.mktemp("hf")
+    return {family: hf_folder(root / family, family) for family in FAMILIES}

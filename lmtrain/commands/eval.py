@@ -10,17 +10,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from lmtrain.config import (
-    DataConfig,
-    EvalConfig,
-    TokenizerConfig,
-    TokenizerKind,
-    register_configs,
-    to_config,
-)
+from lmtrain.config import DataConfig, EvalConfig, register_configs, to_config
+from lmtrain.config.model import HUB_PREFIX
 from lmtrain.errors import CheckpointError, DataError, reports_user_errors
 
-register_configs()
+register_configs("eval")
 log = logging.getLogger(__name__)
 
 
@@ -34,10 +28,14 @@ def checkpoint_data(config: dict) -> DataConfig:
 
 def results_file(ev: EvalConfig, checkpoint: Path) -> Path:
     """`out`, else a file beside the weights it describes: eval_<split>.json in the checkpoint folder
-    (eval_<data>_<split>.json for data other than the checkpoint's own)."""
+    (eval_<data>_<split>.json for data other than the checkpoint's own); for hf:<repo id>, whose folder is the
+    hub's cache, eval_<repo>_<data>_<split>.json in the working directory."""
     if ev.out is not None:
         return Path(ev.out).expanduser()
-    return checkpoint / f"eval_{'' if ev.data is None else ev.data.name + '_'}{ev.split.value}.json"
+    name = f"eval_{'' if ev.data is None else ev.data.name + '_'}{ev.split.value}.json"
+    if ev.checkpoint.startswith(HUB_PREFIX):
+        return Path(name.replace("eval_", f"eval_{ev.checkpoint[len(HUB_PREFIX):].replace('/', '_')}_", 1))
+    return checkpoint / name
 
 
 @hydra.main(version_base="1.3", config_path="pkg://lmtrain.configs", config_name="eval")
@@ -51,7 +49,6 @@ def main(cfg: DictConfig) -> None:
     from lmtrain.distributed.world import pick_device
     from lmtrain.files import write_json
     from lmtrain.model.evaluation import check_no_unknown, evaluate_shards, first_tokens, windows
-    from lmtrain.runs.checkpoint import TOKENIZER
     from lmtrain.runs.trained import load_trained
     from lmtrain.training.precision import autocast_for, choose
 
@@ -59,8 +56,8 @@ def main(cfg: DictConfig) -> None:
     device = pick_device(ev.device, "device")
     trained = load_trained(ev.checkpoint, device)
     data = ev.data or checkpoint_data(trained.config)
-    # the checkpoint's own tokenizer.json, so the tokens are the ones the model was trained on
-    prepared = prepare_data(data, TokenizerConfig(kind=TokenizerKind.file, path=str(trained.path / TOKENIZER)))
+    # the checkpoint's own tokenizer, so the tokens are the ones the model was trained on
+    prepared = prepare_data(data, trained.tokenizer_config)
     shards = [s for cache in prepared.caches.values() for s in cache.shards(ev.split.value)]  # every source's
     shards = first_tokens(shards, ev.max_tokens)
     check_no_unknown(trained.tokenizer, shards, lambda: source_texts(data), f"the {ev.split.value} split of "

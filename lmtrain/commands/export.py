@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from lmtrain.config import ExportConfig, register_configs, to_config
 from lmtrain.errors import reports_user_errors
 
-register_configs()
+register_configs("export")
 log = logging.getLogger(__name__)
 
 
@@ -28,4 +28,4 @@ def main(cfg: DictConfig) -> None:
     out = export_hf(trained.model, trained.tokenizer, trained.path, ex.out, ex.overwrite)
     log.info("Exported %s as a transformers %s model to %s; load it with "
              "AutoModelForCausalLM.from_pretrained(%r) and AutoTokenizer.from_pretrained(%r)",
-             trained.path, {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[arch], out, str(out), str(out))
+             trained.path, arch, out, str(out), str(out))

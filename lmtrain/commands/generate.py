@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from lmtrain.runs.trained import TrainedModel
 
-register_configs()
+register_configs("generate")
 log = logging.getLogger(__name__)
 
 

@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from lmtrain.commands.summarize import chosen_runs
+from lmtrain.commands.summarize import chosen_runs, warnings_to_stderr
 from lmtrain.errors import reports_user_errors
 
 log = logging.getLogger("lmtrain")
@@ -39,4 +39,5 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
         print(USAGE)
         return
+    warnings_to_stderr()
     plot_command(sys.argv[1:])

@@ -22,7 +22,7 @@ from lmtrain.errors import reports_user_errors
 if TYPE_CHECKING:
     from lmtrain.data.prepare import PreparedData
 
-register_configs()
+register_configs("prepare")
 log = logging.getLogger(__name__)
 INTERRUPTED_EXIT = 130  # as a shell reports a process ended by Ctrl-C
 # Preparing data needs no PyTorch: keep `datasets` from importing it (about 200 MB and a second or two).
@@ -52,7 +52,7 @@ def main(cfg: DictConfig) -> None:
     quiet_libraries()
     try:
         with PreparationProgress(wants_progress_bar(None)) as progress:
-            data = prepare_data(prepare_cfg.data, prepare_cfg.tokenizer, progress)
+            data = prepare_data(prepare_cfg.data, prepare_cfg.tokenizer, progress, verify=prepare_cfg.verify)
     except KeyboardInterrupt:
         log.error("Interrupted. The shards finished so far are kept: the same command continues from them")
         sys.exit(INTERRUPTED_EXIT)

@@ -2,17 +2,20 @@
 
 DIR is a run, a sweep (finished, unfinished, any launcher's) or a folder of them; with one DIR the files
 (summary.csv, summary.md, summary.png) go into it, with several into `out=` (else only the table shows).
+Ranked another way (metric= or sort=), they are named summary_by_KEY.*, so a sweep's own summary stays.
 Not a Hydra app: it reads run folders and makes none.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 from lmtrain.errors import ConfigError, reports_user_errors
 from lmtrain.runs.sweeps.runs import OBJECTIVES
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")  # characters kept in a file name
 USAGE = "usage: lmtrain summarize DIR [DIR ...] [metric=val_loss|best_val_loss|train_loss] [sort=KEY] [out=DIR]"
 
 
@@ -56,11 +59,23 @@ def summarize_command(argv: list[str]) -> None:
     out = Path(options["out"]) if "out" in options else folders[0] if len(folders) == 1 else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    summarize(runs, out, metric, sort=options.get("sort"))
+    ranked_by = options.get("sort") or (metric if "metric" in options else None)
+    name = "summary" if ranked_by in (None, "val_loss") else "summary_by_" + _UNSAFE.sub("_", ranked_by)
+    summarize(runs, out, metric, sort=options.get("sort"), name=name)
+
+
+def warnings_to_stderr() -> None:
+    """Warnings (a damaged record skipped, naming its file and line) on stderr, beside the table on stdout."""
+    import logging
+
+    from lmtrain.console import make_console_handler
+
+    logging.getLogger().addHandler(make_console_handler(stderr=True))
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in ("-h", "--help"):
         print(USAGE)
         return
+    warnings_to_stderr()
     summarize_command(sys.argv[1:])

@@ -17,19 +17,21 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from lmtrain.config import TrainConfig, register_configs, to_train_config
+from lmtrain.config.overrides import explicit_model_keys
 from lmtrain.console import quiet_libraries
 from lmtrain.distributed.ranks import world_from_env
 from lmtrain.errors import Diverged, RunStopped, in_multirun, reports_user_errors
+from lmtrain.runs.records import read_metrics
 from lmtrain.runs.run_dir import open_run_dir
 from lmtrain.runs.sweeps.callback import finish_sweep
 from lmtrain.runs.sweeps.jobs import finished_objective, register_job_name_resolver
-from lmtrain.runs.sweeps.runs import objective_value, read_records
-from lmtrain.runs.sweeps.status import record_requeue, recorded_status
+from lmtrain.runs.sweeps.runs import objective_value, stopped_early_at
+from lmtrain.runs.sweeps.status import JobRecord, recorded_status
 
 if TYPE_CHECKING:
     from lmtrain.distributed.launch import Outcome
 
-register_configs()
+register_configs("train")
 register_job_name_resolver()
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,12 @@ def main() -> None:
 
 def extra_overrides(argv: list[str]) -> list[str]:
     """Added to the command line before Hydra composes (cli.py): under torchrun or srun, every rank's share of
-    one run directory."""
+    one run directory. A lone process needs none and knows it without torch, which the launcher imports: --help,
+    shell completion and config errors do not wait for it."""
+    from lmtrain.distributed.world import world_from_env
+
+    if world_from_env().size == 1:
+        return []
     from lmtrain.distributed.launch import shared_run_dir_overrides
 
     return shared_run_dir_overrides(argv)
@@ -88,9 +95,14 @@ def train(cfg: DictConfig) -> float:
     job_num = hydra_cfg.job.get("num") if in_multirun() else None
     main_rank = world_from_env().main  # of the ranks torchrun or srun started, rank 0 alone reports
     # A failed start removes the folder it created; a sweep job's folder stays, with its status.json.
-    with (open_run_dir(run_dir, keep_on_failure=in_multirun()) as run,
-          recorded_status(run_dir, job_num, writes=main_rank) as job):
+    sweep = in_multirun()
+    with (open_run_dir(run_dir, keep_on_failure=sweep) as run,
+          recorded_status(run_dir, job_num, Path(hydra_cfg.sweep.dir) if sweep else None, writes=main_rank) as job):
         train_cfg = to_train_config(cfg)  # every check runs here, before any data is touched
+        if train_cfg.model.init_from is not None:  # the checkpoint's own config sets the model's shape
+            from lmtrain.training.preflight import model_from_checkpoint
+
+            train_cfg = model_from_checkpoint(train_cfg, explicit_model_keys(cfg))
         objective = train_cfg.trainer.objective.value
         if train_cfg.trainer.resume == "auto" and in_multirun():
             done = finished_objective(run_dir, job.previous, objective)
@@ -102,6 +114,7 @@ def train(cfg: DictConfig) -> float:
 
         launch.resume_after_restart(train_cfg, previous_status=job.previous)
         run.claim(train_cfg.trainer.resume, train_cfg.trainer.overwrite)
+        job.claimed()
         nproc = launch.processes_to_start(train_cfg.trainer.nproc_per_node, train_cfg.trainer.device)
         if nproc == 1:  # this process loads the data; workers set themselves up
             quiet_libraries()
@@ -109,14 +122,17 @@ def train(cfg: DictConfig) -> float:
         if result.interrupted:
             raise RunStopped(signal.SIGINT, f"Interrupted. {_continue_hint(run_dir)}" if main_rank else "") from None
         if result.stopped_by is not None:
-            raise _stopped(signal.Signals(result.stopped_by), result.steps, run_dir, job_num, main_rank)
-        value = objective_value(read_records(run_dir / "metrics.jsonl"), objective)
+            raise _stopped(signal.Signals(result.stopped_by), result.steps, run_dir, job, main_rank)
+        records = read_metrics(run_dir / "metrics.jsonl")
+        value = objective_value(records, objective)
         if value is None:  # resumed from another folder's checkpoint with nothing left to train: its own figures
             value = {"val_loss": result.val_loss, "best_val_loss": result.best_val_loss}.get(objective)
             value = value if value is not None and math.isfinite(value) else None
         if value is None:
             raise Diverged(f"training diverged: the final {objective} is {result.val_loss} (trainer.objective)")
         job.facts.update(objective=objective, value=value, steps=result.steps)
+        if (early := stopped_early_at(records)) is not None:  # a completed run all the same
+            job.facts.update(stopped_early=early)
         return value  # what a sweeper minimizes
 
 
@@ -128,14 +144,14 @@ def train_here(cfg: TrainConfig, run_dir: Path) -> Outcome:
     return run_training(cfg, run_dir)
 
 
-def _stopped(received: signal.Signals, steps: int, run_dir: Path, job_num: int | None, main_rank: bool) -> RunStopped:
+def _stopped(received: signal.Signals, steps: int, run_dir: Path, job: JobRecord, main_rank: bool) -> RunStopped:
     """A run that a signal stopped, and that saved: submitit requeues its job (this process ends there), or the
     resume command is printed, once."""
     from lmtrain.distributed.requeue import requeue, submitit_handler
 
     not_requeued = ""
     if submitit_handler(received) is not None:
-        why = requeue(received, lambda: record_requeue(run_dir, job_num, received, steps) if main_rank else None)
+        why = requeue(received, lambda: job.requeued(received, steps))
         not_requeued = f"submitit did not requeue the job ({why}). " if why else ""
     if not main_rank:
         return RunStopped(received, "")
@@ -146,7 +162,7 @@ def _stopped(received: signal.Signals, steps: int, run_dir: Path, job_num: int |
 
 def _continue_hint(run_dir: Path) -> str:
     """How to continue: only when a checkpoint exists to continue from."""
-    from lmtrain.runs.checkpoint import LATEST  # torch and safetensors: imported only when a run stops
+    from lmtrain.runs.records import LATEST
 
     if not (run_dir / "checkpoints" / LATEST).is_file():
         return "No checkpoint was saved yet, so there is nothing to continue; start the run again."

@@ -23,9 +23,10 @@ from lmtrain.config.data import (
     validate_prepare,
     validate_tokenizer,
 )
-from lmtrain.config.model import Mlp, ModelConfig, Norm, PosEmb
+from lmtrain.config.model import Mlp, ModelConfig, Norm, PosEmb, RopeScaling, RopeScalingKind
 from lmtrain.config.train import (
     DivergenceAction,
+    EarlyStoppingConfig,
     FsdpDtype,
     MuonLrAdjust,
     OptimizerConfig,
@@ -50,10 +51,11 @@ from lmtrain.config.use import (
 )
 
 __all__ = [
-    "CHECKS", "DataConfig", "DivergenceAction", "EncodingErrors", "EvalConfig", "EvalSplit", "ExportConfig",
-    "ExportFormat", "FsdpDtype", "GenerateConfig", "Mlp", "MixtureSource", "ModelConfig", "MuonLrAdjust", "Norm",
-    "OptimizerConfig", "OptimizerName", "PosEmb", "Precision", "PrepareConfig", "SCHEMAS", "SchedulerConfig",
-    "SchedulerName", "SourceConfig", "SourceKind", "Strategy", "TokenizerConfig",
+    "CHECKS", "DataConfig", "DivergenceAction", "EarlyStoppingConfig", "EncodingErrors", "EvalConfig", "EvalSplit",
+    "ExportConfig", "ExportFormat", "FsdpDtype", "GenerateConfig", "Mlp", "MixtureSource", "ModelConfig",
+    "MuonLrAdjust", "Norm", "OptimizerConfig", "OptimizerName", "PosEmb", "Precision", "PrepareConfig", "RopeScaling",
+    "RopeScalingKind", "SCHEMAS", "SchedulerConfig", "SchedulerName", "SourceConfig", "SourceKind", "Strategy",
+    "TokenizerConfig",
     "TokenizerKind", "TrainConfig", "TrainerConfig", "as_plain_dict", "check", "check_device", "register_configs",
     "to_config", "to_train_config", "validate", "validate_data", "validate_eval", "validate_generate",
     "validate_prepare", "validate_tokenizer",
@@ -65,11 +67,10 @@ SCHEMAS: dict[str, type] = {"train": TrainConfig, "prepare": PrepareConfig, "gen
                             "eval": EvalConfig, "export": ExportConfig}
 
 
-def register_configs() -> None:
-    """Register each command's top-level schema; its YAML lists it first in its defaults."""
+def register_configs(*commands: str) -> None:
+    """Register these commands' top-level schemas (all, when none is named); each YAML lists its own first in its
+    defaults. A command registers only its own: Hydra copies the whole ConfigStore for every config group it
+    lists, so `lmtrain train --help` pays for each schema registered."""
     store = ConfigStore.instance()
-    store.store(name="train_schema", node=TrainConfig)
-    store.store(name="prepare_schema", node=PrepareConfig)
-    store.store(name="generate_schema", node=GenerateConfig)
-    store.store(name="eval_schema", node=EvalConfig)
-    store.store(name="export_schema", node=ExportConfig)
+    for command in commands or SCHEMAS:
+        store.store(name=f"{command}_schema", node=SCHEMAS[command])

@@ -10,7 +10,7 @@ from lmtrain.config.base import CHECKS, check
 
 class SourceKind(str, Enum):
     pystdlib = "pystdlib"  # the Python standard library's own source files
-    text_files = "text_files"  # local .txt / .md / .jsonl / .parquet files
+    text_files = "text_files"  # local .txt / .md / .jsonl / .json / .parquet / .csv files
     hf = "hf"  # a Hugging Face dataset (hub name or local folder)
     prepared = "prepared"  # a token cache folder that `lmtrain prepare` wrote (data.path)
 
@@ -33,6 +33,8 @@ class SourceConfig:
     split: str = "train"  # hf: split to train on
     val_split: str | None = None  # hf: split to validate on; None: the dataset's `validation` split, else val_fraction
     revision: str | None = None  # hf: dataset revision (branch, tag or commit)
+    # hf: local files for a builder named by data.path (csv, json, parquet, text): its `train` split
+    data_files: list[str] = field(default_factory=list)
     streaming: bool = False  # hf: read and tokenize on the fly; the raw dataset is never downloaded whole
     text_column: str = "text"  # column that holds the documents
     val_fraction: float = 0.05  # share held out for validation when there is no validation split
@@ -60,6 +62,7 @@ class TokenizerKind(str, Enum):
     char = "char"  # one token per character seen in the training split
     file = "file"  # a tokenizer.json file
     pretrained = "pretrained"  # a tokenizer from the Hugging Face hub, by name
+    gpt2 = "gpt2"  # GPT-2's byte-level BPE (50,257 tokens), shipped with lmtrain: no network
 
 
 @dataclass
@@ -70,6 +73,9 @@ class TokenizerConfig:
     train_documents: int | None = 20000  # bpe/char: documents to train on; None: all
     path: str | None = None  # file: path to a tokenizer.json
     name: str | None = None  # pretrained: hub name, e.g. gpt2
+    # the token that ends each document (and stops generation); None: the first of <|endoftext|>, </s>,
+    # <|end_of_text|>, <eos>, <|im_end|>, [SEP] the tokenizer has. A Hugging Face model sets its own eos.
+    eot_token: str | None = None
 
 
 
@@ -77,6 +83,7 @@ class TokenizerConfig:
 class PrepareConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    verify: bool = False  # read every shard of the caches found and check its SHA-256 and token ids (bit rot)
 
 
 def validate_data(d: DataConfig) -> None:
@@ -106,6 +113,9 @@ def _validate_source(s: SourceConfig, key: str) -> None:
     if s.source == SourceKind.hf:
         check(bool(s.path), f"{key}.path is not set: name a Hugging Face dataset, "
                              f"e.g. {key}.path=roneneldan/TinyStories")
+    else:
+        check(not s.data_files, f"{key}.data_files is for data=hf with a builder (data.path=csv); for local files "
+                                f"use data=text_files {key}.train_files=[...]")
     if s.source == SourceKind.prepared:
         check(bool(s.path), f"{key}.path is not set: give the folder `lmtrain prepare` printed")
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import ClassVar
 
 from omegaconf import DictConfig
 
 from lmtrain.config.base import CHECKS, check, check_device, to_config
 from lmtrain.config.data import DataConfig, TokenizerConfig, validate_data, validate_tokenizer
 from lmtrain.config.logger import LoggerConfig, validate_logger
-from lmtrain.config.model import ModelConfig, PosEmb
+from lmtrain.config.model import HUB_PREFIX, ModelConfig, PosEmb, validate_rope_scaling
 
 
 class OptimizerName(str, Enum):
@@ -53,7 +54,10 @@ class SchedulerName(str, Enum):
 @dataclass
 class SchedulerConfig:
     name: SchedulerName = SchedulerName.cosine
-    warmup_steps: int = 100  # linear warm-up from 0 to optimizer.lr, in optimizer steps
+    warmup_steps: int = 100  # linear warm-up from 0 to optimizer.lr, in optimizer steps (each model preset sets it)
+    # warm-up as a share of all optimizer steps; when set it replaces warmup_steps (a model preset's included);
+    # giving both on one command line is refused
+    warmup_fraction: float | None = None
     min_lr_ratio: float = 0.1  # final LR as a fraction of optimizer.lr (cosine, linear, wsd)
     decay_fraction: float = 0.2  # wsd: the share of all optimizer steps, at the end, that decays the LR
 
@@ -93,6 +97,12 @@ class FsdpDtype(str, Enum):
 class DivergenceAction(str, Enum):
     rollback = "rollback"  # restore the newest finite checkpoint, skip the diverged batches, go on
     stop = "stop"  # stop with exit code 3
+
+
+@dataclass
+class EarlyStoppingConfig:
+    patience: int = 0  # evaluations in a row without a better validation loss that stop the run; 0: never
+    min_delta: float = 0.0  # a better validation loss must be lower than the best by more than this
 
 
 @dataclass
@@ -139,10 +149,20 @@ class TrainerConfig:
     max_rollbacks: int = 3  # rollbacks before a diverging run stops with exit code 3
     rollback_lr_scale: float = 1.0  # factor on the learning rate after each rollback; 1 keeps it
     overwrite: bool = False  # a fresh run may replace the checkpoints and metrics of an earlier run in its folder
+    # stop when the validation loss stops improving (trainer.early_stopping.patience=3): a completed run, exit 0
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # debugging (configs/debug/): train on only the first N batches, over and over, and say at the end whether
+    # the training loss fell near zero (debug=overfit); 0: all batches
+    overfit_batches: int = 0
+    resume_check: bool = False  # read each step checkpoint back, compare it with the live state, resume from it
+    profile_steps: int = 0  # steps torch.profiler records after two warm-up steps, into profile/ (debug=profile)
 
 
 @dataclass
 class TrainConfig:
+    # Keys that say one thing two ways: both on one command line is refused by name (overrides.check_overrides).
+    EXCLUSIVE_KEYS: ClassVar[tuple[tuple[str, str], ...]] = (("scheduler.warmup_steps", "scheduler.warmup_fraction"),)
+
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -150,6 +170,8 @@ class TrainConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # experiment trackers beside metrics.jsonl
+    # labels for the run (tags=[baseline,long]): kept in its config, shown in summaries, TensorBoard and W&B
+    tags: list[str] = field(default_factory=list)
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
@@ -197,9 +219,12 @@ def validate(cfg: TrainConfig) -> None:
            f"optimizer.betas={o.betas} must be two numbers in [0, 1)")
     check(o.eps > 0, f"optimizer.eps={o.eps} must be > 0")
     check(m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be > 0")
+    validate_rope_scaling(m)
     check(m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be > 0")
     check(o.weight_decay >= 0, f"optimizer.weight_decay={o.weight_decay} must be >= 0")
     check(s.warmup_steps >= 0, f"scheduler.warmup_steps={s.warmup_steps} must be >= 0")
+    if s.warmup_fraction is not None:
+        check(0 <= s.warmup_fraction < 1, f"scheduler.warmup_fraction={s.warmup_fraction} must be in [0, 1)")
     check(0 <= s.min_lr_ratio <= 1, f"scheduler.min_lr_ratio={s.min_lr_ratio} must be in [0, 1]")
     validate_optimizer(o)
     check(0 < s.decay_fraction <= 1, f"scheduler.decay_fraction={s.decay_fraction} must be in (0, 1]")
@@ -216,7 +241,7 @@ def validate(cfg: TrainConfig) -> None:
         check(not (resume / "checkpoints").is_dir(), f"trainer.resume={t.resume} is a run folder, not a checkpoint: "
                                                      f"continue it with trainer.resume=auto hydra.run.dir={t.resume}, "
                                                      f"or give one of its step folders ({t.resume}/checkpoints/step_N)")
-    if m.init_from is not None:
+    if m.init_from is not None and not m.init_from.startswith(HUB_PREFIX):
         init = Path(m.init_from).expanduser()
         check(init.is_dir(), f"model.init_from={m.init_from}: no such checkpoint folder")
         check(not (init / "checkpoints").is_dir(), f"model.init_from={m.init_from} is a run folder, not a checkpoint: "
@@ -251,9 +276,18 @@ def validate(cfg: TrainConfig) -> None:
           f"trainer.hsdp_shard_size={t.hsdp_shard_size} applies to trainer.strategy=hsdp only")
     check(t.max_restarts >= 0, f"trainer.max_restarts={t.max_restarts} must be >= 0")
     check(t.dist_timeout_s > 0, f"trainer.dist_timeout_s={t.dist_timeout_s} must be > 0")
+    for key in ("overfit_batches", "profile_steps"):
+        check(getattr(t, key) >= 0, f"trainer.{key}={getattr(t, key)} must be >= 0 (0 turns it off)")
+    check(not (t.overfit_batches and d.mixture), "trainer.overfit_batches repeats batches of one source: it does "
+                                                 "not work with data.mixture; choose one of its sources")
+    e = t.early_stopping
+    check(e.patience >= 0, f"trainer.early_stopping.patience={e.patience} must be >= 0 (0 never stops early)")
+    check(e.min_delta >= 0, f"trainer.early_stopping.min_delta={e.min_delta} must be >= 0")
     validate_data(d)
     validate_tokenizer(tok)
     validate_logger(cfg.logger)
+    for tag in cfg.tags:
+        check(0 < len(tag) <= 64, f"tags: {tag!r} must have 1 to 64 characters (W&B's limit)")
 
 
 CHECKS[TrainConfig] = validate

@@ -5,12 +5,20 @@ Layout of `<cache_dir>/data/<key>/`, where the key covers the source, the tokeni
   train-00000.bin, ...     flat token ids (uint16, or uint32 above 65,536 tokens), each document closed by
   val-00000.bin, ...       end-of-text; a shard is closed once it holds SHARD_TOKENS, and a new one begun
   progress.json            while building: the shards finished so far and the documents they used
-  manifest.json            written last: it, and only it, marks the cache complete
+  manifest.json            written last: it, and only it, marks the cache complete; it records each shard's
+                           size and SHA-256, and a checksum of itself
+  verified.json            each shard's size and modification time when its content was last verified
 
 A crash mid-way leaves no manifest, so nothing ever takes the folder for complete. The next run keeps
 the finished shards, overwrites the unfinished one and goes on from the document where progress.json
 says the last finished shard ended: a terabyte preparation interrupted at 90% does not start over. A
 lock file makes a second process wait for the first instead of building the same cache twice.
+
+Every open checks the manifest's checksum and the shards' sizes. A shard is read whole when it is first opened
+after it changed (a new size or modification time), or with `lmtrain prepare verify=true`: its SHA-256 must be
+the manifest's, and its largest token id below the vocabulary, so a damaged shard is found before any batch
+reaches the model (and rebuilt). A cache made before shards had checksums gets them at its first open, once its
+ids are checked.
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ CACHE_FORMAT = 2  # bump when the on-disk layout changes, so old caches are not 
 BATCH_DOCUMENTS = 128  # documents read at a time; the unit of resuming
 TOKENIZE_CHARS = 1_000_000  # text handed to the tokenizer at once (its threads share it): bounds memory
 SHARD_TOKENS = 100_000_000  # a shard is closed at the first batch boundary past this many tokens
-MANIFEST, PROGRESS, TOKENIZER = "manifest.json", "progress.json", "tokenizer.json"
+MANIFEST, PROGRESS, TOKENIZER, VERIFIED = "manifest.json", "progress.json", "tokenizer.json", "verified.json"
+READ_BYTES = 16 << 20  # a shard is verified this many bytes at a time
 
 
 @dataclass
@@ -105,9 +114,10 @@ def _damage(folder: Path, manifest: dict) -> str | None:
     return None
 
 
-def open_cache(folder: Path) -> TokenCache | None:
+def open_cache(folder: Path, verify_all: bool = False) -> TokenCache | None:
     """The complete cache in `folder`, or None when there is none (or only an unfinished one, or one of an
-    older format). A damaged one raises DamagedCache, saying what is wrong."""
+    older format). A damaged one raises DamagedCache, saying what is wrong. Shards are verified by content
+    (see the module's docstring) when they changed since their last verification, or all with `verify_all`."""
     if not (folder / MANIFEST).is_file():
         return None
     try:
@@ -116,15 +126,71 @@ def open_cache(folder: Path) -> TokenCache | None:
         raise DamagedCache(f"{folder}: {MANIFEST} is corrupt ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != CACHE_FORMAT:
         return None
-    problem = _damage(folder, manifest)
-    if problem is not None:
-        raise DamagedCache(f"{folder}: {problem}")
     try:
-        tokenizer = TextTokenizer.load(folder / TOKENIZER)
+        problem = _damage(folder, manifest)
+        if problem is not None:
+            raise DamagedCache(f"{folder}: {problem}")
+        manifest = _verify_shards(folder, manifest, verify_all)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # edited by hand: a field missing or mistyped
+        raise DamagedCache(f"{folder}: {MANIFEST} is not a manifest lmtrain wrote ({type(e).__name__}: {e})") from None
+    try:
+        tokenizer = TextTokenizer.load(folder / TOKENIZER, manifest["tokenizer"].get("eot_token"))
     except Exception as e:  # the tokenizers library raises its own exception types
         raise DamagedCache(f"{folder}: {TOKENIZER} cannot be read "
                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return TokenCache(folder, manifest, tokenizer)
+
+
+def shard_digest(file: Path, dtype: np.dtype, vocab_size: int) -> str:
+    """A shard's SHA-256, read in pieces; a token id outside the vocabulary raises DamagedCache on the way."""
+    sha = hashlib.sha256()
+    with open(file, "rb") as f:
+        while piece := f.read(READ_BYTES - READ_BYTES % dtype.itemsize):
+            sha.update(piece)
+            ids = np.frombuffer(piece, dtype=dtype)
+            if ids.size and int(ids.max()) >= vocab_size:
+                raise DamagedCache(f"{file.parent}: {file.name} holds token id {int(ids.max()):,}, outside the "
+                                   f"vocabulary of {vocab_size:,}")
+    return sha.hexdigest()
+
+
+def _stamp(file: Path) -> list[int]:
+    info = file.stat()
+    return [info.st_size, info.st_mtime_ns]
+
+
+def _verify_shards(folder: Path, manifest: dict, verify_all: bool) -> dict:
+    """Check by content each shard not verified since it last changed (all of them with `verify_all`), then
+    record their stamps; a cache from before checksums gets them now. Returns the manifest, with checksums."""
+    try:
+        verified = json.loads((folder / VERIFIED).read_text()) if (folder / VERIFIED).is_file() else {}
+    except (OSError, ValueError):
+        verified = {}  # a damaged record of verifications only means verifying again
+    verified = verified if isinstance(verified, dict) else {}
+    dtype, vocab = np.dtype(manifest["dtype"]), manifest["vocab_size"]
+    checksums = manifest.get("checksums")
+    files = sorted({s["file"] for split in manifest["splits"].values() for s in split["shards"]})
+    fresh, digests = {}, {}
+    for name in files:
+        fresh[name] = _stamp(folder / name)
+        if verify_all or checksums is None or verified.get(name) != fresh[name]:
+            digests[name] = shard_digest(folder / name, dtype, vocab)
+            if checksums is not None and checksums.get(name) != digests[name]:
+                raise DamagedCache(f"{folder}: {name} does not match the checksum {MANIFEST} records (its content "
+                                   "changed after it was written)")
+    if verify_all:
+        log.info("Verified the %d shards of %s: their checksums and token ids are as written", len(files), folder)
+    try:
+        if checksums is None:  # made by an older lmtrain: its ids are in range, so its content is taken as it is
+            body = {k: v for k, v in manifest.items() if k != "checksum"}
+            manifest = {**body, "checksums": digests, "checksum": _checksum({**body, "checksums": digests})}
+            write_json(folder / MANIFEST, manifest)
+            log.info("Recorded the checksums of the shards of %s (a cache made by an older lmtrain)", folder)
+        if fresh != verified:
+            write_json(folder / VERIFIED, fresh)
+    except OSError as e:  # a read-only cache (data.source=prepared): verified again at each open
+        log.debug("Could not record the verification of %s: %s", folder, e)
+    return manifest
 
 
 def _clear(folder: Path) -> None:
@@ -136,15 +202,16 @@ def _clear(folder: Path) -> None:
 
 def build_cache(folder: Path, source: SourceConfig, key: str, load: Callable[[], Splits],
                 tokenizer: Callable[[], TextTokenizer], tokenizer_record: dict,
-                on_progress: Callable[[Progress], None] | None = None) -> TokenCache:
-    """Tokenize a source's splits into `folder` (resuming an interrupted build), unless it is complete already.
+                on_progress: Callable[[Progress], None] | None = None, verify_all: bool = False) -> TokenCache:
+    """Tokenize a source's splits into `folder` (resuming an interrupted build), unless it is complete already
+    (its shards verified as `open_cache` does).
 
     `key` is where the source sits in the config (data, or data.mixture.N), for error messages.
     """
     folder.mkdir(parents=True, exist_ok=True)
     with FileLock(folder / ".lock"):
         try:
-            done = open_cache(folder)  # another process may have finished it while we waited for the lock
+            done = open_cache(folder, verify_all)  # another process may have finished it while we waited
         except DamagedCache as e:
             log.warning("The token cache is damaged (%s); rebuilding it", e)
             _clear(folder)
@@ -153,7 +220,7 @@ def build_cache(folder: Path, source: SourceConfig, key: str, load: Callable[[],
             return done
         splits = load()
         if (folder / TOKENIZER).is_file():  # an interrupted build: its shards hold this tokenizer's ids
-            tok = TextTokenizer.load(folder / TOKENIZER)
+            tok = TextTokenizer.load(folder / TOKENIZER, tokenizer_record.get("eot_token"))
         else:
             tok = tokenizer()
             tok.save(folder / TOKENIZER)
@@ -181,9 +248,12 @@ def build_cache(folder: Path, source: SourceConfig, key: str, load: Callable[[],
         if splits.val is None:  # one long text (or a few): the last val_fraction of its tokens validate
             stats["train"], stats["val"] = _split_tail(stats["train"], source.val_fraction)
         source_record = {k: v for k, v in as_plain_dict(source).items() if k != "weight"}  # weights: not the data
+        shards = sorted(folder.glob("*.bin"))
         manifest = {"format": CACHE_FORMAT, "dtype": dtype.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
                     "source": source_record, "tokenizer": tokenizer_record, "splits": stats,
-                    "files": {f.name: f.stat().st_size for f in sorted(folder.glob("*.bin"))}}
+                    "files": {f.name: f.stat().st_size for f in shards},
+                    "checksums": {f.name: shard_digest(f, dtype, tok.vocab_size) for f in shards}}
+        write_json(folder / VERIFIED, {f.name: _stamp(f) for f in shards})  # verified as they were hashed
         write_json(folder / MANIFEST, {**manifest, "checksum": _checksum(manifest)})
         (folder / PROGRESS).unlink(missing_ok=True)
     return open_cache(folder)
@@ -225,6 +295,8 @@ class _SplitWriter:
             ends = [not c for c in batch["_continues"]] if "_continues" in batch else [True] * len(records)
             texts, ends = [t for t in records if t], [e for t, e in zip(records, ends, strict=True) if t]
             flat = _encode_documents(texts, ends, tok, self.dtype)
+            if s["tokens"] + pending["tokens"] == 0:  # the split's first document starts, as every later one
+                flat = np.concatenate([np.asarray(tok.start_ids, dtype=self.dtype), flat])
             if self.max_tokens is not None:
                 flat = flat[: self.max_tokens - s["tokens"] - pending["tokens"]]
             if out is None:
@@ -263,10 +335,11 @@ class _SplitWriter:
 
 
 def _encode_documents(texts: list[str], ends: list[bool], tok: TextTokenizer, dtype: np.dtype) -> np.ndarray:
-    """The texts' ids, end-of-text after each that ends a document (a long file comes as several pieces). The
-    tokenizer sees at most TOKENIZE_CHARS of text at a time (or one longer text): its per-token Encoding
-    objects, not the text, are what takes memory."""
-    eot = np.array([tok.eot_id], dtype=dtype)
+    """The texts' ids, end-of-text after each that ends a document (a long file comes as several pieces), then
+    the next document's begin-of-text where the tokenizer has one (Llama's `</s><s>`). The tokenizer sees at
+    most TOKENIZE_CHARS of text at a time (or one longer text): its per-token Encoding objects, not the text,
+    are what takes memory."""
+    eot = np.array([tok.eot_id, *tok.start_ids], dtype=dtype)
     pieces, start, chars = [eot[:0]], 0, 0
     for end, text in enumerate(texts, 1):
         chars += len(text)

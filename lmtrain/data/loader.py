@@ -122,9 +122,10 @@ class TrainLoader:
     """
 
     def __init__(self, shards: Sequence[np.ndarray], block_size: int, batch_size: int, seed: int,
-                 num_workers: int = 0, pin_memory: bool = False, rows: slice = slice(None)):
+                 num_workers: int = 0, pin_memory: bool = False, rows: slice = slice(None), repeat: int = 0):
         self.blocks, self.batch_size, self.rows = Blocks(shards, block_size, "train"), batch_size, rows
         self.seed, self.num_workers, self.pin_memory = seed, num_workers, pin_memory
+        self.repeat = repeat  # > 0: every epoch is the same first `repeat` batches (trainer.overfit_batches)
         if len(self.blocks) < batch_size:
             raise DataError(f"the train split has {len(self.blocks):,} windows of model.block_size={block_size}, "
                             f"fewer than trainer.batch_size={batch_size}")
@@ -132,7 +133,7 @@ class TrainLoader:
 
     @property
     def batches_per_epoch(self) -> int:
-        return len(self.blocks) // self.batch_size
+        return min(self.repeat, len(self.blocks) // self.batch_size) or len(self.blocks) // self.batch_size
 
     @property
     def completed_epochs(self) -> int:
@@ -140,6 +141,8 @@ class TrainLoader:
         return self.state.epoch + (self.state.batch >= self.batches_per_epoch)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
+        if self.repeat:  # the first epoch's first batches, again and again
+            return permutation(len(self.blocks), self.seed, 0)[:self.batches_per_epoch * self.batch_size]
         return permutation(len(self.blocks), self.seed, epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -273,12 +276,13 @@ def eval_batches(shards: Sequence[np.ndarray], block_size: int, batch_size: int,
 
 
 def train_loader(data: PreparedData, block_size: int, batch_size: int, seed: int, num_workers: int = 0,
-                 pin_memory: bool = False, rows: slice = slice(None)) -> TrainLoader | MixtureLoader:
+                 pin_memory: bool = False, rows: slice = slice(None), repeat: int = 0) -> TrainLoader | MixtureLoader:
     """The training batches of prepared data: a plain loader for one source, a mixture loader for several.
-    batch_size counts the whole (global) batch; `rows` picks the part of each batch this rank trains on."""
+    batch_size counts the whole (global) batch; `rows` picks the part of each batch this rank trains on;
+    repeat > 0 trains on that many batches only, over and over (one source only)."""
     if data.weights is None:
         (cache,) = data.caches.values()
-        return TrainLoader(cache.shards("train"), block_size, batch_size, seed, num_workers, pin_memory, rows)
+        return TrainLoader(cache.shards("train"), block_size, batch_size, seed, num_workers, pin_memory, rows, repeat)
     return MixtureLoader({name: c.shards("train") for name, c in data.caches.items()}, data.weights, block_size,
                          batch_size, seed, num_workers, pin_memory, rows)
 

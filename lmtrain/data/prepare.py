@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lmtrain.config import DataConfig, SourceConfig, SourceKind, TokenizerConfig, TokenizerKind
 from lmtrain.data.cache import CACHE_FORMAT, DamagedCache, Progress, TokenCache, build_cache, open_cache
-from lmtrain.data.sources import Splits, digest, load_splits, source_fingerprint
+from lmtrain.data.sources import Splits, columns_disagree, digest, load_splits, source_fingerprint
 from lmtrain.data.tokenizer import (
     TextTokenizer,
     get_tokenizer,
@@ -52,12 +52,13 @@ def cache_root(cfg: DataConfig) -> Path:
 
 
 def prepare_data(cfg: DataConfig, tok_cfg: TokenizerConfig,
-                 on_progress: Callable[[Progress], None] | None = None) -> PreparedData:
-    """Every source's token cache, found or built, and the tokenizer they share."""
+                 on_progress: Callable[[Progress], None] | None = None, verify: bool = False) -> PreparedData:
+    """Every source's token cache, found or built, and the tokenizer they share; `verify` reads every shard of
+    the caches found to check its content (else only those that changed since they were last checked)."""
     root = cache_root(cfg)
     sources = [(f"data.mixture.{i}", s) for i, s in enumerate(cfg.mixture)] or [("data", cfg)]
     settings = tokenizer_settings(tok_cfg)
-    caches = {key: _open_prepared(key, s, tok_cfg) for key, s in sources if s.source == SourceKind.prepared}
+    caches = {key: _open_prepared(key, s, tok_cfg, verify) for key, s in sources if s.source == SourceKind.prepared}
     raw = [(key, s) for key, s in sources if key not in caches]
     loaded: dict[str, Splits] = {}
 
@@ -76,7 +77,7 @@ def prepare_data(cfg: DataConfig, tok_cfg: TokenizerConfig,
                for key, s in raw}
     for key, s in raw:
         try:
-            cache = open_cache(folders[key])
+            cache = open_cache(folders[key], verify)
         except DamagedCache:
             cache = None  # build_cache says what is wrong, and rebuilds it
         if cache is not None:
@@ -92,8 +93,14 @@ def prepare_data(cfg: DataConfig, tok_cfg: TokenizerConfig,
 
     for key, s in raw:
         if key not in caches:
-            caches[key] = build_cache(folders[key], s, key, functools.partial(splits, key, s), make_tokenizer,
-                                      settings, on_progress)
+            try:
+                caches[key] = build_cache(folders[key], s, key, functools.partial(splits, key, s), make_tokenizer,
+                                          settings, on_progress, verify)
+            except ValueError as e:  # a streamed dataset's files disagree on columns: found mid-stream
+                if columns_disagree(e) is None:
+                    raise
+                where = f"{key}.path={s.path!r}" if s.path else f"{key} ({s.name})"
+                raise DataError(f"{where}: {columns_disagree(e)}") from None
     caches = {key: caches[key] for key, _ in sources}  # config order
     (first_key, first), *others = caches.items()
     for key, cache in others:
@@ -110,12 +117,12 @@ def prepare_data(cfg: DataConfig, tok_cfg: TokenizerConfig,
     return PreparedData(first.tokenizer, by_name, weights)
 
 
-def _open_prepared(key: str, s: SourceConfig, tok_cfg: TokenizerConfig) -> TokenCache:
+def _open_prepared(key: str, s: SourceConfig, tok_cfg: TokenizerConfig, verify: bool) -> TokenCache:
     """A cache folder named by path: complete, and made with the tokenizer this run asks for: the same
     tokenizer.json for tokenizer=file, else the same settings."""
     path = Path(os.path.expanduser(s.path or ""))
     try:
-        cache = open_cache(path)
+        cache = open_cache(path, verify)
     except DamagedCache as e:  # a folder given by path is not ours to rebuild
         raise DataError(f"{key}.path={s.path!r} is a damaged token cache ({e}); prepare it again, or delete "
                         f"{path} and run `lmtrain prepare` for its data") from None
@@ -124,7 +131,8 @@ def _open_prepared(key: str, s: SourceConfig, tok_cfg: TokenizerConfig) -> Token
                         "give a folder that `lmtrain prepare` printed, or prepare it again")
     made_with, settings = cache.manifest["tokenizer"], tokenizer_settings(tok_cfg)
     if tok_cfg.kind == TokenizerKind.file:
-        matches = same_tokenizer(TextTokenizer.load(Path(os.path.expanduser(tok_cfg.path))), cache.tokenizer)
+        given = TextTokenizer.load(Path(os.path.expanduser(tok_cfg.path)), tok_cfg.eot_token)
+        matches = same_tokenizer(given, cache.tokenizer)
     else:
         matches = made_with == settings
     if not matches:

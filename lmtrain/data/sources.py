@@ -29,7 +29,8 @@ from lmtrain.errors import DataError
 MIN_DOCS_FOR_DOCUMENT_SPLIT = 100
 
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "idle_test", "test", "tests"}
-_EXTENSION_BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_EXTENSION_BUILDERS = {".txt": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet",
+                       ".csv": "csv"}
 
 
 @dataclass
@@ -97,6 +98,7 @@ def source_fingerprint(cfg: SourceConfig, key: str = "data") -> str:
         return digest(["text_files", listed, common])
     local = Path(os.path.expanduser(cfg.path or ""))
     files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else []  # a local dataset folder
+    files += expand_files(cfg.data_files, f"{key}.data_files") if cfg.data_files else []  # a builder's files
     return digest(["hf", cfg.path, cfg.config_name, cfg.split, cfg.val_split, cfg.revision, common,
                    [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]])
 
@@ -186,8 +188,10 @@ def _load_files(files: list[Path], cfg: SourceConfig) -> datasets.IterableDatase
 
 def _load_hf(cfg: SourceConfig, key: str) -> tuple[Loaded, Loaded | None]:
     """The training split and the validation split: data.val_split, else the dataset's own `validation` split."""
+    data_files = [str(f) for f in expand_files(cfg.data_files, f"{key}.data_files")] if cfg.data_files else None
     try:
-        builder = datasets.load_dataset_builder(cfg.path, cfg.config_name, revision=cfg.revision)
+        builder = datasets.load_dataset_builder(cfg.path, cfg.config_name, revision=cfg.revision,
+                                                data_files=data_files)
         names = {str(name) for name in [*(builder.config.data_files or {}), *(builder.info.splits or {})]}
         val_split = cfg.val_split or ("validation" if "validation" in names else None)
         if cfg.streaming:  # nothing is downloaded or converted: records are read as training needs them
@@ -199,13 +203,31 @@ def _load_hf(cfg: SourceConfig, key: str) -> tuple[Loaded, Loaded | None]:
     except StopIteration:  # what `datasets` raises for data files without a single record
         raise DataError(f"{key}.path={cfg.path!r}: the dataset is empty, its data files hold no records") from None
     except Exception as e:  # the hub client raises many types (connection, not found, gated, offline)
+        if columns_disagree(e) is not None:
+            raise DataError(f"{key}.path={cfg.path!r}: {columns_disagree(e)}") from None
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if Path(os.path.expanduser(cfg.path or "")).exists():  # a local folder: the network is not the problem
+            raise DataError(f"{key}.path={cfg.path!r} could not be loaded: {first_line}") from None
         offline = any(os.environ.get(v, "0") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
         raise DataError(
             f"{key}.path={cfg.path!r} could not be loaded: {first_line}. "
             + ("This process is offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE). " if offline else "")
             + f"Without the network, download the dataset elsewhere and point {key}.path at the local folder."
         ) from None
+
+
+def columns_disagree(e: BaseException) -> str | None:
+    """What `datasets` means by a CastError anywhere in an exception's chain: the data files of one dataset do
+    not share their columns (a streamed one finds out at the first record of the odd file). None otherwise."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, datasets.table.CastError):
+            detail = " ".join(str(e).split())  # "Couldn't cast text: string extra: int64 to {...} because ..."
+            return (f"its data files do not all have the same columns ({detail}); give it files of one layout, "
+                    "or move the odd ones to a dataset of their own")
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _check_documents(ds: Loaded, column: str, split: str, where: str, key: str) -> None:

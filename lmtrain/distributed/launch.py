@@ -32,7 +32,7 @@ import torch
 
 from lmtrain.config import TrainConfig
 from lmtrain.distributed.slurm import check_started_by_srun
-from lmtrain.distributed.world import world_from_env
+from lmtrain.distributed.world import cpu_count, pick_device, world_from_env
 from lmtrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,8 @@ def resume_after_restart(cfg: TrainConfig, restart: int = 0, previous_status: di
 
 def processes_to_start(nproc_per_node: str, device: str) -> int:
     """How many workers `lmtrain train` starts itself: 1 when torchrun or srun already started this process."""
+    if device != "auto":
+        pick_device(device)  # a device this machine lacks is refused naming trainer.device, not nproc_per_node
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     gpus = torch.cuda.device_count() if cuda else 0
     n = (gpus or 1) if nproc_per_node == "auto" else int(nproc_per_node)
@@ -102,6 +104,13 @@ def processes_to_start(nproc_per_node: str, device: str) -> int:
                           f"{world_from_env().size} started by torchrun or srun; leave trainer.nproc_per_node at 1")
     if cuda and n > gpus:
         raise ConfigError(f"trainer.nproc_per_node={nproc_per_node} but only {gpus} GPUs are visible here")
+    if not cuda and n > 1:
+        cores = cpu_count()
+        if n > cores:
+            raise ConfigError(f"trainer.nproc_per_node={nproc_per_node} starts {n} CPU processes (no GPU here), more "
+                              f"than this machine's {cores} cores: use at most {cores}, or a GPU")
+        log.warning("trainer.nproc_per_node=%s without a GPU: %d CPU processes share %d cores (gloo); rarely faster "
+                    "than one process, but it runs the distributed code", nproc_per_node, n, cores)
     if n == 1:
         check_started_by_srun(os.environ)
     return n

@@ -5,6 +5,8 @@ WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), which `lmtrain train tr
 and torchrun both set; under a plain `srun` they are derived from SLURM's own variables (slurm.py, ranks.py).
 Everything here is torch.distributed: gloo on the CPU, NCCL on CUDA. With one process no group is created and
 every collective (lmtrain.distributed.collectives) is a cheap no-op, so the single-process path stays as it was.
+Torch is imported only by what needs it, so that `lmtrain train` knows it is a lone process (ranks.py) and
+reports a config error without waiting for torch.
 """
 
 from __future__ import annotations
@@ -12,19 +14,22 @@ from __future__ import annotations
 import logging
 import os
 from datetime import timedelta
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from lmtrain.distributed.ranks import World, world_from_env
 from lmtrain.distributed.slurm import torchrun_variables
 from lmtrain.errors import ConfigError, LostRank
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 
 def pick_device(setting: str, key: str = "trainer.device") -> torch.device:
     """The device `setting` names (auto: CUDA when there is a GPU, else the CPU), refused by name where absent."""
+    import torch
+
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(setting)
@@ -46,6 +51,8 @@ def cpu_count() -> int:
 def share_cpu(world: World) -> None:
     """Split the CPU's cores between the ranks on this node, so that N processes do not each start a thread
     per core and thrash; never more than one thread per rank when there are as many ranks as cores."""
+    import torch
+
     cores = cpu_count()
     threads = max(1, cores // world.local_size)
     if world.local_size > 1 and torch.get_num_threads() > threads:
@@ -61,6 +68,9 @@ def setup(device: torch.device, timeout_s: float, group_of_one: bool = False) ->
     timeout_s bounds every collective: a rank that died makes the others fail after at most that long,
     never hang.
     """
+    import torch
+    import torch.distributed as dist
+
     for key, value in torchrun_variables(os.environ).items():
         os.environ.setdefault(key, value)
     world = world_from_env()
@@ -91,6 +101,8 @@ def setup(device: torch.device, timeout_s: float, group_of_one: bool = False) ->
 
 def describe(world: World, strategy: str, device: torch.device) -> str:
     """The start-up line that says how the run is spread."""
+    import torch.distributed as dist
+
     if world.size == 1:
         return f"Strategy {strategy}: one process on {device}"
     backend = dist.get_backend() if dist.is_initialized() else "-"
@@ -99,5 +111,7 @@ def describe(world: World, strategy: str, device: torch.device) -> str:
 
 
 def shutdown() -> None:
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()

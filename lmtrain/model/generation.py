@@ -22,14 +22,15 @@ log = logging.getLogger(__name__)
 
 
 def encode_prompt(tokenizer: TextTokenizer, text: str, key: str = "prompt") -> list[int]:
-    """A prompt's token ids; the empty prompt starts a new document (the end-of-text token).
+    """A prompt's token ids, after the begin-of-text token where the tokenizer has one (Llama's <s>); the empty
+    prompt starts a new document (the begin-of-text token, else the end-of-text token).
 
     A tokenizer with an unknown-token (the char tokenizer) would silently turn characters it never saw
     into `<|unk|>`: that is refused, naming the characters and the config key.
     """
     if not text:
-        return [tokenizer.eot_id]
-    ids = tokenizer.encode(text)
+        return tokenizer.start_ids or [tokenizer.eot_id]
+    ids = tokenizer.start_ids + tokenizer.encode(text)
     if tokenizer.unk_id is not None and tokenizer.unk_id in ids:
         unknown = sorted({ch for ch in text if tokenizer.encode(ch) == [tokenizer.unk_id]})
         what = f"the characters {unknown} are" if unknown else "part of it is"

@@ -1,8 +1,9 @@
 """A decoder-only transformer covering GPT-2 and Llama-style shapes, written to be read top to bottom.
 
-One `ModelConfig` picks the pieces: learned or rotary positions, LayerNorm or RMSNorm, a GELU, SwiGLU or
-squared-ReLU MLP, grouped-query attention (n_kv_heads < n_heads), optional per-head query/key norm, a tied
-or separate LM head, soft-capped logits and zero-initialised output projections. Every block is pre-norm:
+One `ModelConfig` picks the pieces: learned or rotary positions (with Llama 3.1's frequency scaling),
+LayerNorm or RMSNorm, a GELU, SwiGLU or squared-ReLU MLP, grouped-query attention (n_kv_heads < n_heads),
+biases everywhere, nowhere or on q/k/v alone (Qwen2), optional per-head query/key norm, a tied or separate
+LM head, soft-capped logits and zero-initialised output projections. Every block is pre-norm:
 x = x + attn(norm(x)); x = x + mlp(norm(x)).
 
 Weight layouts are chosen so an export to Hugging Face needs slicing, never permuting:
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from lmtrain.config import Mlp, ModelConfig, Norm, PosEmb
+from lmtrain.config import Mlp, ModelConfig, Norm, PosEmb, RopeScaling, RopeScalingKind
 from lmtrain.model.loss import cross_entropy
 
 
@@ -66,9 +67,21 @@ def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
     return nn.LayerNorm(dim, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_cache(head_dim: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
+def llama3_frequencies(inv_freq: Tensor, s: RopeScaling) -> Tensor:
+    """Llama 3.1's rescaled frequencies: a wavelength longer than original_max_positions / low_freq_factor is
+    stretched `factor` times, one shorter than original_max_positions / high_freq_factor is kept, and in
+    between the two blend, linearly in how many wavelengths fit the original context."""
+    fits = s.original_max_positions * inv_freq / (2 * math.pi)  # wavelengths per original context
+    blend = ((fits - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)).clamp(0.0, 1.0)  # 0: stretch
+    return (1 - blend) * inv_freq / s.factor + blend * inv_freq
+
+
+def rope_cache(head_dim: int, max_len: int, theta: float,
+               scaling: RopeScaling | None = None) -> tuple[Tensor, Tensor]:
     """cos and sin of the rotation angles, each (max_len, head_dim), in the rotate-half layout."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (hs/2,)
+    if scaling is not None and scaling.kind == RopeScalingKind.llama3:
+        inv_freq = llama3_frequencies(inv_freq, scaling)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, hs/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, hs): both halves of a pair share one angle
     return angles.cos(), angles.sin()
@@ -116,7 +129,8 @@ class CausalSelfAttention(nn.Module):
         self.head_dim = cfg.d_model // cfg.n_heads
         self.dropout = cfg.dropout
         # one matmul for q, k and v; k and v are narrower under grouped-query attention
-        self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim, bias=cfg.bias)
+        self.qkv = nn.Linear(cfg.d_model, (self.n_heads + 2 * self.n_kv_heads) * self.head_dim,
+                             bias=cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         # QK-norm: RMSNorm over each head's features keeps attention logits from growing without bound
         self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
@@ -211,9 +225,9 @@ class GPT(nn.Module):
 
         if cfg.pos_emb == PosEmb.rope:
             # Derived from the config, so kept out of the state_dict (persistent=False).
-            cos, sin = rope_cache(cfg.d_model // cfg.n_heads, cfg.block_size, cfg.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, hs)
-            self.register_buffer("rope_sin", sin, persistent=False)  # (block_size, hs)
+            self.register_buffer("rope_cos", torch.empty(cfg.block_size, cfg.d_model // cfg.n_heads), persistent=False)
+            self.register_buffer("rope_sin", torch.empty_like(self.rope_cos), persistent=False)  # (block_size, hs)
+            self._rope_tables()
 
         self.apply(self._init_weights)
         # GPT-2: scale the projections that write into the residual stream by 1/sqrt(number of such writes),
@@ -226,6 +240,23 @@ class GPT(nn.Module):
                     nn.init.zeros_(p)
                 else:
                     nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    def _rope_tables(self) -> None:
+        cos, sin = rope_cache(self.cfg.d_model // self.cfg.n_heads, self.cfg.block_size, self.cfg.rope_theta,
+                              self.cfg.rope_scaling)
+        with torch.no_grad():
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    def materialize(self, device: torch.device | str) -> None:
+        """Give a model built on the meta device (no memory, no init) uninitialised memory on `device`, for
+        weights to be copied in: the head tied again (to_empty makes every parameter anew) and the tables
+        derived from the config computed."""
+        self.to_empty(device=device)
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if self.cfg.pos_emb == PosEmb.rope:
+            self._rope_tables()
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -2,8 +2,10 @@
 
 - run_dir.py: one run per folder, locked while it trains, no folder left behind by a failed start;
 - checkpoint.py: checkpoint folders (atomic, never unpickled) and the step folders under RUN/checkpoints;
-- trained.py: which checkpoint a path means (best, latest, final), loaded for generate, eval and export;
+- trained.py: which checkpoint a path means (best, latest, final; a transformers folder, hf:<repo id>), loaded
+  for generate, eval and export, and read as model.init_from's starting point;
 - metrics.py: metrics.jsonl and the end-of-run table;
+- records.py: every file read back from a run folder, checked record by record;
 - loggers/: loss.png, TensorBoard and W&B, fed each metrics record;
 - sweeps/: status.json, reading run folders, a sweep's summary and plots, Hydra's sweep callback.
 
@@ -13,7 +15,7 @@ it imports torch, which checkpoint.py and trained.py need.
 
 import importlib
 
-_EXPORTS = {"open_run_dir": "run_dir", "MetricsLog": "metrics", "read_metrics": "metrics",
+_EXPORTS = {"open_run_dir": "run_dir", "MetricsLog": "metrics", "read_metrics": "records",
             "save_checkpoint": "checkpoint", "load_weights": "checkpoint", "TrainedModel": "trained",
             "load_trained": "trained", "resolve_checkpoint": "trained"}
 

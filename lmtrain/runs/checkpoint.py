@@ -1,4 +1,4 @@
-"""Checkpoint folders: written atomically, read without unpickling anything; the step folders of a run.
+"""Checkpoint folders: written atomically, read without unpickling anything.
 
 Every checkpoint folder holds `model.safetensors` (weights), `config.json` (the resolved run config) and
 `tokenizer.json`; a training checkpoint adds what resuming needs (lmtrain.training.state). A folder is
@@ -24,15 +24,14 @@ from torch import nn
 from lmtrain.data.tokenizer import TextTokenizer
 from lmtrain.errors import CheckpointError
 from lmtrain.files import write_folder
-from lmtrain.model.weights import model_tensors, nonfinite_names
+from lmtrain.model.weights import fits, model_tensors, nonfinite_names
+from lmtrain.runs.records import read_json
 
 log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
-LATEST = "latest.json"  # under RUN/checkpoints: {"step": 500, "folder": "step_000500"}, the newest whole step folder
-_STEP_FOLDER = re.compile(r"step_(\d+)")
 
 def save_tensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str]) -> None:
     """safetensors' save_file, its I/O failures raised as the OSError they are (full disk, read-only folder)."""
@@ -42,18 +41,6 @@ def save_tensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[st
         code = re.search(r"(?:code: |os error )(\d+)", str(e))
         number = int(code[1]) if code else errno.EIO
         raise OSError(number, os.strerror(number), str(file)) from e
-
-
-def read_json(file: Path) -> dict:
-    try:
-        data = json.loads(Path(file).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{file} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file} is corrupt: {e}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{file} is corrupt: expected a JSON object")
-    return data
 
 
 def read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -68,6 +55,15 @@ def read_tensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{file} is corrupt or truncated, or not a safetensors file: {e}") from None
     return tensors, metadata
+
+
+def saved_shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    """A safetensors file's tensor names and shapes, from its header alone."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(f"{file} is corrupt or truncated, or not a safetensors file: {e}") from None
 
 
 def save_checkpoint(path: Path, model: nn.Module | dict[str, torch.Tensor] | None, config: dict,
@@ -104,13 +100,14 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return read_tensors(file)[0]
 
 
-def check_shapes(expected: dict[str, tuple[int, ...]], saved: dict[str, tuple[int, ...]], file: Path) -> None:
+def check_shapes(expected: dict[str, tuple[int, ...]], saved: dict[str, tuple[int, ...]], file: Path,
+                 vocab_size: int | None = None) -> None:
     """Refuse a checkpoint file whose tensors differ from a model's, naming every missing, unexpected or
-    mis-shaped one."""
+    mis-shaped one. With `vocab_size` (weights that start a new run), the shapes need only fit (`fits`)."""
     problems = [f"missing {k} {shape}" for k, shape in expected.items() if k not in saved]
     problems += [f"unexpected {k} {shape}" for k, shape in saved.items() if k not in expected]
-    problems += [f"{k}: checkpoint {saved[k]} vs model {shape}"
-                 for k, shape in expected.items() if k in saved and saved[k] != shape]
+    problems += [f"{k}: checkpoint {saved[k]} vs model {shape}" for k, shape in expected.items() if k in saved
+                 and saved[k] != shape and not (vocab_size and fits(k, saved[k], shape, vocab_size))]
     if problems:
         listing = "; ".join(problems[:20]) + ("; ..." if len(problems) > 20 else "")
         raise CheckpointError(f"{file} does not fit this model ({len(problems)} mismatches): {listing}")
@@ -126,29 +123,3 @@ def apply_weights(tensors: dict[str, torch.Tensor], model: nn.Module, file: Path
 def load_weights(path: Path, model: nn.Module) -> None:
     """Load a checkpoint folder's model.safetensors into `model`."""
     apply_weights(read_weights(path), model, Path(path) / WEIGHTS)
-
-
-def step_folders(root: Path) -> list[tuple[int, Path]]:
-    """(step, folder) for every step folder under RUN/checkpoints, newest first."""
-    if not root.is_dir():
-        return []
-    found = [(int(m[1]), p) for p in root.iterdir() if (m := _STEP_FOLDER.fullmatch(p.name)) and p.is_dir()]
-    return sorted(found, reverse=True)
-
-
-def step_candidates(root: Path) -> list[Path]:
-    """Step folders to try, newest first: the one latest.json names, then older ones."""
-    folders = step_folders(root)
-    pointer = root / LATEST
-    if not pointer.exists():
-        return [f for _, f in folders]
-    try:
-        newest = int(read_json(pointer)["step"])
-    except (CheckpointError, KeyError, TypeError, ValueError) as e:
-        log.warning("Ignoring %s (%s); trying the step folders newest first", pointer, e)
-        return [f for _, f in folders]
-    for step, folder in folders:
-        if step > newest:
-            log.info("Ignoring %s: its save never finished (latest.json names step %d)", folder.name, newest)
-    named = root / f"step_{newest:06d}"
-    return [named] + [f for step, f in folders if step < newest]

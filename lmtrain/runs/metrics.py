@@ -1,4 +1,4 @@
-"""What a run reports: metrics.jsonl records and the final table.
+"""What a run reports: metrics.jsonl records and the final table (lmtrain.runs.records reads them back).
 
 Throughput comes from lmtrain.training.clock, MFU from lmtrain.training.mfu.
 """
@@ -11,6 +11,10 @@ from pathlib import Path
 
 from rich.table import Table
 from rich.text import Text
+
+from lmtrain.console import job_tag
+from lmtrain.runs.loggers import call_guarded, close_all
+from lmtrain.runs.records import read_metrics
 
 
 class MetricsLog:
@@ -32,25 +36,19 @@ class MetricsLog:
             record = {**record, "elapsed_s": round(time.perf_counter() - self._start, 3)}
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
-            for logger in self.loggers:
-                logger.log(record)
+            call_guarded(self.loggers, lambda logger: logger.log(record))
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
-            for logger in self.loggers:
-                logger.close()
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+            close_all(self.loggers)
 
 
 def recorded_figures(path: Path) -> tuple[float, float]:
     """A run's last training loss and its training tokens/s over all its logged steps, from its metrics.jsonl:
     what a resumed run that had nothing left to train reports. (nan, 0.0) when there is no training record."""
-    records = [r for r in read_metrics(path) if "loss" in r and r.get("tokens_per_s")] if path.exists() else []
+    records = [r for r in read_metrics(path) if "loss" in r and r.get("tokens_per_s") and "tokens" in r]
     if not records:
         return float("nan"), 0.0
     tokens = [r["tokens"] for r in records]  # cumulative; each record's rate covers those since the one before
@@ -72,7 +70,8 @@ def rewind(path: Path, size: int) -> int:
 
 
 def summary_table(rows: list[tuple[str, str]]) -> Table:
-    table = Table(title="Training summary", show_header=False, title_justify="left")
+    # `[job 3] Training summary`: the tables of parallel jobs say whose they are
+    table = Table(title=Text(f"{job_tag()}Training summary"), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(overflow="fold")  # a long path wraps on a narrow terminal instead of ending in "…"
     for key, value in rows:

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 SETTLED_RATIO = 1.5  # the previous step took at most this many times as long: the step time has settled
 MAX_WARMUP_STEPS = 50  # a machine too noisy to ever look settled still gets figures after this many steps
+RECENT_WEIGHT = 0.05  # the newest settled step's weight in the moving average of step time: ~the last 40 steps
 
 
 class RunClock:
@@ -27,6 +28,7 @@ class RunClock:
         self.train_tokens = 0  # tokens of settled steps
         self._steps, self._previous, self.settled = 0, None, False
         self._window_tokens, self._window_seconds = 0, 0.0
+        self.step_ema: float | None = None  # seconds per settled training step, recent steps weighing most
 
     def step(self, tokens: int) -> None:
         now = time.perf_counter()
@@ -36,6 +38,8 @@ class RunClock:
             self.settled = self._previous <= SETTLED_RATIO * duration or self._steps > MAX_WARMUP_STEPS
         self._previous = duration
         if self.settled:
+            self.step_ema = duration if self.step_ema is None else self.step_ema + RECENT_WEIGHT * (
+                duration - self.step_ema)
             self.seconds["train"] += duration
             self.train_tokens += tokens
             self._window_tokens += tokens
@@ -66,9 +70,12 @@ class RunClock:
         """Tokens/s over every settled step of the run so far."""
         return self.train_tokens / self.seconds["train"] if self.seconds["train"] > 0 else None
 
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
     def split(self) -> str:
         """The wall time so far and where it went: '12.3 s: warm-up 2.0, train 9.1, eval 0.8, other 0.4'."""
-        wall = time.perf_counter() - self.start
+        wall = self.elapsed()
         parts = [f"{name} {seconds:.1f}" for name, seconds in self.seconds.items() if seconds > 0 or name == "train"]
         other = wall - sum(self.seconds.values())
         return f"{wall:.1f} s: " + ", ".join([*parts, f"other {max(other, 0.0):.1f}"])

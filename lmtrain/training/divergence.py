@@ -23,7 +23,7 @@ from lmtrain.config import DivergenceAction, TrainerConfig
 from lmtrain.distributed import collectives, strategies
 from lmtrain.errors import CheckpointError, Diverged
 from lmtrain.model.weights import nonfinite_names
-from lmtrain.runs.checkpoint import step_candidates
+from lmtrain.runs.records import step_candidates
 from lmtrain.training.state import TrainingCheckpoint
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,9 @@
-"""How long a run has left, from the pace of the steps this process has trained: for the plain log lines,
-which have no progress bar and its ETA column."""
+"""How long a run has left, from the recent pace of the steps this process has trained: the one ETA that the
+progress bar and the log lines show."""
 
 from __future__ import annotations
 
-import time
+from lmtrain.training.clock import RunClock
 
 
 def duration(seconds: float) -> str:
@@ -19,16 +19,26 @@ def duration(seconds: float) -> str:
 
 
 class Eta:
-    """Seconds per step over this process's steps so far (evaluations and saves included: wall time), times
-    the steps left."""
+    """Steps left times the recent pace: what the progress bar's ETA and the log lines' ETA both show.
 
-    def __init__(self, first_step: int, total_steps: int):
-        self.first_step, self.total_steps = first_step, total_steps
-        self.start = time.perf_counter()
+    The pace is the moving average of the settled training steps' time (RunClock.step_ema, recent steps weighing
+    most, so the ETA follows a change of speed within a few dozen steps, where a whole-run average lags for
+    hours), plus what evaluations, saves and samples have added per step so far (they recur, so their whole-run
+    average is the right share). Before a step has settled: the plain wall-clock pace of this process's steps.
+    """
+
+    def __init__(self, clock: RunClock, first_step: int, total_steps: int):
+        self.clock, self.first_step, self.total_steps = clock, first_step, total_steps
 
     def seconds_per_step(self, step: int) -> float | None:
         done = step - self.first_step
-        return (time.perf_counter() - self.start) / done if done > 0 else None
+        if done <= 0:
+            return None
+        wall = self.clock.elapsed()
+        if self.clock.step_ema is None:
+            return wall / done
+        between_steps = wall - self.clock.seconds["warm-up"] - self.clock.seconds["train"]
+        return self.clock.step_ema + max(0.0, between_steps) / done
 
     def remaining(self, step: int) -> float | None:
         per_step = self.seconds_per_step(step)

@@ -28,6 +28,7 @@ from lmtrain.distributed.world import describe
 from lmtrain.model.generation import sample_texts
 from lmtrain.runs.metrics import recorded_figures, summary_table
 from lmtrain.training.clock import RunClock
+from lmtrain.training.debugging import check_resume, overfit_verdict
 from lmtrain.training.eta import Eta
 from lmtrain.training.memory import format_bytes, peak_memory
 from lmtrain.training.optim import lr_at, set_lr
@@ -83,8 +84,10 @@ class Trainer:
         self.forward = p.parallel.forward  # the GPT or its DDP wrapper; compilation, if on, is inside, per block
         self.params = [param for param in p.model.parameters() if param.requires_grad]
         self.train_loader, self.val_batches, self.total_steps = p.train_loader, p.val_batches, p.total_steps
+        self.schedule_steps = p.total_steps  # the LR schedule's length: fixed when the run starts (see _restore)
         self.tokens_per_step, self.mfu, self.metrics = p.tokens_per_step, p.mfu, p.metrics
         self.checkpoints, self.divergence, self.micro = p.checkpoints, p.divergence, p.micro
+        self.early_stopping, self.profiler = p.early_stopping, p.profiler
         self.sample_prompts = p.sample_prompts
         self.step = 0
         self.epoch_loss, self.epoch_steps = torch.zeros((), device=self.device), 0  # sum of this epoch's step losses
@@ -93,23 +96,25 @@ class Trainer:
         self.stop: StopSignals | None = None  # set while fit() runs: an evaluation stops at its next batch
         if p.resumed is not None:
             self._restore(p.resumed)
+            self._warn_if_length_changed()
 
     def fit(self) -> TrainResult:
         """Train to the last step (trainer.max_steps or epochs), or until a stop signal; returns how it ended."""
         t = self.cfg.trainer
         self._describe()
-        start, eta = time.perf_counter(), Eta(self.step, self.total_steps)
-        clock = RunClock()  # counts only this process's steps: after a resume, from the restart
+        start, clock = time.perf_counter(), RunClock()  # this process's steps only: after a resume, from the restart
+        eta = Eta(clock, self.step, self.total_steps)
         batches = iter(self.train_loader)
-        finished = self.step >= self.total_steps  # resumed from the checkpoint a complete run saved last
+        # resumed from the checkpoint a complete run saved last (or one that stopped early)
+        finished = self.step >= self.total_steps or self.early_stopping.stopped
         if not finished and self.world.main:  # one device's share of a step against one device's peak
             warn_before_training(self.cfg, self.total_steps, self.tokens_per_step // self.world.size,
                                  self.model.flops_per_token(), self.mfu.peak, self.device)
         train_loss, fields = float("nan"), {"loss": "-", "lr": "-", "speed": "-", "mfu": "-"}
         with progress_bar(wants_progress_bar(t.progress) and self.world.main) as bar, StopSignals() as stop:
             self.stop, stopping = stop, None  # stopping: the signal every rank agreed to stop on
-            task = bar.add_task("train", total=self.total_steps, completed=self.step, **fields)
-            while self.step < self.total_steps and stopping is None:
+            task = bar.add_task("train", total=self.total_steps, completed=self.step, eta="-", **fields)
+            while self.step < self.total_steps and stopping is None and not self.early_stopping.stopped:
                 lr = self._set_lr()
                 completed_epochs = self.train_loader.completed_epochs
                 step_loss = self._forward_backward([next(batches) for _ in range(t.grad_accum_steps)])
@@ -121,6 +126,7 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 clock.step(self.tokens_per_step)
+                self.profiler.step()
                 if self._reads_weights(logging_step) and self.divergence.found() is not None:
                     self._roll_back()
                     batches = iter(self.train_loader)
@@ -132,15 +138,16 @@ class Trainer:
                 elif note := eta.first_step_note(self.step):  # a slow run's first log line may be far away
                     log.info("%s", note)
                 self._evaluate_save_sample(clock)
-                bar.update(task, completed=self.step, **fields)
-            if self.step < self.total_steps:
+                bar.update(task, completed=self.step, eta=eta.text(self.step), **fields)
+            if stopping is not None and self.step < self.total_steps:
                 return self._stopped(stopping, time.perf_counter() - start)
             self._finish(clock, finished)
         return self._result(train_loss, start, clock, finished)
 
     def _set_lr(self) -> float:
         """The schedule's learning rate for this step (scaled down after a divergence rollback), set in place."""
-        lr = lr_at(self.step, self.total_steps, self.cfg.optimizer.lr * self.divergence.lr_factor, self.cfg.scheduler)
+        peak = self.cfg.optimizer.lr * self.divergence.lr_factor
+        lr = lr_at(self.step, self.schedule_steps, peak, self.cfg.scheduler)
         set_lr(self.optimizer, lr)
         return lr
 
@@ -156,8 +163,9 @@ class Trainer:
         self.epoch_loss, self.epoch_steps = self.epoch_loss + step_loss, self.epoch_steps + 1
         if self.train_loader.completed_epochs > completed_epochs:
             avg = (self.epoch_loss / self.epoch_steps).item()
-            log.info("Epoch %d complete. Average loss: %.4f", completed_epochs, avg)
-            self.metrics.write({"step": self.step + 1, "epoch": completed_epochs, "epoch_avg_loss": avg})
+            if not self.cfg.trainer.overfit_batches:  # repeated batches: each "epoch" is a step or two, no news
+                log.info("Epoch %d complete. Average loss: %.4f", completed_epochs, avg)
+                self.metrics.write({"step": self.step + 1, "epoch": completed_epochs, "epoch_avg_loss": avg})
             self.epoch_loss, self.epoch_steps = torch.zeros((), device=self.device), 0
 
     def _evaluate_save_sample(self, clock: RunClock) -> None:
@@ -168,7 +176,10 @@ class Trainer:
                 self._record_eval()
         if t.save_every and s % t.save_every == 0 and s < self.total_steps:
             with clock.phase("save"):
-                self._save()
+                folder = self._save()
+                if t.resume_check:  # debug=fast: resume from it now, as trainer.resume would
+                    self._restore(check_resume(folder, self.model, self.optimizer, self.train_loader,
+                                               self.world.rank).state)
         if t.sample_every and s % t.sample_every == 0:
             with clock.phase("sample"):
                 self._record_samples()
@@ -178,14 +189,16 @@ class Trainer:
         if finished:
             log.info("This run finished at step %d already: nothing left to train", self.step)
             return
-        with clock.phase("eval"):
-            self._record_eval()
+        if not self.early_stopping.stopped:  # an early stop has just evaluated this step
+            with clock.phase("eval"):
+                self._record_eval()
         with clock.phase("save"):
             self.checkpoints.save_final(self.model)
             self._save()  # last: a checkpoint at the final step means the whole run is done
 
     def _result(self, train_loss: float, start: float, clock: RunClock, finished: bool) -> TrainResult:
         self.metrics.close()
+        self.profiler.close()
         result = TrainResult(self.step, self.step * self.tokens_per_step, train_loss, self.val_loss,
                              time.perf_counter() - start, self.checkpoints.root / "final",
                              best_val_loss=self.best_val_loss)
@@ -225,24 +238,45 @@ class Trainer:
         if val_loss < self.best_val_loss:
             self.best_val_loss = val_loss
             self.checkpoints.save_best(self.model, self.step, val_loss)
+        if self.step < self.total_steps and self.early_stopping.observe(self.step, val_loss):
+            self.metrics.write(self.early_stopping.record(self.step))
 
     def _save(self) -> Path:
         """A step checkpoint of everything a resume needs, the loop's own counters included."""
-        state = {"step": self.step, "total_steps": self.total_steps, "epoch": self.train_loader.state.epoch,
+        state = {"step": self.step, "total_steps": self.total_steps, "schedule_steps": self.schedule_steps,
+                 "epoch": self.train_loader.state.epoch,
                  "tokens": self.step * self.tokens_per_step, "epoch_loss_sum": self.epoch_loss.item(),
                  "epoch_steps": self.epoch_steps, "val_loss": _finite_or_none(self.val_loss),
                  "best_val_loss": _finite_or_none(self.best_val_loss), "precision": self.precision.state_dict(),
-                 **self.divergence.state_dict()}
+                 **self.divergence.state_dict(), **self.early_stopping.state_dict()}
         folder = self.checkpoints.save(self.model, self.optimizer, self.train_loader, state)
         self.saved = (self.step, folder)
         return folder
 
     def _restore(self, state: dict) -> None:
+        """The loop's counters from a checkpoint. The LR schedule keeps the length it was planned with when the run
+        started (older checkpoints: their run's length), whatever trainer.max_steps or epochs say now."""
+        self.schedule_steps = state.get("schedule_steps", state.get("total_steps", self.total_steps))
         self.step, self.epoch_steps = state["step"], state.get("epoch_steps", 0)
         self.epoch_loss = torch.tensor(state.get("epoch_loss_sum", 0.0), dtype=torch.float32, device=self.device)
         self.val_loss = float("nan") if state.get("val_loss") is None else state["val_loss"]
         self.best_val_loss = float("inf") if state.get("best_val_loss") is None else state["best_val_loss"]
         self.precision.load_state_dict(state.get("precision"))  # fp16's loss scale and skipped-step count
+        self.early_stopping.load_state_dict(state)
+
+    def _warn_if_length_changed(self) -> None:
+        """A resume that lengthens or shortens the run: say what the kept schedule means for the LR."""
+        planned, now = self.schedule_steps, self.total_steps
+        if planned == now or not self.world.main:
+            return
+        end_lr = lr_at(planned - 1, planned, self.cfg.optimizer.lr, self.cfg.scheduler)
+        at_end = lr_at(now - 1, planned, self.cfg.optimizer.lr, self.cfg.scheduler)
+        what = (f"steps {max(planned, self.step) + 1}-{now} train at its final LR, {end_lr:.2e}" if now > planned
+                else f"the run ends at step {now} with the LR at {at_end:.2e}, before the schedule has decayed")
+        log.warning("The run's length changed from %d to %d steps (trainer.max_steps / trainer.epochs), but its "
+                    "learning-rate schedule keeps the %d steps it was planned with: %s. For a new schedule, start a "
+                    "new run from these weights with model.init_from (docs/checkpoints.md#extending-a-run)",
+                    planned, now, planned, what)
 
     def _roll_back(self) -> None:
         """Back to the newest finite checkpoint after a divergence (or raise Diverged)."""
@@ -271,6 +305,7 @@ class Trainer:
         report("Stopped by %s at step %d of %d after %.1f s; %s holds all that resuming needs%s",
                received.name, self.step, self.total_steps, seconds, saved, took)
         self.metrics.close()
+        self.profiler.close()
         return TrainResult(self.step, self.step * self.tokens_per_step, float("nan"), self.val_loss, seconds, saved,
                            stopped_by=received)
 
@@ -327,5 +362,10 @@ class Trainer:
                         f"({self.mfu.peak / 1e12:.2f} TFLOP/s)"),
                 ("precision", self.precision.name + (f", {self.precision.skipped_steps} steps skipped (inf/NaN "
                                                      "gradients)" if self.precision.scaler is not None else "")),
-                *self.train_loader.summary_rows(), *self.micro.summary_rows(), ("checkpoint", str(r.checkpoint))]
+                *self.train_loader.summary_rows(), *self.micro.summary_rows(), *self.early_stopping.summary_rows(),
+                ("checkpoint", str(r.checkpoint)),
+                *([("tags", ", ".join(self.cfg.tags))] if self.cfg.tags else [])]
         print_table(summary_table(rows))
+        if self.cfg.trainer.overfit_batches:  # debug=overfit: the verdict, in one line under the table
+            passed, line = overfit_verdict(self.cfg.trainer.overfit_batches, r.steps, r.train_loss)
+            (log.info if passed else log.warning)("%s", line)

@@ -127,15 +127,22 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig, device_type: str) ->
     return CombinedOptimizer(muon, adamw(("head", "embedding", "other")))
 
 
+def warmup_steps(cfg: SchedulerConfig, total_steps: int) -> int:
+    """The warm-up's length in optimizer steps: scheduler.warmup_fraction of the run when set, else warmup_steps."""
+    return cfg.warmup_steps if cfg.warmup_fraction is None else round(cfg.warmup_fraction * total_steps)
+
+
 def lr_at(step: int, total_steps: int, peak_lr: float, cfg: SchedulerConfig) -> float:
     """The learning rate for optimizer step `step` (0-based) of `total_steps`.
 
-    Linear warm-up over warmup_steps, then constant; or linear / cosine decay to min_lr_ratio * peak_lr at
-    the last step; or (wsd) constant until the last decay_fraction of the steps, then a linear decay that
-    reaches min_lr_ratio * peak_lr at the last step.
+    Linear warm-up over `warmup_steps(cfg, total_steps)`, then constant; or linear / cosine decay to
+    min_lr_ratio * peak_lr at the last step; or (wsd) constant until the last decay_fraction of the steps,
+    then a linear decay that reaches min_lr_ratio * peak_lr at the last step. Past the last step (a run
+    extended beyond its schedule) the LR stays where the schedule ended.
     """
-    if step < cfg.warmup_steps:
-        return peak_lr * (step + 1) / (cfg.warmup_steps + 1)
+    warmup = warmup_steps(cfg, total_steps)
+    if step < warmup:
+        return peak_lr * (step + 1) / (warmup + 1)
     if cfg.name == SchedulerName.constant:
         return peak_lr
     min_lr = peak_lr * cfg.min_lr_ratio
@@ -144,8 +151,8 @@ def lr_at(step: int, total_steps: int, peak_lr: float, cfg: SchedulerConfig) -> 
         into_decay = step - (total_steps - decay_steps)  # 0 at the first step whose LR is below the peak
         progress = 0.0 if into_decay < 0 else min(1.0, (into_decay + 1) / decay_steps)
         return peak_lr + (min_lr - peak_lr) * progress
-    decay_steps = max(1, total_steps - 1 - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    decay_steps = max(1, total_steps - 1 - warmup)
+    progress = min(1.0, (step - warmup) / decay_steps)
     if cfg.name == SchedulerName.linear:
         return peak_lr + (min_lr - peak_lr) * progress
     return min_lr + 0.5 * (peak_lr - min_lr) * (1 + math.cos(math.pi * progress))

@@ -3,11 +3,15 @@
 `build_parts` is the one place that knows every part; the loop (lmtrain.training.loop) receives them built.
 The order matters, and is this:
 
- 1. the device, and `model.init_from` checked from its files alone: a wrong checkpoint fails before any data
+ 1. the device, and `trainer.resume` checked from its files alone: a wrong step folder fails before any data
     is read;
  2. the world: this process joins the others (when there are several) and gets its own device; the ranks
-    compare their resolved configs (a rank started with other overrides stops the run here, in one line);
+    compare their resolved configs (a rank started with other overrides stops the run here, in one line); then
+    `model.init_from` checked from its files alone, so a wrong checkpoint fails before any data is read
+    (an hf:<repo id> is downloaded here, once per node: local rank 0 first, the others find it cached);
  3. the strategy and the number format asked for; TF32 on CUDA; the seed, before anything random is drawn;
+    the trackers (logger=..., rank 0), imported and started: a broken install or a missing login stops the
+    run here, before any data work;
  4. the data, tokenized once per node (local rank 0 first, the others then find the cache); the ranks compare
     the data's fingerprint (each node's cache and tokenizer);
  5. the model, its vocabulary taken from the tokenizer;
@@ -15,9 +19,10 @@ The order matters, and is this:
  7. compiling, block by block, then the parallel wrapper (FSDP2 and HSDP shard the compiled blocks);
  8. the optimizer, over the wrapped (for FSDP2: sharded) parameters;
  9. the loaders: whole global batches, of which this rank trains on its rows;
-10. MFU, metrics.jsonl and the loggers (metrics' clock starts here, just before training);
-11. the divergence guard and the checkpoints: `trainer.resume` restores weights, optimizer, loader and the
-    guard's state here (or `model.init_from`'s weights are loaded);
+10. MFU, and metrics.jsonl feeding the loggers, which get the resolved config (metrics' clock starts here,
+    just before training); the profiler;
+11. the divergence guard, early stopping and the checkpoints: `trainer.resume` restores weights, optimizer,
+    loader and the guard's state here (or `model.init_from`'s weights are loaded);
 12. micro-batches: a trial step on the bare model (no DDP all-reduce), every rank taking the smallest size.
 """
 
@@ -45,14 +50,16 @@ from lmtrain.distributed.world import setup as join_world
 from lmtrain.errors import ConfigError
 from lmtrain.model import GPT
 from lmtrain.model.generation import encode_prompt
-from lmtrain.runs.loggers import build_loggers
+from lmtrain.runs.loggers import build_loggers, call_guarded
 from lmtrain.runs.metrics import MetricsLog
+from lmtrain.training.debugging import StepProfiler
 from lmtrain.training.divergence import DivergenceGuard
+from lmtrain.training.early_stopping import EarlyStopping
 from lmtrain.training.memory import MicroBatches, configured_size, micro_batches, trial_step
 from lmtrain.training.mfu import Mfu
 from lmtrain.training.optim import Optimizer, build_optimizer
 from lmtrain.training.precision import TrainingPrecision, choose, confirm_on_model
-from lmtrain.training.preflight import init_from_checked
+from lmtrain.training.preflight import init_from_checked, resume_checked
 from lmtrain.training.state import Checkpointer
 
 # Settings that may differ between ranks: where each node keeps its token cache (the data fingerprint compares
@@ -80,8 +87,10 @@ class Parts:
     total_steps: int
     mfu: Mfu
     metrics: MetricsLog
+    profiler: StepProfiler  # trainer.profile_steps (debug=profile); does nothing when off
     checkpoints: Checkpointer
     divergence: DivergenceGuard
+    early_stopping: EarlyStopping  # its state is restored with the loop's counters (Trainer._restore)
     micro: MicroBatches
     sample_prompts: list[list[int]]  # encoded trainer.sample_prompts; empty when sampling is off
     resumed: dict | None = None  # the training state a checkpoint restored (the loop's counters); None: step 0
@@ -104,17 +113,21 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
     t, run_dir = cfg.trainer, Path(run_dir)
     device = pick_device(t.device)  # 1
     vocab_multiple = cfg.model.vocab_multiple or (64 if device.type == "cuda" else 1)
-    cfg = init_from_checked(cfg, vocab_multiple)
+    resume_checked(t.resume)
     group_of_one = t.strategy in (Strategy.ddp, Strategy.fsdp, Strategy.hsdp)  # even with one process
     world, device = join_world(device, t.dist_timeout_s, group_of_one)  # 2
     check_same({k: v for k, v in flatten(as_plain_dict(cfg)).items() if k not in RANK_LOCAL_KEYS}, "configs",
                "Start every rank with the same command line (and the same config files)")
+    if cfg.model.init_from is not None:
+        with collectives.local_main_first(world):  # one rank per node downloads an hf:<repo id>, then the rest
+            cfg = init_from_checked(cfg, vocab_multiple)
     strategy = strategies.resolve(t.strategy, world)  # 3
     choice = choose(t.precision, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
     seed_everything(t.seed)
+    loggers = build_loggers(cfg.logger, run_dir, as_plain_dict(cfg)) if world.main else []
 
     with collectives.local_main_first(world), \
             PreparationProgress(wants_progress_bar(t.progress) and world.main) as progress:  # 4
@@ -142,20 +155,22 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
 
     block, batch = model_cfg.block_size, t.batch_size * world.size  # 9: the loaders hand out whole global batches
     loader = train_loader(data, block, batch, t.seed, t.num_workers, pin_memory=device.type == "cuda",
-                          rows=world.rows(batch))
+                          rows=world.rows(batch), repeat=t.overfit_batches)
     validation = val_batches(data, block, batch, t.eval_batches, world.rows)
     total_steps = t.max_steps or t.epochs * max(1, loader.batches_per_epoch // t.grad_accum_steps)
 
     # 10. MFU per device: every rank's tokens/s over all devices' peak, i.e. each rank's share of the FLOPs
     mfu = Mfu(device, precision.name, model.flops_per_token() / world.size)
     saved_config = as_plain_dict(dataclasses.replace(cfg, model=model_cfg))  # the resolved config checkpoints hold
-    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=world.main,
-                         loggers=build_loggers(cfg.logger, run_dir, saved_config) if world.main else None)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=world.main, loggers=loggers)
+    call_guarded(loggers, lambda logger: logger.start(saved_config))
+    profiler = StepProfiler(t.profile_steps if world.main else 0, run_dir, device)
     # Encoded only when sampling is on: a char tokenizer may lack the default prompts' characters.
     prompts = [encode_prompt(tokenizer, p, "trainer.sample_prompts") for p in (t.sample_prompts if t.sample_every
                                                                                else [])]
 
     divergence = DivergenceGuard(t, device, loss_scaling=precision.scaler is not None)  # 11
+    early_stopping = EarlyStopping(t.early_stopping)
     checkpoints = Checkpointer(run_dir, t.keep_last, saved_config, tokenizer, world, parallel.sharded)
     resumed = checkpoints.start(t.resume, cfg.model.init_from, model, optimizer, loader)
     if resumed is not None:
@@ -165,4 +180,5 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
         model, model, tokenizer.vocab_size, block, device, precision.autocast), world)
     micro.size = collectives.smallest(micro.size, device)  # every rank runs as many micro-batches
     return Parts(cfg, run_dir, world, device, tokenizer, model_cfg, model, precision, compiled, parallel, optimizer,
-                 loader, validation, total_steps, mfu, metrics, checkpoints, divergence, micro, prompts, resumed)
+                 loader, validation, total_steps, mfu, metrics, profiler, checkpoints, divergence, early_stopping,
+                 micro, prompts, resumed)

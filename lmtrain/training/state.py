@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lmtrain.config import TokenizerConfig
 from lmtrain.config.base import flatten
 from lmtrain.data.loader import TrainLoader
 from lmtrain.data.tokenizer import TextTokenizer, same_tokenizer
@@ -44,28 +45,25 @@ from lmtrain.distributed.sharded import (
 from lmtrain.distributed.world import World
 from lmtrain.errors import CheckpointError, ConfigError, DataError
 from lmtrain.files import recover, remove_folder, write_json
+from lmtrain.model.weights import copy_weights, expected_shapes, fitted
 from lmtrain.runs.checkpoint import (
-    LATEST,
-    TOKENIZER,
     WEIGHTS,
     apply_weights,
-    load_weights,
+    check_shapes,
     read_config,
-    read_json,
     read_tensors,
     read_weights,
     save_checkpoint,
     save_tensors,
-    step_candidates,
-    step_folders,
 )
 from lmtrain.runs.metrics import rewind
+from lmtrain.runs.records import LATEST, TRAINER_STATE, read_trainer_state, step_candidates, step_folders
+from lmtrain.runs.trained import load_tokenizer, starting_point, tokenizer_config
 
 log = logging.getLogger(__name__)
 
 OPTIMIZER = "optimizer.safetensors"
 RNG = "rng_state.safetensors"  # rank 0's; rank r > 0 of a distributed run saves rng_state.rank<r>.safetensors
-STATE = "trainer_state.json"
 BEST_INFO = "eval.json"
 
 Tensors = tuple[dict[str, torch.Tensor], dict[str, str]]  # a safetensors file: tensors and string metadata
@@ -152,17 +150,21 @@ class TrainingCheckpoint:
     optimizer: Tensors | None
     rng: Tensors
 
-    @classmethod
-    def read(cls, folder: Path, rank: int = 0) -> TrainingCheckpoint:
+    @staticmethod
+    def state_of(folder: Path) -> dict:
+        """A step folder's trainer_state.json, once the folder is known to be one; no tensor is read."""
         folder = Path(folder)
         if not folder.is_dir():
             raise CheckpointError(f"{folder} is missing")
-        if not (folder / STATE).exists() and (folder / WEIGHTS).exists():
+        if not (folder / TRAINER_STATE).exists() and (folder / WEIGHTS).exists():
             raise CheckpointError(f"{folder} holds weights only, no training state to resume; to start from "
                                   f"these weights with a fresh optimizer, use model.init_from={folder}")
-        state = read_json(folder / STATE)
-        if not isinstance(state.get("step"), int) or not isinstance(state.get("loader"), dict):
-            raise CheckpointError(f"{folder / STATE} is corrupt: it has no step or loader position")
+        return read_trainer_state(folder)
+
+    @classmethod
+    def read(cls, folder: Path, rank: int = 0) -> TrainingCheckpoint:
+        folder = Path(folder)
+        state = cls.state_of(folder)
         rng = read_tensors(rng_file(folder, rank))
         if is_sharded(folder):
             check_shards(folder, state.get("shards"))
@@ -219,7 +221,7 @@ class Checkpointer:
             for rank, (rng_tensors, rng_meta) in enumerate(rngs):
                 name = RNG if rank == 0 else f"rng_state.rank{rank}.safetensors"
                 save_tensors(rng_tensors, folder / name, {"format": "pt", **rng_meta})
-            (folder / STATE).write_text(json.dumps(state, indent=2))
+            (folder / TRAINER_STATE).write_text(json.dumps(state, indent=2))
 
         if not self.world.main:
             if self.sharded:
@@ -258,7 +260,7 @@ class Checkpointer:
         def restore(checkpoint: TrainingCheckpoint) -> None:
             self._check_global_batch(checkpoint)
             self._warn_about_changes(checkpoint.config)
-            self._check_tokenizer(checkpoint.folder, f"trainer.resume={resume}")
+            self._check_tokenizer(tokenizer_config(checkpoint.folder, checkpoint.config), f"trainer.resume={resume}")
             checkpoint.apply(model, optimizer, loader, self.sharded, self.world.rank)
 
         if resume == "auto":
@@ -273,15 +275,7 @@ class Checkpointer:
             checkpoint = None
         if checkpoint is None:
             if init_from is not None:
-                self._check_tokenizer(Path(init_from).expanduser(), f"model.init_from={init_from}")
-                try:
-                    if self.sharded:
-                        load_full_weights(model, read_weights(Path(init_from).expanduser()))
-                    else:
-                        load_weights(Path(init_from).expanduser(), model)
-                except CheckpointError as e:
-                    raise CheckpointError(f"model.init_from={init_from}: {e}") from None
-                log.info("Initialized the weights from %s (model.init_from); the optimizer starts fresh", init_from)
+                self._start_from(init_from, model)
             return None
         step = checkpoint.state["step"]
         if checkpoint.folder.resolve().parent == self.root.resolve():  # this run's own
@@ -312,13 +306,29 @@ class Checkpointer:
                           f"printed when the run stopped keeps them), or a batch that makes {saved}; "
                           "trainer.allow_batch_change=true resumes anyway" if self.world.main else "")  # said once
 
-    def _check_tokenizer(self, folder: Path, key: str) -> None:
+    def _start_from(self, init_from: str, model: nn.Module) -> None:
+        """Load `model.init_from`'s weights (an lmtrain checkpoint's or a transformers folder's), tensor by tensor
+        into the model, or, sharded, as whole tensors each rank keeps its shards of."""
+        key = f"model.init_from={init_from}"
+        point = starting_point(init_from, "model.init_from")
+        self._check_tokenizer(point.tokenizer, key)
+        shapes, vocab = expected_shapes(model.cfg), model.cfg.vocab_size
+        try:
+            check_shapes(shapes, point.shapes(), point.folder, vocab)  # all names and shapes before any copy
+            if self.sharded:
+                load_full_weights(model, {name: fitted(name, t, shapes[name], vocab) for name, t in point.tensors()})
+            else:
+                copy_weights(model, point.tensors(), str(point.folder))
+        except CheckpointError as e:
+            raise CheckpointError(f"{key}: {e}") from None
+        log.info("Initialized the weights from %s (model.init_from); the optimizer starts fresh", init_from)
+
+    def _check_tokenizer(self, saved: TokenizerConfig, key: str) -> None:
         """The checkpoint's model must have learned the ids of the tokenizer that made this run's token cache."""
-        saved = folder / TOKENIZER
-        if not same_tokenizer(TextTokenizer.load(saved), self.tokenizer):
+        if not same_tokenizer(load_tokenizer(saved), self.tokenizer):
             raise DataError(f"{key}: its model was trained with another tokenizer than the one this run's data was "
                             f"tokenized with ({self.tokenizer.vocab_size:,} tokens); tokenize with the checkpoint's "
-                            f"own: tokenizer=file tokenizer.path={saved}")
+                            f"own: tokenizer=file tokenizer.path={saved.path}")
 
     def _newest_restored(self, restore: Callable[[TrainingCheckpoint], None]) -> TrainingCheckpoint | None:
         """trainer.resume=auto: the newest step folder that reads whole and restores (`restore` applies it); a

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmtrain.config import ModelConfig
+from lmtrain.config import ModelConfig, as_plain_dict
 from lmtrain.data.tokenizer import PAD, UNKNOWN, TextTokenizer, train_char
 from lmtrain.errors import CheckpointError, DataError
 from lmtrain.model import GPT
@@ -66,7 +66,7 @@ def test_a_checkpoint_with_nan_weights_is_refused(tmp_path):
         from safetensors.torch import save_file
 
         save_file(model_tensors(model), str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps({"model": {**model.cfg.__dict__}}, default=str))
+        (folder / "config.json").write_text(json.dumps({"model": as_plain_dict(model.cfg)}))
         tok.save(folder / "tokenizer.json")
 
     write_folder(tmp_path / "ckpt", write)

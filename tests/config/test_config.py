@@ -27,9 +27,40 @@ def test_defaults_compose_into_the_schema():
     assert cfg.trainer.grad_clip == 1.0 and cfg.trainer.compile is None
 
 
-def test_adamw_preset_holds_the_general_defaults():
+def test_adamw_preset_holds_the_general_defaults_and_leaves_the_lr_to_the_model():
     preset = OmegaConf.load(Path(lmtrain.configs.__file__).parent / "optimizer" / "adamw.yaml")
-    assert preset.lr == 3e-4 and list(preset.betas) == [0.9, 0.999] and preset.weight_decay == 0.01
+    assert "lr" not in preset and list(preset.betas) == [0.9, 0.999] and preset.weight_decay == 0.01
+
+
+@pytest.mark.parametrize("model, lr, warmup", [
+    ("gpt_tiny", 2e-3, 30), ("llama_tiny", 2e-3, 30), ("gpt_small", 6e-4, 700), ("llama_small", 6e-4, 700),
+    ("gpt_medium", 3e-4, 700), ("gpt_large", 2.5e-4, 700), ("llama_1b", 4e-4, 2000),
+])
+def test_each_model_preset_carries_its_own_lr_and_warmup(model, lr, warmup):
+    cfg = to_train_config(composed(f"model={model}"))
+    assert (cfg.optimizer.lr, cfg.scheduler.warmup_steps) == (lr, warmup)
+    for scheduler in ("constant", "linear", "wsd"):  # another schedule keeps the model's warm-up
+        assert to_train_config(composed(f"model={model}", f"scheduler={scheduler}")).scheduler.warmup_steps == warmup
+
+
+def test_the_lr_falls_with_width_and_the_command_line_still_wins(tmp_path):
+    gpt = [to_train_config(composed(f"model={m}")) for m in ("gpt_tiny", "gpt_small", "gpt_medium", "gpt_large")]
+    assert [c.model.d_model for c in gpt] == sorted(c.model.d_model for c in gpt)
+    assert [c.optimizer.lr for c in gpt] == sorted((c.optimizer.lr for c in gpt), reverse=True)
+    cfg = to_train_config(composed("model=gpt_medium", "optimizer.lr=1e-3", "scheduler.warmup_steps=5"))
+    assert (cfg.optimizer.lr, cfg.scheduler.warmup_steps) == (1e-3, 5)
+    assert to_train_config(composed("model=gpt_medium", "optimizer=muon")).optimizer.lr == 3e-3  # muon's own
+    shown = run_cli("train", "--cfg", "job", "model=gpt_medium", cwd=tmp_path)
+    assert "  lr: 0.0003\n" in shown.stdout and "  warmup_steps: 700\n" in shown.stdout
+
+
+def test_a_model_of_ones_own_gets_the_general_lr_and_warmup(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "mine.yaml").write_text("name: mine\nd_model: 64\nn_heads: 2\n")
+    shown = run_cli("train", "--cfg", "job", "--config-dir", str(tmp_path), "model=mine", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "  d_model: 64\n" in shown.stdout and "  lr: 0.0003\n" in shown.stdout
+    assert "  warmup_steps: 100\n" in shown.stdout
 
 
 def test_muon_and_wsd_presets_compose_with_every_key():
@@ -80,7 +111,7 @@ def _assert_clean_failure(result, *fragments: str):
     (["optimizer.lrr=1"], ["unknown key 'lrr' in optimizer; did you mean optimizer.lr?"]),
     (["trainer.batch_size=abc"], ["trainer.batch_size", "abc"]),
     (["model.d_model=100", "model.n_heads=12"], ["model.d_model=100 must be divisible by model.n_heads=12"]),
-    (["model.norm=batchnorm"], ["Invalid value 'batchnorm'", "layernorm, rmsnorm"]),
+    (["model.norm=batchnorm"], ["model.norm=batchnorm: must be one of layernorm, rmsnorm"]),
 ])
 def test_cli_reports_config_mistakes_without_a_traceback(tmp_path, overrides, fragments):
     result = run_cli("train", *overrides, f"hydra.run.dir={tmp_path}/run")

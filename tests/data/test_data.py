@@ -292,3 +292,37 @@ def test_a_corpus_shorter_than_one_window_is_named(tmp_path):
     with pytest.raises(DataError, match=r"the train split has 11 tokens, fewer than one window of "
                                         r"model.block_size\+1=17; use more text or a smaller model.block_size"):
         train_loader(data, block_size=16, batch_size=4, seed=0)
+
+
+def test_csv_files_are_read_through_their_text_column(tmp_path, corpus):
+    lines = corpus["train"].read_text().splitlines()
+    table = tmp_path / "reviews.csv"
+    table.write_text("id,body,stars\n" + "".join(f'{i},"{line}, said ""me""",5\n' for i, line in enumerate(lines)))
+    cache = prepare_one(files_cfg(tmp_path, [table], text_column="body"))
+    documents = cache.manifest["splits"]["train"]["documents"] + cache.manifest["splits"]["val"]["documents"]
+    assert documents == len(lines)
+    text = cache.tokenizer.decode(tokens(cache, "train")[:200].tolist())
+    assert 'said "me"' in text and "stars" not in text
+    with pytest.raises(DataError, match="data.text_column='text' is not a column"):
+        prepare_one(files_cfg(tmp_path, [table]))
+
+
+def test_an_hf_builder_reads_the_data_files_it_is_given(tmp_path, corpus):
+    lines = corpus["train"].read_text().splitlines()
+    table = tmp_path / "reviews.csv"
+    table.write_text("body\n" + "".join(f"{line}\n" for line in lines))
+    cfg = DataConfig(name="reviews", source=SourceKind.hf, path="csv", data_files=[str(tmp_path / "*.csv")],
+                     text_column="body", cache_dir=str(tmp_path / "cache"))
+    cache = prepare_one(cfg)
+    assert cache.manifest["splits"]["train"]["documents"] + cache.manifest["splits"]["val"]["documents"] == len(lines)
+    with pytest.raises(DataError, match=r"data.data_files: no file found at"):
+        prepare_one(DataConfig(source=SourceKind.hf, path="csv", data_files=[str(tmp_path / "gone.csv")],
+                               cache_dir=str(tmp_path / "cache")))
+
+
+def test_data_files_belong_to_hf_builders_only(tmp_path, corpus):
+    from lmtrain.config import validate_data
+    from lmtrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.data_files is for data=hf with a builder"):
+        validate_data(files_cfg(tmp_path, [corpus["train"]], data_files=["a.csv"]))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
 
 from lmtrain.config import DataConfig, EncodingErrors, SourceKind, TokenizerConfig, TokenizerKind
+from lmtrain.data import cache as cache_module
 from lmtrain.data import text_files
 from lmtrain.data.prepare import prepare_data
 from lmtrain.data.text_files import jsonl_records, text_pieces
@@ -88,6 +90,21 @@ def _damage_shard(cache) -> None:
     shard.write_bytes(shard.read_bytes()[:10])
 
 
+def _first_shard(cache):
+    return cache.path / cache.manifest["splits"]["train"]["shards"][0]["file"]
+
+
+def _random_bytes_in_a_shard(cache) -> None:
+    shard = _first_shard(cache)
+    shard.write_bytes(os.urandom(shard.stat().st_size))  # same size: only the content tells
+
+
+def _ids_in_range_but_changed(cache) -> None:
+    shard = _first_shard(cache)
+    ids = np.fromfile(shard, dtype=cache.manifest["dtype"])
+    np.roll(ids, 1).tofile(shard)  # every id still in the vocabulary: the checksum tells
+
+
 def _damage_manifest(cache) -> None:
     (cache.path / "manifest.json").write_text('{"format": 2, "dtyp')
 
@@ -98,7 +115,8 @@ def _edit_manifest(cache) -> None:
     (cache.path / "manifest.json").write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("damage", [_damage_shard, _damage_manifest, _edit_manifest])
+@pytest.mark.parametrize("damage", [_damage_shard, _random_bytes_in_a_shard, _ids_in_range_but_changed,
+                                    _damage_manifest, _edit_manifest])
 def test_a_damaged_cache_is_rebuilt_with_a_warning(tmp_path, corpus, caplog, damage):
     cfg = files_cfg(tmp_path, [corpus["train"]])
     first = prepare_one(cfg)
@@ -108,6 +126,45 @@ def test_a_damaged_cache_is_rebuilt_with_a_warning(tmp_path, corpus, caplog, dam
         again = prepare_one(cfg)
     assert "The token cache is damaged" in caplog.text and str(first.path) in caplog.text
     assert again.path == first.path and np.array_equal(all_tokens(again), expected)
+
+
+def test_shards_are_read_again_only_when_they_changed_or_verify_asks(tmp_path, corpus, monkeypatch, caplog):
+    cfg = files_cfg(tmp_path, [corpus["train"]], val_files=[str(corpus["val"])])
+    first = prepare_one(cfg)
+    assert sorted(first.manifest["checksums"]) == sorted(p.name for p in first.path.glob("*.bin"))
+    reads = []
+    digest = cache_module.shard_digest
+    monkeypatch.setattr(cache_module, "shard_digest", lambda f, *a: reads.append(f.name) or digest(f, *a))
+    prepare_one(cfg)
+    assert reads == []  # verified when written, unchanged since
+    shard = _first_shard(first)
+    before = shard.stat()
+    ids = np.fromfile(shard, dtype=first.manifest["dtype"])
+    np.roll(ids, 1).tofile(shard)  # silent corruption (bit rot): same size, same modification time
+    os.utime(shard, ns=(before.st_atime_ns, before.st_mtime_ns))
+    prepare_one(cfg)
+    assert reads == []
+    with caplog.at_level(logging.WARNING):
+        prepare_data(cfg, CHAR, verify=True)  # `lmtrain prepare verify=true` reads every shard
+    assert "does not match the checksum manifest.json records" in caplog.text and shard.name in reads
+
+
+def test_a_cache_made_before_checksums_gets_them_once_its_ids_are_checked(tmp_path, corpus, caplog):
+    cfg = files_cfg(tmp_path, [corpus["train"]])
+    first = prepare_one(cfg)
+    old = {k: v for k, v in first.manifest.items() if k not in ("checksums", "checksum")}
+    (first.path / "manifest.json").write_text(json.dumps({**old, "checksum": cache_module._checksum(old)}))
+    (first.path / "verified.json").unlink()
+    with caplog.at_level(logging.INFO):
+        again = prepare_one(cfg)
+    assert "Recorded the checksums of the shards" in caplog.text and "damaged" not in caplog.text
+    assert again.manifest["checksums"] == first.manifest["checksums"]
+    assert json.loads((first.path / "manifest.json").read_text())["checksums"] == first.manifest["checksums"]
+    (first.path / "manifest.json").write_text(json.dumps({**old, "checksum": cache_module._checksum(old)}))
+    shard = _first_shard(first)
+    np.full(shard.stat().st_size // 2, 60000, dtype=np.uint16).tofile(shard)  # ids no char tokenizer has
+    with pytest.raises(cache_module.DamagedCache, match=r"holds token id 60,000, outside the vocabulary of"):
+        cache_module.open_cache(first.path)
 
 
 def test_a_damaged_prepared_cache_names_the_folder(tmp_path, corpus):
@@ -123,3 +180,18 @@ def test_a_folder_in_train_files_suggests_its_files(tmp_path):
 
     with pytest.raises(DataError, match=rf"data.train_files: '{tmp_path}' is a folder; .*\[{tmp_path}/\*.txt\]"):
         expand_files([str(tmp_path)], "data.train_files")
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_a_local_dataset_whose_files_disagree_on_columns_is_one_line_without_network_advice(tmp_path, streaming):
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(150)))
+    (folder / "b.jsonl").write_text("".join(json.dumps({"text": f"more {i}", "extra": i}) + "\n" for i in range(150)))
+    cfg = DataConfig(name="local", source=SourceKind.hf, path=str(folder), streaming=streaming,
+                     cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError) as error:
+        prepare_data(cfg, CHAR)
+    message = str(error.value)
+    assert message.startswith(f"data.path={str(folder)!r}: its data files do not all have the same columns")
+    assert "extra: int64" in message and "network" not in message and "\n" not in message

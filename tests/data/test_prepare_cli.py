@@ -1,6 +1,7 @@
 """`lmtrain prepare` and the data paths of `lmtrain train` through the real CLI: cache reuse, streaming, mixtures."""
 
 import json
+import os
 
 import datasets
 import pytest
@@ -90,3 +91,22 @@ def test_a_data_mistake_is_one_line_without_traceback(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode == 2 and "Traceback" not in output, output
     assert f"data.train_files: no file found at '{tmp_path / 'nowhere.txt'}'" in output
+
+
+def test_random_bytes_in_a_shard_are_found_and_rebuilt_before_training(tmp_path, corpus):
+    cache, env = tmp_path / "cache", {"LMTRAIN_CACHE": str(tmp_path / "cache")}
+    data = ["data=text_files", f"data.train_files=[{corpus['train']}]", f"data.val_files=[{corpus['val']}]",
+            "tokenizer=char"]
+    prepared = run_cli("prepare", *data, cwd=tmp_path, env=env)
+    assert prepared.returncode == 0, prepared.stdout + prepared.stderr
+    (folder,) = (cache / "data").iterdir()
+    shard = folder / "train-00000.bin"
+    shard.write_bytes(os.urandom(shard.stat().st_size))  # same size: the manifest's sizes cannot tell
+
+    trained = run_cli("train", *data, *SHORT_RUN, f"hydra.run.dir={tmp_path / 'run'}", env=env)
+    out = trained.stdout + trained.stderr
+    assert trained.returncode == 0, out
+    assert "The token cache is damaged" in out and "train-00000.bin" in out and "rebuilding it" in out
+    assert "Traceback" not in out and "IndexError" not in out
+    verified = run_cli("prepare", *data, "verify=true", cwd=tmp_path, env=env)
+    assert verified.returncode == 0 and "Verified the 2 shards of" in verified.stdout + verified.stderr

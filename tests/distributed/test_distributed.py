@@ -145,6 +145,31 @@ def test_nproc_per_node_is_refused_inside_torchrun_and_beyond_the_visible_gpus(m
         processes_to_start("2", "cpu")
 
 
+def test_a_missing_device_is_named_by_trainer_device_not_nproc_per_node(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="trainer.device=cuda but CUDA is not available here"):
+        processes_to_start("1", "cuda")
+
+
+def test_a_user_error_on_one_worker_exits_2_whichever_rank_failed_first(monkeypatch, tmp_path):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from lmtrain.distributed import workers
+
+    lost, said = ProcessFailure(0, 101, 1, str(tmp_path / "none")), ProcessFailure(1, 102, 2, str(tmp_path / "none"))
+    lost.timestamp, said.timestamp = 100, 101  # rank 0 lost contact a moment before rank 1's error was noticed
+
+    def fails(*_):
+        def run(*args):
+            raise ChildFailedError("worker", {0: lost, 1: said})
+        return run
+
+    monkeypatch.setattr("torch.distributed.launcher.api.elastic_launch", fails)
+    with pytest.raises(SystemExit) as stop:
+        workers.start_workers(lambda *a: None, TrainConfig(), tmp_path, 2)
+    assert stop.value.code == 2
+
+
 def test_a_requeued_slurm_job_resumes_without_being_told(monkeypatch, caplog):
     cfg = TrainConfig()
     resume_after_restart(cfg, previous_status={"status": "stopped", "signal": "SIGTERM"})
@@ -275,3 +300,17 @@ def test_the_fsdp_mixed_precision_policy_follows_the_config():
     chosen = mixed_precision(Sharding(param_dtype="bf16", reduce_dtype="bf16"), False, cpu)
     assert (chosen.param_dtype, chosen.reduce_dtype) == (torch.bfloat16, torch.bfloat16)
     assert mixed_precision(Sharding(param_dtype="fp16"), False, cpu).reduce_dtype == torch.float32
+
+
+def test_several_cpu_processes_are_warned_of_and_more_than_the_cores_refused(monkeypatch, caplog):
+    monkeypatch.setattr("lmtrain.distributed.launch.cpu_count", lambda: 2)
+    with caplog.at_level("WARNING"):
+        assert processes_to_start("2", "cpu") == 2
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith("trainer.nproc_per_node=2 without a GPU: 2 CPU processes share 2 cores (gloo)")
+    assert "\n" not in warning
+    with pytest.raises(ConfigError, match=r"^trainer.nproc_per_node=8 starts 8 CPU processes \(no GPU here\), more "
+                                          r"than this machine's 2 cores: use at most 2, or a GPU$"):
+        processes_to_start("8", "cpu")
+    caplog.clear()
+    assert processes_to_start("1", "cpu") == 1 and not caplog.records  # one process: nothing to say

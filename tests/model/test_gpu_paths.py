@@ -88,8 +88,8 @@ def test_cuda_out_of_memory_is_caught_and_halved(tmp_path: Path):
 def test_gpt2_124m_recipe_composes_as_documented(tmp_path):
     result = run_cli("train", "experiment=gpt2_124m", "--cfg", "job", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for line in ("n_layers: 12", "d_model: 768", "block_size: 1024", "vocab_multiple: 64", "kind: pretrained",
-                 "name: gpt2", "path: HuggingFaceFW/fineweb-edu", "lr: 0.0006", "- 0.95", "weight_decay: 0.1",
+    for line in ("n_layers: 12", "d_model: 768", "block_size: 1024", "vocab_multiple: 64", "kind: gpt2",
+                 "path: HuggingFaceFW/fineweb-edu", "lr: 0.0006", "- 0.95", "weight_decay: 0.1",
                  "warmup_steps: 700", "batch_size: 64", "grad_accum_steps: 8", "micro_batch_size: auto"):
         assert f"  {line}\n" in result.stdout, line
     # the global batch: 64 sequences x 8 accumulation x 1024 tokens, ~0.5M tokens as GPT-2's recipe

@@ -46,7 +46,8 @@ def arch_id(a: dict) -> str:
 
 def load_preset(name: str, **overrides) -> ModelConfig:
     """The shipped YAML, checked against the schema exactly as the CLI does."""
-    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(PRESETS / f"{name}.yaml"), overrides)
+    preset = OmegaConf.load(PRESETS / f"{name}.yaml").model  # the file's `model:` part (it also sets the LR)
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), preset, overrides)
     return OmegaConf.to_object(merged)
 
 

@@ -91,7 +91,7 @@ def test_a_run_directory_resolves_to_best_then_latest_then_final(tmp_path, token
 def test_a_path_that_is_no_checkpoint_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"checkpoint=.*nope: no such directory"):
         resolve_checkpoint(tmp_path / "nope")
-    with pytest.raises(CheckpointError, match="is neither a checkpoint .* nor a run directory"):
+    with pytest.raises(CheckpointError, match="is neither a checkpoint .*, a run directory .*, nor a Hugging Face"):
         resolve_checkpoint(tmp_path)
 
 

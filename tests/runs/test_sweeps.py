@@ -13,11 +13,12 @@ from lmtrain.commands.summarize import summarize_command
 from lmtrain.config import register_configs, to_train_config
 from lmtrain.config.logger import LoggerConfig, WandbConfig, validate_logger
 from lmtrain.errors import ConfigError, JobFailed, RunStopped, reports_user_errors
+from lmtrain.runs.records import read_launched, read_status
 from lmtrain.runs.sweeps import status as status_module
 from lmtrain.runs.sweeps.jobs import job_folder_name
 from lmtrain.runs.sweeps.report import read_runs
 from lmtrain.runs.sweeps.runs import objective_value
-from lmtrain.runs.sweeps.status import read_status, recorded_status
+from lmtrain.runs.sweeps.status import forget_launched, recorded_status
 from lmtrain.runs.sweeps.summary import rows, sort_runs, to_table
 
 register_configs()
@@ -76,24 +77,59 @@ def test_the_summary_table_shows_paths_and_values_as_plain_text(sweep):
 
 
 def test_summarize_writes_csv_md_and_png_and_plot_draws_runs(sweep, tmp_path, capsys):
-    summarize_command([str(sweep), "metric=best_val_loss"])
+    summarize_command([str(sweep)])
     with open(sweep / "summary.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert [r["job"] for r in table] == ["2", "0", "1"]
     assert table[0]["wall_s"] == "4.0" and table[0]["best_val_loss"] == "1.5"
     assert "| 2 | 2_optimizer.lr=3e-4 | 3e-4 | completed |" in (sweep / "summary.md").read_text()
     assert (sweep / "summary.png").read_bytes()[:4] == b"\x89PNG"
-    assert "3 jobs: 2 completed, 1 failed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "3 jobs: 2 completed, 1 failed" in out
+    assert "  job 1: failed: optimizer.lr=[bold]: could not be converted to Float" in out
+    # Ranked another way, into files of their own: the sweep's summary stays as it was.
+    before = (sweep / "summary.csv").read_text()
+    summarize_command([str(sweep), "metric=best_val_loss"])
+    assert (sweep / "summary.csv").read_text() == before
+    with open(sweep / "summary_by_best_val_loss.csv", newline="") as f:
+        assert [r["job"] for r in csv.DictReader(f)] == ["2", "0", "1"]
+    assert (sweep / "summary_by_best_val_loss.png").is_file()
     # Several folders together, sorted by another column, into a folder of their own.
     make_run(tmp_path / "by_hand", ["optimizer.lr=1e-2"], {"status": "completed"}, [1.0])
     summarize_command([str(sweep), str(tmp_path / "by_hand"), "sort=job", f"out={tmp_path / 'all'}"])
-    with open(tmp_path / "all/summary.csv", newline="") as f:
+    with open(tmp_path / "all/summary_by_job.csv", newline="") as f:
         assert [r["optimizer.lr"] for r in csv.DictReader(f)] == ["1e-3", "[bold]", "3e-4", "1e-2"]
     with pytest.raises(SystemExit) as stop:
         summarize_command([str(sweep), "colour=red"])
     assert stop.value.code == 2
     assert plot_command([str(sweep / "0_optimizer.lr=1e-3")]).name == "loss.png"
     assert plot_command([str(sweep), str(tmp_path / "by_hand"), f"out={tmp_path / 'runs.png'}"]).is_file()
+
+
+def test_summarize_over_run_folders_shows_each_folder_and_the_values_they_resolved(tmp_path, capsys):
+    first = make_run(tmp_path / "outputs/2026-01-01/10-00-00", ["optimizer.lr=1e-3"], {"status": "completed"}, [2.0])
+    second = make_run(tmp_path / "outputs/2026-01-01/11-00-00", ["model.n_layers=4"], {"status": "completed"}, [1.5])
+    third = make_run(tmp_path / "outputs/2026-01-02/09-00-00", ["optimizer.lr=1e-3"], {"status": "completed"}, [1.7])
+    for folder, lr, layers in [(first, 0.001, 2), (second, 0.002, 4), (third, 0.001, 2)]:
+        (folder / ".hydra/config.yaml").write_text(f"optimizer:\n  lr: {lr}\nmodel:\n  n_layers: {layers}\n")
+    summarize_command([str(tmp_path / "outputs"), f"out={tmp_path / 'compare'}"])
+    out = capsys.readouterr().out
+    # The runs have no job numbers: the table names their folders, and fills in what each did not override.
+    for folder in ("2026-01-01/10-00-00", "2026-01-01/11-00-00", "2026-01-02/09-00-00"):
+        assert folder in out
+    with open(tmp_path / "compare/summary.csv", newline="") as f:
+        table = {r["run"]: (r["optimizer.lr"], r["model.n_layers"]) for r in csv.DictReader(f)}
+    assert list(table.values()) == [("0.002", "4"), ("1e-3", "2"), ("1e-3", "2")]  # best val_loss first
+
+
+def test_long_values_are_rounded_in_tables_and_job_folder_names(tmp_path):
+    make_run(tmp_path / "s/0", ["optimizer.lr=0.0012345678901234"], {"job": 0, "status": "completed"}, [2.0])
+    make_run(tmp_path / "s/1", ["optimizer.lr=0.02345678901234"], {"job": 1, "status": "completed"}, [1.0])
+    runs = read_runs([tmp_path / "s"])
+    assert [b[2] for b in rows(runs)[1]] == ["0.001235", "0.02346"]
+    assert [b[2] for b in rows(runs, exact=True)[1]] == ["0.0012345678901234", "0.02345678901234"]  # the csv
+    assert job_folder_name(3, ["optimizer.lr=0.0012345678901234", "model=gpt_small"], []) == \
+        "3_optimizer.lr=0.001235,model=gpt_small"
 
 
 def test_objective_comes_from_metrics():
@@ -115,21 +151,41 @@ def test_job_folder_names_are_safe_file_names_and_stay_unique():
 
 def test_status_records_how_a_job_ended_and_a_stop_ends_the_sequential_sweep(tmp_path, monkeypatch):
     monkeypatch.setattr(status_module, "_sweep_stopped_by", None)
-    with recorded_status(tmp_path, 0) as job:
-        assert read_status(tmp_path) == {"job": 0, "status": "running"}
+    job_dir, sweep_dir = tmp_path / "0_x=1", tmp_path
+    job_dir.mkdir()
+    (tmp_path / "1_x=2").mkdir()
+    with recorded_status(job_dir, 0, sweep_dir) as job:
+        assert read_status(job_dir) == {"job": 0, "status": "running"}  # a new folder says so at once
+        job.claimed()
         job.facts.update(objective="val_loss", value=1.25)
-    assert read_status(tmp_path) == {"job": 0, "status": "completed", "objective": "val_loss", "value": 1.25}
-    with pytest.raises(ConfigError), recorded_status(tmp_path, 0) as job:
-        assert job.previous["status"] == "completed"
+    done = {"job": 0, "status": "completed", "objective": "val_loss", "value": 1.25}
+    assert read_status(job_dir) == done
+    assert read_launched(sweep_dir) == [{**done, "folder": "0_x=1"}]
+
+    # A rerun refused before it holds the folder (it holds a run, or another process trains there): the folder's
+    # record stays as it was; the sweep's record of its jobs says what happened this time.
+    refused = "0_x=1 already holds a run (checkpoints or metrics); continue it with trainer.resume=auto"
+    with pytest.raises(ConfigError), recorded_status(job_dir, 0, sweep_dir) as job:
+        assert job.previous == done and read_status(job_dir) == done
+        raise ConfigError(refused)
+    assert read_status(job_dir) == done
+    assert read_launched(sweep_dir) == [{"job": 0, "folder": "0_x=1", "status": "failed", "error": refused}]
+    with pytest.raises(ConfigError), recorded_status(job_dir, 0, sweep_dir) as job:
+        job.claimed()  # once it holds the folder, the record is its own
         raise ConfigError("trainer.batch_size=0 must be > 0")
-    assert read_status(tmp_path)["error"] == "trainer.batch_size=0 must be > 0"
-    with pytest.raises(RunStopped), recorded_status(tmp_path, 0):
+    assert read_status(job_dir)["error"] == "trainer.batch_size=0 must be > 0"
+
+    with pytest.raises(RunStopped), recorded_status(job_dir, 0, sweep_dir) as job:
+        job.claimed()
         raise RunStopped(signal.SIGTERM, "stopped")
-    assert read_status(tmp_path)["signal"] == "SIGTERM"
-    (tmp_path / "next").mkdir()
-    with pytest.raises(RunStopped, match="Not started"), recorded_status(tmp_path / "next", 1):
+    assert read_status(job_dir)["signal"] == "SIGTERM"
+    with pytest.raises(RunStopped, match="Not started"), recorded_status(tmp_path / "1_x=2", 1, sweep_dir):
         pass
-    assert read_status(tmp_path / "next")["status"] == "stopped"
+    assert read_status(tmp_path / "1_x=2") == {"job": 1, "status": "not started", "signal": "SIGTERM",
+                                               "message": "Not started: the sweep was stopped by SIGTERM"}
+    assert [j["status"] for j in read_launched(sweep_dir)] == ["stopped", "not started"]
+    forget_launched(sweep_dir)  # the next sweep command there
+    assert read_launched(sweep_dir) == []
 
 
 def test_the_boundary_exits_for_a_single_run_and_raises_to_hydra_under_multirun(monkeypatch):
@@ -142,7 +198,10 @@ def test_the_boundary_exits_for_a_single_run_and_raises_to_hydra_under_multirun(
         stopped()
     assert exit_.value.code == 143
     monkeypatch.setattr("lmtrain.errors.in_multirun", lambda: True)
-    with pytest.raises(JobFailed, match="stopped: Stopped by SIGTERM"):
+    monkeypatch.setattr("lmtrain.errors.in_search", lambda: False)
+    assert stopped() is None  # a grid's job ends: its status.json and the sweep's summary say how
+    monkeypatch.setattr("lmtrain.errors.in_search", lambda: True)
+    with pytest.raises(JobFailed, match="stopped: Stopped by SIGTERM"):  # a search counts it as a failed trial
         stopped()
 
 
@@ -151,7 +210,32 @@ def test_logger_group_takes_several_and_a_missing_package_names_its_pip_command(
         cfg = compose("train", overrides=["logger=[tensorboard,wandb]"])
     monkeypatch.setattr("importlib.util.find_spec", lambda name: object())
     loggers = to_train_config(cfg).logger
-    assert loggers.tensorboard.dir == "tensorboard" and loggers.wandb.mode == "offline"
+    assert loggers.tensorboard.dir == "tensorboard" and loggers.wandb.mode is None  # null: $WANDB_MODE, else offline
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=r"logger=wandb needs the wandb package.*pip install 'lmtrain\[wandb\]'"):
         validate_logger(LoggerConfig(wandb=WandbConfig()))
+
+
+def test_summary_png_takes_its_axes_from_completed_jobs_and_draws_a_panel_per_parameter(tmp_path, monkeypatch):
+    from lmtrain.runs.sweeps import plots
+
+    root = tmp_path / "s"
+    for job, (lr, layers, losses, status) in enumerate([("1e-3", "2", [3.0, 2.0], "completed"),
+                                                        ("1e-2", "4", [2.5, 1.5], "completed"),
+                                                        ("3e-3", "2", [2.8, 1.8], "completed"),
+                                                        ("1e9", "4", [1e9], "failed")]):
+        make_run(root / f"{job}_x", [f"optimizer.lr={lr}", f"model.n_layers={layers}"], {"job": job, "status": status},
+                 losses)
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    runs = read_runs([root])
+    plots.plot_runs(runs, ["optimizer.lr", "model.n_layers"], "val_loss", tmp_path / "summary.png")
+    curves, lr, layers = [ax for ax in figures[0].axes if ax.get_visible()]  # one panel per swept parameter
+    assert lr.get_xscale() == "log" and lr.get_xlim()[1] < 1  # the failed lr=1e9 does not stretch the axis
+    assert lr.get_xlabel() == "optimizer.lr" and layers.get_xlabel() == "model.n_layers"
+    assert [t.get_text() for t in lr.get_xticklabels()] == ["1e-3", "3e-3", "1e-2"]
+    edge = [a.get_text() for a in lr.texts if a.get_color() == "tab:red"]
+    assert edge == ["1e9"]  # marked at the edge, with its value
+    assert curves.get_ylim()[1] < 10  # the failed job's 1e9 loss runs off the curves' axis
+    assert "red: not completed" in lr.get_title()
+

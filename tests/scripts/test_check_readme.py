@@ -109,3 +109,22 @@ def test_budgets_replace_a_commands_keys_except_where_it_must_fail(tmp_path):
     failing = checker.argv(["lmtrain", "train", "model.d_model=100", "model.n_heads=12", "..."], keep_own=True)
     assert failing.count("model.d_model=100") == 1 and not [w for w in failing if w.startswith("model.d_model=3")]
     assert "model.n_layers=2" in failing and "..." not in failing
+
+
+def test_a_doc_naming_a_file_that_does_not_exist_is_caught(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "lmtrain" / "training").mkdir(parents=True)
+    (tmp_path / "lmtrain" / "training" / "setup.py").write_text("")
+    (tmp_path / "docs" / "other.md").write_text("# other\n")
+    page = tmp_path / "docs" / "page.md"
+    page.write_text("Read `lmtrain/training/setup.py` and `training/setup.py`, [the other page](other.md#top),\n"
+                    "the folder `lmtrain/training/`, `lmtrain/training/*.py`, a ratio lmtrain/bare, "
+                    "[a site](https://example.com/x.md).\n"
+                    "Stale: `lmtrain/config.py`, training/loop.py, [gone](gone.md), `scripts/*.sh`, docs/old/.\n")
+    assert check_readme.missing_paths(page, tmp_path) == [
+        "docs/page.md:3: lmtrain/config.py", "docs/page.md:3: scripts/*.sh", "docs/page.md:3: docs/old/",
+        "docs/page.md:3: training/loop.py", "docs/page.md:3: gone.md"]
+
+
+def test_every_file_the_docs_name_exists():
+    assert [m for path in check_readme.doc_files() for m in check_readme.missing_paths(path)] == []

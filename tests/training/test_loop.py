@@ -25,7 +25,9 @@ from lmtrain.distributed.world import World
 from lmtrain.model import GPT
 from lmtrain.runs.checkpoint import read_config
 from lmtrain.runs.metrics import MetricsLog, read_metrics
+from lmtrain.training.debugging import StepProfiler
 from lmtrain.training.divergence import DivergenceGuard
+from lmtrain.training.early_stopping import EarlyStopping
 from lmtrain.training.loop import Trainer
 from lmtrain.training.memory import MicroBatches
 from lmtrain.training.mfu import Mfu
@@ -58,10 +60,11 @@ def hand_made_parts(run_dir: Path, steps: int) -> Parts:
         optimizer=build_optimizer(model, cfg.optimizer, "cpu"),
         train_loader=TrainLoader([train], block, batch, seed=0), val_batches=eval_batches([val], block, batch, 2),
         total_steps=steps, mfu=Mfu(device, "fp32", model.flops_per_token()),
-        metrics=MetricsLog(run_dir / "metrics.jsonl"),
+        metrics=MetricsLog(run_dir / "metrics.jsonl"), profiler=StepProfiler(0, run_dir, device),
         checkpoints=Checkpointer(run_dir, 1, as_plain_dict(dataclasses.replace(cfg, model=model_cfg)), tokenizer,
                                  world),
-        divergence=DivergenceGuard(trainer_cfg, device), micro=MicroBatches(batch, batch, device), sample_prompts=[])
+        divergence=DivergenceGuard(trainer_cfg, device), early_stopping=EarlyStopping(trainer_cfg.early_stopping),
+        micro=MicroBatches(batch, batch, device), sample_prompts=[])
 
 
 def test_a_trainer_built_from_hand_made_parts_trains_logs_and_saves(tmp_path):

@@ -10,7 +10,7 @@ from lmtrain.config import ModelConfig, OptimizerConfig, SchedulerConfig, Schedu
 from lmtrain.model import GPT
 from lmtrain.runs.checkpoint import read_tensors
 from lmtrain.training.muon import NS_COEFFICIENTS, Muon, orthogonalize
-from lmtrain.training.optim import build_optimizer, lr_at, set_lr
+from lmtrain.training.optim import build_optimizer, lr_at, set_lr, warmup_steps
 from lmtrain.training.state import load_optimizer_state, optimizer_state
 
 
@@ -175,3 +175,21 @@ def test_wsd_warms_up_holds_the_peak_then_decays_linearly_to_the_floor():
     steps = [b - a for a, b in zip(lrs[80:-1], lrs[81:], strict=True)]
     assert steps == pytest.approx([-1.8 / 20] * 19)  # a straight line down to min_lr_ratio at the last step
     assert lr_at(99, 100, 2.0, SchedulerConfig(name=SchedulerName.wsd, warmup_steps=0, min_lr_ratio=0.0)) == 0.0
+
+
+def test_a_warmup_fraction_is_a_share_of_the_run_and_replaces_warmup_steps():
+    cfg = SchedulerConfig(name=SchedulerName.cosine, warmup_steps=700, warmup_fraction=0.1, min_lr_ratio=0.1)
+    assert warmup_steps(cfg, 200) == 20 and warmup_steps(SchedulerConfig(warmup_steps=7), 200) == 7
+    steps = SchedulerConfig(name=SchedulerName.cosine, warmup_steps=20, min_lr_ratio=0.1)
+    assert [lr_at(s, 200, 1.0, cfg) for s in range(200)] == [lr_at(s, 200, 1.0, steps) for s in range(200)]
+
+
+def test_warmup_steps_and_fraction_on_one_command_line_are_refused_by_name():
+    from lmtrain.config import TrainConfig
+    from lmtrain.config.overrides import check_overrides
+    from lmtrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="scheduler.warmup_steps=10 and scheduler.warmup_fraction=0.1 say the same "
+                                          "thing two ways: give one of them"):
+        check_overrides(TrainConfig, ["scheduler.warmup_steps=10", "scheduler.warmup_fraction=0.1"])
+    check_overrides(TrainConfig, ["model=gpt_small", "scheduler.warmup_fraction=0.1"])  # the preset's steps give way

@@ -1,5 +1,6 @@
 """Killing, stopping and resuming `lmtrain train` through the real CLI, against one uninterrupted run."""
 
+import json
 import shlex
 import signal
 import subprocess
@@ -116,3 +117,22 @@ def test_resuming_another_runs_finished_checkpoint_in_a_new_folder_trains_nothin
     assert result.returncode == 0, result.stdout + result.stderr
     assert "This run finished at step 40 already: nothing left to train" in result.stdout
     assert "diverged" not in result.stdout + result.stderr
+
+
+def test_extending_a_finished_run_keeps_its_schedule_and_says_what_the_lr_does(tmp_path):
+    """trainer.max_steps raised on a finished run: the cosine schedule is not stretched (the LR would jump back
+    up); the added steps train at the LR the schedule ended with, and a warning names it."""
+    run = tmp_path / "run"
+    short = [*TINY_MODEL, *FAST_TRAIN, "trainer.eval_every=100", "scheduler.warmup_steps=2", f"hydra.run.dir={run}"]
+    assert run_cli("train", *short, "trainer.max_steps=8", env=ONE_THREAD).returncode == 0
+    longer = run_cli("train", *short, "trainer.max_steps=14", "trainer.resume=auto", env=ONE_THREAD)
+    assert longer.returncode == 0, longer.stdout + longer.stderr
+    lrs = {r["step"]: r["lr"] for r in read_metrics(run / "metrics.jsonl") if "lr" in r}
+    assert sorted(lrs) == list(range(1, 15))
+    assert lrs[8] < lrs[7] and all(lrs[step] == lrs[8] for step in range(9, 15))  # no jump: the end LR stays
+    out = " ".join(longer.stdout.split())
+    assert ("The run's length changed from 8 to 14 steps (trainer.max_steps / trainer.epochs), but its learning-rate "
+            f"schedule keeps the 8 steps it was planned with: steps 9-14 train at its final LR, {lrs[8]:.2e}") in out
+    # a later resume of the extension (after a crash, say) keeps the same schedule: its checkpoint says so
+    state = json.loads((run / "checkpoints" / "step_000014" / "trainer_state.json").read_text())
+    assert (state["total_steps"], state["schedule_steps"]) == (14, 8)

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from lmtrain import console as console_module
 from lmtrain.runs.metrics import read_metrics, recorded_figures, summary_table
+from lmtrain.training.clock import RunClock
 from lmtrain.training.eta import Eta, duration
 
 from conftest import FAST_TRAIN, TINY_MODEL, run_cli
@@ -24,10 +25,10 @@ def test_durations_read_at_every_scale():
         "4 s", "1 min 05 s", "3 h 07 min", "2 d 5 h"]
 
 
-def test_eta_is_the_pace_so_far_times_the_steps_left(monkeypatch):
+def test_before_a_step_settles_the_eta_is_the_pace_so_far_times_the_steps_left(monkeypatch):
     now = [100.0]
-    monkeypatch.setattr("lmtrain.training.eta.time.perf_counter", lambda: now[0])
-    eta = Eta(first_step=10, total_steps=100)
+    monkeypatch.setattr("lmtrain.training.clock.time.perf_counter", lambda: now[0])
+    eta = Eta(RunClock(), first_step=10, total_steps=100)
     now[0] = 160.0
     assert eta.text(11) == "1 h 29 min"  # 60 s for one step, 89 left
     assert eta.first_step_note(11) == ("The first step took 1 min 00 s; at that pace the 89 steps left take about "
@@ -35,6 +36,33 @@ def test_eta_is_the_pace_so_far_times_the_steps_left(monkeypatch):
     assert eta.first_step_note(12) is None  # only after the first step
     now[0] = 100.5
     assert eta.first_step_note(11) is None  # a fast first step needs no note
+
+
+def test_the_eta_follows_a_change_of_speed_and_counts_evaluations(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr("lmtrain.training.clock.time.perf_counter", lambda: now[0])
+    clock = RunClock()
+    eta = Eta(clock, first_step=0, total_steps=1000)
+    for step in range(1, 301):
+        now[0] += 1.0 if step <= 100 else 0.1  # the machine got 10x faster at step 100
+        clock.step(1)
+        if step % 50 == 0:
+            with clock.phase("eval"):
+                now[0] += 15.0  # 15 s every 50 steps: 0.3 s per step
+    # the recent pace (0.1 s) plus evaluations (0.3 s a step), 700 steps left; a whole-run average says 490 s
+    assert eta.remaining(300) == pytest.approx(700 * (0.1 + 0.3), rel=0.02)
+
+
+def test_an_80_column_terminal_shows_the_whole_eta(monkeypatch):
+    for width in (80, 120):
+        out = io.StringIO()
+        bar = console_module.progress_bar(True, Console(file=out, width=width, force_terminal=True, color_system=None))
+        bar.add_task("train", total=190730, completed=123450, loss="10.1234", lr="6.00e-04", speed="1,234,567",
+                     mfu="45.3%", eta="12 h 07 min")
+        bar.console.print(bar.get_renderable())
+        (line,) = out.getvalue().splitlines()
+        assert line.endswith("ETA 12 h 07 min") and len(line) <= width and "123450/190730" in line
+        assert ("MFU 45.3%" in line) == (width >= console_module.WIDE_TERMINAL)
 
 
 def test_recorded_figures_are_the_last_loss_and_the_runs_training_rate(tmp_path):

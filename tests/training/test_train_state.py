@@ -5,6 +5,7 @@ import logging
 import os
 import pickle
 import random
+import subprocess
 
 import numpy as np
 import pytest
@@ -223,14 +224,20 @@ def test_latest_json_decides_and_a_newer_unfinished_folder_is_ignored(run, caplo
     assert "latest.json is corrupt" in caplog.text
 
 
-def test_recover_restores_a_folder_moved_aside_and_clears_scratch(run):
+def test_recover_restores_a_folder_moved_aside_and_clears_scratch_but_not_a_live_processs(run):
     root = run.root
-    os.replace(root / "step_000004", root / ".step_000004.old123")  # killed between the two renames of a replace
-    (root / ".step_000006.tmp123").mkdir()  # killed while writing
-    (root / ".latest.json.tmp123").write_text("{")
-    os.replace(root / "step_000002", root / ".step_000002.trash123")  # killed while deleting
-    recover(root)
-    assert sorted(p.name for p in root.iterdir()) == ["latest.json", "step_000004"]
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    dead = ended.pid  # the PID of a process killed mid-save
+    os.replace(root / "step_000004", root / f".step_000004.old{dead}")  # killed between the two renames
+    (root / f".step_000006.tmp{dead}").mkdir()  # killed while writing
+    (root / f".latest.json.tmp{dead}").write_text("{")
+    os.replace(root / "step_000002", root / f".step_000002.trash{dead}")  # killed while deleting
+    with subprocess.Popen(["sleep", "30"]) as alive:  # another process, saving into this folder right now
+        (root / f".step_000008.tmp{alive.pid}").mkdir()
+        recover(root)
+        alive.kill()
+    assert sorted(p.name for p in root.iterdir()) == [f".step_000008.tmp{alive.pid}", "latest.json", "step_000004"]
 
 
 def test_rewind_cuts_metrics_back_to_a_saved_length(tmp_path):

@@ -9,9 +9,14 @@ log = logging.getLogger(__name__)
 
 
 class LossPlot:
+    name = "loss.png"
+
     def __init__(self, run_dir: Path):
         self.run_dir = Path(run_dir)
         self.stale = False  # records arrived since the last drawing
+
+    def start(self, config: dict) -> None:
+        pass
 
     def log(self, record: dict) -> None:
         self.stale = True

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# metrics.jsonl key -> TensorBoard tag
-SCALARS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
-           "tokens_per_s": "train/tokens_per_s", "mfu": "train/mfu", "val_loss": "val/loss", "val_ppl": "val/ppl",
-           "epoch_avg_loss": "train/epoch_avg_loss"}
+from lmtrain.runs.loggers import METRIC_NAMES
 
 
 def _hparam_value(text: str) -> float | str:
@@ -19,16 +16,24 @@ def _hparam_value(text: str) -> float | str:
 
 
 class TensorBoardLogger:
-    def __init__(self, log_dir: Path, hparams: dict[str, str]):
+    name = "TensorBoard"
+
+    def __init__(self, log_dir: Path, hparams: dict[str, str], tags: list[str] | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(log_dir))
         self.hparams = {k: _hparam_value(v) for k, v in hparams.items()}
+        if tags:  # the run's tags=[...]: a text entry, and a column of the HParams tab
+            self.writer.add_text("tags", ", ".join(tags), 0)
+            self.hparams["tags"] = ", ".join(tags)
         self.final: dict[str, float] = {}
+
+    def start(self, config: dict) -> None:
+        pass  # the hyperparameters TensorBoard compares are the overrides, known from the start
 
     def log(self, record: dict) -> None:
         step = record["step"]
-        for key, tag in SCALARS.items():
+        for key, tag in METRIC_NAMES.items():
             if key in record and record[key] is not None:
                 self.writer.add_scalar(tag, record[key], step)
         if "val_loss" in record:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lmtrain.runs.sweeps.runs import objective_value, read_records
+from lmtrain.runs.records import read_metrics
+from lmtrain.runs.sweeps.runs import objective_value, short_value
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._,=+-]+")
 NAME_LIMIT = 160  # characters of overrides kept in a job folder's name (file names stop at 255 bytes)
@@ -16,10 +17,10 @@ NAME_LIMIT = 160  # characters of overrides kept in a job folder's name (file na
 
 def job_folder_name(num: int | str, overrides: list[str], exclude_keys: list[str]) -> str:
     """`3_optimizer.lr=0.001,trainer.batch_size=8`: the job number, then its overrides in the order typed, less
-    the excluded keys and any value that is a path, made safe as a file name (no `/`, brackets, quotes or
-    spaces); a long name is cut and given a short hash of the whole, to stay unique."""
-    kept = [o for o in overrides
-            if o.split("=", 1)[0].lstrip("+~") not in exclude_keys and "/" not in o.partition("=")[2]]
+    the excluded keys and any value that is a path, numbers a search drew rounded (short_value), made safe as a
+    file name (no `/`, brackets, quotes or spaces); a long name is cut and given a short hash of the whole."""
+    kept = [f"{key}={short_value(value)}" for key, _, value in (o.partition("=") for o in overrides)
+            if key.lstrip("+~") not in exclude_keys and "/" not in value]
     text = ",".join(kept)
     name = _UNSAFE.sub("_", text).strip("_")
     if len(name) > NAME_LIMIT:
@@ -37,7 +38,6 @@ def register_job_name_resolver() -> None:
 
 def finished_objective(run_dir: Path, previous: dict | None, objective: str) -> float | None:
     """The objective of a job that completed before (`previous`, its status.json, says so), else None."""
-    metrics = Path(run_dir) / "metrics.jsonl"
-    if previous is None or previous.get("status") != "completed" or not metrics.is_file():
+    if previous is None or previous.get("status") != "completed":
         return None
-    return objective_value(read_records(metrics), objective)
+    return objective_value(read_metrics(Path(run_dir) / "metrics.jsonl"), objective)
