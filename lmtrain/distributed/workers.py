@@ -137,10 +137,12 @@ def start_workers(entry: Entry, cfg: TrainConfig, run_dir: Path, nproc: int, loc
         logging.getLogger(name).setLevel(logging.CRITICAL)
     # Each attempt gets a store of its own: in the agent's shared store, workers restarted after a failure
     # would find the dead attempt's gloo addresses and fail to connect.
-    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     # As torchrun does: each worker's thread pools sized from its start (torch, NumPy, tokenizers), not only
-    # once world.share_cpu runs: N workers each starting a pool per core would thrash while they set up
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count() // nproc)))
+    # once world.share_cpu runs: N workers each starting a pool per core would thrash while they set up.
+    worker_env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+                  "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cpu_count() // nproc)))}
+    saved_env = {key: os.environ.get(key) for key in worker_env}
+    os.environ.update(worker_env)  # the workers inherit this process's environment
     restarts = cfg.trainer.max_restarts
     try:
         for restart in range(restarts + 1):
@@ -172,3 +174,8 @@ def start_workers(entry: Entry, cfg: TrainConfig, run_dir: Path, nproc: int, loc
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        for key, value in saved_env.items():  # a torchrun started later from this process needs the shared store
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -139,8 +139,9 @@ class RunLock:
                           "start this run in another folder (hydra.run.dir=...)")
 
     def fileno(self) -> int | None:
-        """The locked file's descriptor while held: a worker process that inherits a copy holds the lock too."""
-        return self._fd
+        """The descriptor every acquire tries first (the folder's, or the lock file's where a folder cannot be
+        locked), while held: a worker process that inherits a copy holds the lock too."""
+        return self._fds[0] if self._fds else None
 
     def release(self) -> None:
         if self._fds:
