@@ -118,7 +118,7 @@ def train(cfg: DictConfig) -> float:
         nproc = launch.processes_to_start(train_cfg.trainer.nproc_per_node, train_cfg.trainer.device)
         if nproc == 1:  # this process loads the data; workers set themselves up
             quiet_libraries()
-        result = launch.start(train_here, train_cfg, run_dir, nproc, run.lock.fileno())
+        result = launch.start(train_here, train_cfg, run_dir, nproc, run.lock.filenos())
         if result.interrupted:
             raise RunStopped(signal.SIGINT, f"Interrupted. {_continue_hint(run_dir)}" if main_rank else "") from None
         if result.stopped_by is not None:

@@ -55,14 +55,14 @@ class Outcome:
 Entry = Callable[[TrainConfig, Path], Outcome]  # trains in one process: lmtrain.commands.train.train_here
 
 
-def start(entry: Entry, cfg: TrainConfig, run_dir: Path, nproc: int, lock_fd: int | None = None) -> Outcome:
+def start(entry: Entry, cfg: TrainConfig, run_dir: Path, nproc: int, lock_fds: tuple[int, ...] = ()) -> Outcome:
     """Train with `entry`: in `nproc` new worker processes on this node, or (nproc 1) in this process, which may
-    itself be one rank that torchrun or srun started. lock_fd: the run folder's locked file, which the workers
-    inherit, so that the folder stays locked until the last of them exits."""
+    itself be one rank that torchrun or srun started. lock_fds: the run folder's locked descriptors, which the
+    workers inherit, so that the folder stays locked until the last of them exits."""
     if nproc > 1:
         from lmtrain.distributed.workers import start_workers
 
-        return start_workers(entry, cfg, run_dir, nproc, lock_fd)
+        return start_workers(entry, cfg, run_dir, nproc, lock_fds)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank torchrun started: it stops (and saves) if torchrun dies
         os.environ[_TORCHRUN] = json.dumps(_torchrun_options())  # read now, while torchrun is there to read
         die_with_launcher(os.getppid())

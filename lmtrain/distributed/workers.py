@@ -48,24 +48,25 @@ def _configure_worker_logging(run_dir: Path) -> None:
 
 
 class _Inherited:
-    """A file descriptor that each spawned worker receives a copy of (multiprocessing passes it when it pickles the
-    worker's arguments): the copies share the open file, and with it a flock, until the last of them is closed."""
+    """File descriptors that each spawned worker receives copies of (multiprocessing passes them when it pickles
+    the worker's arguments): the copies share the open files, and with them their flocks, until the last of them
+    is closed."""
 
-    def __init__(self, fd: int):
-        self.fd = fd
+    def __init__(self, fds: tuple[int, ...]):
+        self.fds = list(fds)
 
     def __reduce__(self):
-        return _received, (DupFd(self.fd),)
+        return _received, tuple(DupFd(fd) for fd in self.fds)
 
 
-def _received(dup) -> int:
-    return dup.detach()  # the descriptor's number in this process, left open
+def _received(*dups) -> list[int]:
+    return [dup.detach() for dup in dups]  # the descriptors' numbers in this process, left open
 
 
-def _worker(entry: Entry, cfg: TrainConfig, run_dir: Path, restart: int, lock: int | None,
+def _worker(entry: Entry, cfg: TrainConfig, run_dir: Path, restart: int, lock: list[int],
             launcher: int) -> Outcome:
     """One worker process of `trainer.nproc_per_node`; its exit status tells the launcher how it ended. lock: its
-    copy of the run folder's locked file (see _Inherited), which keeps the folder locked while it lives."""
+    copies of the run folder's locked descriptors (see _Inherited), which keeps the folder locked while it lives."""
     die_with_launcher(launcher)
     _configure_worker_logging(run_dir)
     try:
@@ -120,7 +121,7 @@ def _describe(rank: int, code: int) -> str:
     return f"Rank {rank} {how}"
 
 
-def start_workers(entry: Entry, cfg: TrainConfig, run_dir: Path, nproc: int, lock_fd: int | None = None) -> Outcome:
+def start_workers(entry: Entry, cfg: TrainConfig, run_dir: Path, nproc: int, lock_fds: tuple[int, ...] = ()) -> Outcome:
     """Run `entry` in `nproc` worker processes on this node; returns rank 0's outcome. A failure restarts them all
     (from the last checkpoint) up to trainer.max_restarts times, each restart logged with the rank and how it
     failed; a user error or a divergence is not retried."""
@@ -150,7 +151,7 @@ def start_workers(entry: Entry, cfg: TrainConfig, run_dir: Path, nproc: int, loc
                                   run_id=f"lmtrain-{uuid.uuid4().hex[:8]}", rdzv_endpoint="localhost:0",
                                   max_restarts=0, monitor_interval=0.1,  # torchrun's: a cheap poll of the workers
                                   signals_to_handle="SIGHUP,SIGQUIT")
-            lock = _Inherited(lock_fd) if lock_fd is not None else None
+            lock = _Inherited(lock_fds)
             try:
                 return elastic_launch(config, _worker)(entry, cfg, run_dir, restart, lock, os.getpid())[0]
             except ChildFailedError as e:
@@ -158,7 +159,10 @@ def start_workers(entry: Entry, cfg: TrainConfig, run_dir: Path, nproc: int, loc
                     # the signal passed on ended workers that were not training (still setting up, or exiting):
                     # a stop all the same, with whatever was saved before
                     return Outcome(stopped_by=forward.forwarded)
-                rank, failure = _first_failure(e.failures)
+                # A user error (or a divergence) on one rank makes the others lose contact and fail too, in the
+                # same second: the rank that said what was wrong decides the exit status, whichever was noticed first
+                said = {r: f for r, f in e.failures.items() if f.exitcode in (USER_ERROR_EXIT, Diverged.exit_code)}
+                rank, failure = _first_failure(said or e.failures)
                 code = failure.exitcode
                 if code in (USER_ERROR_EXIT, Diverged.exit_code):
                     sys.exit(code)  # the worker has said what was wrong, and trying again would not help

@@ -138,10 +138,10 @@ class RunLock:
         raise ConfigError(f"{self.folder} is in use: {holder} is training there now; wait for it to finish, or "
                           "start this run in another folder (hydra.run.dir=...)")
 
-    def fileno(self) -> int | None:
-        """The descriptor every acquire tries first (the folder's, or the lock file's where a folder cannot be
-        locked), while held: a worker process that inherits a copy holds the lock too."""
-        return self._fds[0] if self._fds else None
+    def filenos(self) -> tuple[int, ...]:
+        """The locked descriptors (the folder's and the lock file's) while held: a worker process that inherits
+        copies of them holds the lock too."""
+        return tuple(self._fds)
 
     def release(self) -> None:
         if self._fds:

@@ -87,7 +87,7 @@ def test_torchrun_fsdp_resumes_a_one_rank_fsdp_checkpoint_into_one_shared_run_di
     assert (one / "checkpoints/step_000010/shards").is_dir()
 
     # no hydra.run.dir: the ranks must agree on one timestamped folder themselves
-    result = subprocess.run([str(TORCHRUN), "--nproc_per_node=2", "-m", "lmtrain", "train", *TWO_RANKS,
+    result = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "lmtrain", "train", *TWO_RANKS,
                              "trainer.strategy=fsdp", f"trainer.resume={one}/checkpoints/step_000010"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, **ONE_THREAD})
     assert result.returncode == 0, result.stdout + result.stderr
@@ -159,12 +159,14 @@ def test_hsdp_on_four_ranks_as_two_replicas_of_two_shards_matches_ddp(ddp, tmp_p
     """HSDP on a 2 x 2 mesh (4 ranks x batch 2: the same global batch of 8) against DDP's 2 x 4, for the first
     steps (inside the warm-up the LR does not depend on max_steps); its checkpoint reshards onto one process."""
     run = tmp_path / "hsdp"
-    result = run_cli("train", *DIST_COMMON, "trainer.batch_size=2", "trainer.max_steps=4", "trainer.save_every=2",
-                     "trainer.eval_every=2", "trainer.strategy=hsdp", "trainer.hsdp_shard_size=2",
-                     "trainer.reshard_after_forward=false", "trainer.nproc_per_node=4", f"hydra.run.dir={run}",
-                     env=ONE_THREAD)
+    # under torchrun: trainer.nproc_per_node refuses to start more CPU processes than this machine has cores
+    result = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=4", "-m", "lmtrain", "train",
+                             *DIST_COMMON, "trainer.batch_size=2", "trainer.max_steps=4", "trainer.save_every=2",
+                             "trainer.eval_every=2", "trainer.strategy=hsdp", "trainer.hsdp_shard_size=2",
+                             "trainer.reshard_after_forward=false", f"hydra.run.dir={run}"],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, **ONE_THREAD})
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Strategy hsdp: 4 processes on 1 node" in result.stdout
+    assert "Strategy hsdp: 4 processes on 1 node" in result.stdout + result.stderr
     assert_losses_match(run, ddp[0], range(1, 5), 1e-5)
     assert len(list((run / "checkpoints/step_000002/shards").glob("*.safetensors"))) == 4
 
