@@ -32,7 +32,23 @@ def print_table(table) -> None:
     Console(file=console.file, width=max(width, console.width), highlight=False).print(table)
 
 
-class _PlainFormatter(logging.Formatter):
+class _RankFormatter(logging.Formatter):
+    """Messages as `fmt` gives them; in a run of several processes, `[rank 3] ` before every line a rank other
+    than 0 prints (they print only warnings and errors) and before rank 0's errors, so each names its rank."""
+
+    def __init__(self, fmt: str):
+        super().__init__(fmt)
+        env = os.environ
+        self.rank = int(env.get("RANK", env.get("SLURM_PROCID", "0")) or 0)  # SLURM_PROCID: srun started it
+        self.several = int(env.get("WORLD_SIZE", env.get("SLURM_STEP_NUM_TASKS", "1")) or 1) > 1
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        tagged = self.several and (self.rank != 0 or record.levelno >= logging.ERROR)
+        return f"[rank {self.rank}] {text}" if tagged else text
+
+
+class _PlainFormatter(_RankFormatter):
     """`HH:MM:SS message`, with the level named only when it is a warning or worse."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -69,13 +85,12 @@ def make_console_handler(stderr: bool = False) -> logging.Handler:
     if target.is_terminal:
         handler: logging.Handler = RichHandler(console=target, show_path=False, markup=False,
                                                rich_tracebacks=False, log_time_format="[%X]")
-        handler.setFormatter(logging.Formatter(message))
+        handler.setFormatter(_RankFormatter(message))
     else:
         handler = logging.StreamHandler(sys.stderr if stderr else sys.stdout)
         handler.setFormatter(_PlainFormatter(message))
     # Only rank 0 talks; other ranks of a distributed run report problems only.
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))  # SLURM_PROCID: srun started it
-    handler.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    handler.setLevel(logging.INFO if handler.formatter.rank == 0 else logging.WARNING)
     return handler
 
 

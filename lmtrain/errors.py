@@ -1,10 +1,11 @@
 """User-facing errors: a mistake in the config or the data, reported as one readable line, never a traceback.
 
 Every command runs inside `reports_user_errors`, the one boundary where an error or a stop becomes an exit
-status. A single run exits (2 for a user error, 3 for a divergence, 128 + the signal for a stop). A job of a
-Hydra multirun ends instead, so the other jobs of the sweep still run: its status.json records how, and the
-sweep's summary reports it (lmtrain.runs.sweeps.callback, which also sets the sweep's exit status). A search
-sweeper (Optuna) scores its jobs, so there the error is also raised to Hydra, and the trial counts as failed.
+status. A single run exits (2 for a user error, 3 for a divergence, 4 when a distributed run lost one of its
+ranks, 128 + the signal for a stop). A job of a Hydra multirun ends instead, so the other jobs of the sweep
+still run: its status.json records how, and the sweep's summary reports it (lmtrain.runs.sweeps.callback,
+which also sets the sweep's exit status). A search sweeper (Optuna) scores its jobs, so there the error is
+also raised to Hydra, and the trial counts as failed.
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ class Diverged(LmtrainError):
 
     exit_code = 3  # neither a user mistake (2) nor a crash (1): the run itself went wrong
     status = "diverged"
+
+
+class LostRank(LmtrainError):
+    """A distributed run lost one of its processes: a rank died or stopped answering. The rank that noticed first
+    says which; the others raise it with an empty message, which the boundary does not print."""
+
+    exit_code = 4  # not the user's mistake (2), nor this process's crash (1): another process failed
 
 
 class RunStopped(LmtrainError):
@@ -137,7 +145,8 @@ def reports_user_errors(fn: F) -> F:
         except LmtrainError as e:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            (log.warning if isinstance(e, RunStopped) else log.error)("%s", e)
+            if str(e):  # an empty message: another rank has said it (LostRank, RunStopped on ranks other than 0)
+                (log.warning if isinstance(e, RunStopped) else log.error)("%s", e)
             if in_multirun():
                 return _end_job(f"{e.status}: {e}", e)
             sys.exit(e.exit_code)

@@ -26,6 +26,14 @@ FAST_TRAIN = ["data.max_documents=150", "tokenizer.vocab_size=300", "trainer.bat
 
 QUIET_TRAIN = ["trainer.save_every=0", "trainer.sample_every=0", "trainer.eval_every=100"]  # the steps only
 
+# The distributed CLI tests (tests/distributed/): 2 ranks x batch 4 train on the sequences 1 rank x batch 8 does.
+# Every run stays inside the 30-step LR warm-up, where the LR does not depend on trainer.max_steps: a run started
+# with a large max_steps (so that a signal reaches it mid-run) matches the 20-step reference step for step.
+DIST_COMMON = [*TINY_MODEL, *(o for o in FAST_TRAIN if not o.startswith("trainer.batch_size=")),
+               "trainer.eval_every=10", "trainer.save_every=10", "trainer.dist_timeout_s=30"]
+ONE_RANK = [*DIST_COMMON, "trainer.batch_size=8", "trainer.max_steps=20"]  # 1 rank x 8
+TWO_RANKS = [*DIST_COMMON, "trainer.batch_size=4", "trainer.max_steps=20"]  # 2 ranks x 4
+
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory) -> Path:
@@ -85,6 +93,29 @@ def make_trainer(run_dir: Path, *overrides: str):
         cfg = compose(config_name="train", overrides=[*TINY_MODEL, *FAST_TRAIN, *QUIET_TRAIN, *overrides])
     run_dir.mkdir(parents=True, exist_ok=True)
     return Trainer(build_parts(to_train_config(cfg), run_dir))
+
+
+def step_losses(run: Path) -> dict[int, float]:
+    """A run's logged training loss at each step, from its metrics.jsonl."""
+    from lmtrain.runs.metrics import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
+
+
+def assert_losses_match(run: Path, reference: Path, steps: range, tol: float) -> None:
+    got, want = step_losses(run), step_losses(reference)
+    assert sorted(got) == list(steps)
+    for step in steps:
+        assert abs(got[step] - want[step]) <= tol, (step, got[step], want[step])
+
+
+@pytest.fixture(scope="session")
+def one_rank_reference(tmp_path_factory) -> Path:
+    """One process, batch 8, 20 steps: what the 2-rank runs of tests/distributed/ are compared with."""
+    run = tmp_path_factory.mktemp("one") / "run"
+    result = run_cli("train", *ONE_RANK, f"hydra.run.dir={run}", env=ONE_THREAD)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run
 
 
 # Tiny Hugging Face model folders, built offline as a user's would be: a randomly initialised transformers model

@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import shlex
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from lmtrain.config import register_configs, to_train_config
+from lmtrain.config import TrainConfig, register_configs, to_train_config
 from lmtrain.config.overrides import explicit_model_keys
 from lmtrain.console import quiet_libraries
+from lmtrain.distributed.ranks import world_from_env
 from lmtrain.errors import Diverged, RunStopped, in_multirun, reports_user_errors
 from lmtrain.runs.records import read_metrics
 from lmtrain.runs.run_dir import open_run_dir
 from lmtrain.runs.sweeps.callback import finish_sweep
 from lmtrain.runs.sweeps.jobs import finished_objective, register_job_name_resolver
 from lmtrain.runs.sweeps.runs import objective_value, stopped_early_at
-from lmtrain.runs.sweeps.status import recorded_status
+from lmtrain.runs.sweeps.status import JobRecord, recorded_status
+
+if TYPE_CHECKING:
+    from lmtrain.distributed.launch import Outcome
 
 register_configs("train")
 register_job_name_resolver()
@@ -31,10 +38,17 @@ log = logging.getLogger(__name__)
 _CONFIG_OPTIONS = ("--config-dir", "-cd", "--config-name", "-cn")
 
 
+# The command line as typed, for the job processes of a launcher whose sys.argv is its own (submitit's)
+TYPED_ARGS = "LMTRAIN_TRAIN_ARGS"
+
+
 def resume_command(run_dir: Path) -> str:
-    """The command that continues this run (or, in a sweep, the whole sweep): its config options and
-    overrides, plus resume=auto and its run (or sweep) dir."""
-    argv, options = sys.argv[1:], []
+    """The command that continues this run (or, in a sweep, the whole sweep): its launcher (torchrun, srun; the
+    overrides keep trainer.nproc_per_node), its config options and overrides, plus resume=auto and its run (or
+    sweep) dir."""
+    from lmtrain.distributed.launch import launcher_prefix
+
+    argv, options = json.loads(os.environ.get(TYPED_ARGS, "null")) or sys.argv[1:], []
     for i, arg in enumerate(argv):
         if arg in _CONFIG_OPTIONS and i + 1 < len(argv):
             options += [arg, argv[i + 1]]
@@ -47,11 +61,13 @@ def resume_command(run_dir: Path) -> str:
         return shlex.join(["lmtrain", "train", "-m", *sweep, "trainer.resume=auto",
                            f"hydra.sweep.dir={hydra_cfg.sweep.dir}"])
     overrides = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") != "trainer.resume"]
-    return shlex.join(["lmtrain", "train", *options, "trainer.resume=auto", f"hydra.run.dir={run_dir}", *overrides])
+    return shlex.join([*launcher_prefix(), "lmtrain", "train", *options, "trainer.resume=auto",
+                       f"hydra.run.dir={run_dir}", *overrides])
 
 
 def main() -> None:
     """`lmtrain train`: the Hydra app, then the summary of a sweep that a failed job cut short."""
+    os.environ[TYPED_ARGS] = json.dumps(sys.argv[1:])  # inherited by the jobs submitit starts
     try:
         train()
     finally:
@@ -76,11 +92,12 @@ def extra_overrides(argv: list[str]) -> list[str]:
 def train(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    job_num = hydra_cfg.job.get("num") if in_multirun() else None
+    main_rank = world_from_env().main  # of the ranks torchrun or srun started, rank 0 alone reports
     # A failed start removes the folder it created; a sweep job's folder stays, with its status.json.
     sweep = in_multirun()
     with (open_run_dir(run_dir, keep_on_failure=sweep) as run,
-          recorded_status(run_dir, hydra_cfg.job.get("num") if sweep else None,
-                          Path(hydra_cfg.sweep.dir) if sweep else None) as job):
+          recorded_status(run_dir, job_num, Path(hydra_cfg.sweep.dir) if sweep else None, writes=main_rank) as job):
         train_cfg = to_train_config(cfg)  # every check runs here, before any data is touched
         if train_cfg.model.init_from is not None:  # the checkpoint's own config sets the model's shape
             from lmtrain.training.preflight import model_from_checkpoint
@@ -93,21 +110,19 @@ def train(cfg: DictConfig) -> float:
                 log.info("Job already completed (%s %.4f): skipping it", objective, done)
                 job.facts.update(job.previous, objective=objective, value=done)
                 return done
-        quiet_libraries()
         from lmtrain.distributed import launch  # imported late: --help and config errors stay fast
-        from lmtrain.training.run import run_training
 
-        launch.resume_after_restart(train_cfg)
+        launch.resume_after_restart(train_cfg, previous_status=job.previous)
         run.claim(train_cfg.trainer.resume, train_cfg.trainer.overwrite)
         job.claimed()
         nproc = launch.processes_to_start(train_cfg.trainer.nproc_per_node, train_cfg.trainer.device)
-        result = launch.start(run_training, train_cfg, run_dir, nproc)
+        if nproc == 1:  # this process loads the data; workers set themselves up
+            quiet_libraries()
+        result = launch.start(train_here, train_cfg, run_dir, nproc, run.lock.filenos())
         if result.interrupted:
-            raise RunStopped(signal.SIGINT, f"Interrupted. {_continue_hint(run_dir)}") from None
+            raise RunStopped(signal.SIGINT, f"Interrupted. {_continue_hint(run_dir)}" if main_rank else "") from None
         if result.stopped_by is not None:
-            what = "sweep" if in_multirun() else "run"
-            raise RunStopped(signal.Signals(result.stopped_by),
-                             f"Continue this {what} with:\n  {resume_command(run_dir)}")
+            raise _stopped(signal.Signals(result.stopped_by), result.steps, run_dir, job, main_rank)
         records = read_metrics(run_dir / "metrics.jsonl")
         value = objective_value(records, objective)
         if value is None:  # resumed from another folder's checkpoint with nothing left to train: its own figures
@@ -119,6 +134,30 @@ def train(cfg: DictConfig) -> float:
         if (early := stopped_early_at(records)) is not None:  # a completed run all the same
             job.facts.update(stopped_early=early)
         return value  # what a sweeper minimizes
+
+
+def train_here(cfg: TrainConfig, run_dir: Path) -> Outcome:
+    """Training in this process, or in a worker: launch pickles this function by name, so a launcher of
+    trainer.nproc_per_node workers never imports the training stack (each worker imports it anyway)."""
+    from lmtrain.training.run import run_training
+
+    return run_training(cfg, run_dir)
+
+
+def _stopped(received: signal.Signals, steps: int, run_dir: Path, job: JobRecord, main_rank: bool) -> RunStopped:
+    """A run that a signal stopped, and that saved: submitit requeues its job (this process ends there), or the
+    resume command is printed, once."""
+    from lmtrain.distributed.requeue import requeue, submitit_handler
+
+    not_requeued = ""
+    if submitit_handler(received) is not None:
+        why = requeue(received, lambda: job.requeued(received, steps))
+        not_requeued = f"submitit did not requeue the job ({why}). " if why else ""
+    if not main_rank:
+        return RunStopped(received, "")
+    what = "sweep" if in_multirun() else "run"
+    where = " (on every node)" if world_from_env().nodes > 1 else ""
+    return RunStopped(received, f"{not_requeued}Continue this {what}{where} with:\n  {resume_command(run_dir)}")
 
 
 def _continue_hint(run_dir: Path) -> str:

@@ -27,6 +27,7 @@ from lmtrain.config.model import Mlp, ModelConfig, Norm, PosEmb, RopeScaling, Ro
 from lmtrain.config.train import (
     DivergenceAction,
     EarlyStoppingConfig,
+    FsdpDtype,
     MuonLrAdjust,
     OptimizerConfig,
     OptimizerName,
@@ -51,9 +52,10 @@ from lmtrain.config.use import (
 
 __all__ = [
     "CHECKS", "DataConfig", "DivergenceAction", "EarlyStoppingConfig", "EncodingErrors", "EvalConfig", "EvalSplit",
-    "ExportConfig", "ExportFormat", "GenerateConfig", "Mlp", "MixtureSource", "ModelConfig", "MuonLrAdjust", "Norm",
-    "OptimizerConfig", "OptimizerName", "PosEmb", "Precision", "PrepareConfig", "RopeScaling", "RopeScalingKind",
-    "SCHEMAS", "SchedulerConfig", "SchedulerName", "SourceConfig", "SourceKind", "Strategy", "TokenizerConfig",
+    "ExportConfig", "ExportFormat", "FsdpDtype", "GenerateConfig", "Mlp", "MixtureSource", "ModelConfig",
+    "MuonLrAdjust", "Norm", "OptimizerConfig", "OptimizerName", "PosEmb", "Precision", "PrepareConfig", "RopeScaling",
+    "RopeScalingKind", "SCHEMAS", "SchedulerConfig", "SchedulerName", "SourceConfig", "SourceKind", "Strategy",
+    "TokenizerConfig",
     "TokenizerKind", "TrainConfig", "TrainerConfig", "as_plain_dict", "check", "check_device", "register_configs",
     "to_config", "to_train_config", "validate", "validate_data", "validate_eval", "validate_generate",
     "validate_prepare", "validate_tokenizer",

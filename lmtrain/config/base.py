@@ -46,6 +46,14 @@ def as_plain_dict(obj: Any) -> Any:
     return OmegaConf.to_container(OmegaConf.structured(obj), resolve=True, enum_to_str=True)
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as {"trainer.batch_size": 32, ...}: the keys as the command line names them."""
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 
 def check_device(key: str, value: str) -> None:
     check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value) is not None,

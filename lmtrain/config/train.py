@@ -82,6 +82,16 @@ class Strategy(str, Enum):
     single = "single"  # one process, one device
     ddp = "ddp"  # DistributedDataParallel: a whole copy of the model per rank, gradients averaged
     fsdp = "fsdp"  # FSDP2: parameters, gradients and optimizer state sharded over the ranks
+    hsdp = "hsdp"  # FSDP2 within groups of trainer.hsdp_shard_size ranks (a node), the groups replicas of each other
+
+
+class FsdpDtype(str, Enum):
+    """A dtype of FSDP2's mixed-precision policy (trainer.fsdp_param_dtype, trainer.fsdp_reduce_dtype)."""
+
+    auto = "auto"  # the choice trainer.precision implies (see the fields)
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
 
 
 class DivergenceAction(str, Enum):
@@ -135,6 +145,15 @@ class TrainerConfig:
     strategy: Strategy = Strategy.auto
     max_restarts: int = 0  # times trainer.nproc_per_node's launcher restarts all workers (from the last checkpoint)
     dist_timeout_s: float = 300.0  # seconds any collective waits for the other ranks before the run fails
+    # FSDP2 and HSDP (trainer.strategy=fsdp or hsdp):
+    reshard_after_forward: bool = True  # free each block's gathered weights after its forward (regathered for the
+    # backward): less memory for one more all-gather per block; false keeps them until the backward
+    fsdp_param_dtype: FsdpDtype = FsdpDtype.auto  # dtype the sharded blocks compute in; auto: bf16 on CUDA when
+    # trainer.precision is bf16, else the weights' own (fp32); the sharded weights and optimizer state stay fp32
+    fsdp_reduce_dtype: FsdpDtype = FsdpDtype.auto  # dtype gradients are reduce-scattered in; auto: fp32
+    hsdp_shard_size: int = 0  # HSDP: ranks that shard one replica of the model; 0: the ranks of one node
+    allow_batch_change: bool = False  # resume a checkpoint at another global batch (sequences per optimizer step,
+    # all ranks together) than it trained with; refused by default: the data position and the tokens assume it
     on_divergence: DivergenceAction = DivergenceAction.rollback  # on a non-finite loss or gradient norm
     max_rollbacks: int = 3  # rollbacks before a diverging run stops with exit code 3
     rollback_lr_scale: float = 1.0  # factor on the learning rate after each rollback; 1 keeps it
@@ -262,6 +281,14 @@ def validate(cfg: TrainConfig) -> None:
     check(t.nproc_per_node in ("1", "auto") or t.strategy != Strategy.single,
           f"trainer.strategy=single runs one process; trainer.nproc_per_node={t.nproc_per_node} starts several: "
           "use trainer.strategy=auto, ddp or fsdp")
+    sharded = t.strategy in (Strategy.fsdp, Strategy.hsdp)
+    for key in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
+        value = FsdpDtype(getattr(t, key))
+        check(value == FsdpDtype.auto or sharded, f"trainer.{key}={value.value} applies to trainer.strategy=fsdp or "
+                                                  f"hsdp, not {Strategy(t.strategy).value}")
+    check(t.hsdp_shard_size >= 0, f"trainer.hsdp_shard_size={t.hsdp_shard_size} must be >= 0 (0: one node's ranks)")
+    check(t.hsdp_shard_size == 0 or t.strategy == Strategy.hsdp,
+          f"trainer.hsdp_shard_size={t.hsdp_shard_size} applies to trainer.strategy=hsdp only")
     check(t.max_restarts >= 0, f"trainer.max_restarts={t.max_restarts} must be >= 0")
     check(t.dist_timeout_s > 0, f"trainer.dist_timeout_s={t.dist_timeout_s} must be > 0")
     for key in ("overfit_batches", "profile_steps"):

@@ -39,6 +39,13 @@ class PreparedData:
     caches: dict[str, TokenCache]  # by source name, in config order
     weights: dict[str, float] | None  # a mixture's weights, summing to 1; None for a single source
 
+    def fingerprint(self) -> str:
+        """What a run trains on, as one short hash: the tokenizer, each cache's manifest (its shards, their sizes
+        and checksums; not where the cache lives) and the mixture's weights. The ranks of a run compare it."""
+        manifests = [{**c.manifest, "source": {k: v for k, v in c.manifest.get("source", {}).items()
+                                               if k != "cache_dir"}} for c in self.caches.values()]  # node-local
+        return digest([self.tokenizer.tokenizer.to_str(), manifests, self.weights])
+
 
 def cache_root(cfg: DataConfig) -> Path:
     return Path(os.path.expanduser(cfg.cache_dir))

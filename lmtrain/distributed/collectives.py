@@ -115,6 +115,15 @@ def gather_to_main(obj: object) -> list[object]:
     return out or []
 
 
+def gather_everywhere(obj: object) -> list[object]:
+    """Every rank's object, in rank order, on every rank; [obj] with one process."""
+    if not active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def from_main(obj: object) -> object:
     """Rank 0's object on every rank."""
     if not active():

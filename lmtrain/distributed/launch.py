@@ -1,23 +1,28 @@
-"""Starting the processes of a distributed run, and making every rank agree on one run directory.
+"""Starting the processes of a distributed run, making every rank agree on one run directory, and the
+launcher part of a resume command.
 
 Three ways in, one behaviour:
 - `lmtrain train trainer.nproc_per_node=N`: the Hydra job composes the config and makes the run dir once,
-  then starts N workers with torch.distributed's elastic launch API. Workers do not run Hydra: they get
-  the checked config and the run dir, and return how the run ended; the job reports it as for one process.
+  then starts N workers (workers.py). Workers do not run Hydra: they get the checked config and the run dir,
+  and return how the run ended; the job reports it as for one process.
 - `torchrun ... -m lmtrain train` and `srun ... lmtrain train`: every rank runs Hydra itself. Before it
   composes, `shared_run_dir_overrides` names the run dir after one start time that all ranks agree on
   through torchrun's store (`${now:}` differs between processes), or, under SLURM, puts the run in
   outputs/slurm/<job id>, which a requeued job finds again; ranks other than 0 write no .hydra/ folder
   and no log file. A hydra.run.dir given on the command line wins.
+A worker of either launcher stops (and saves) when its launcher dies: `die_with_launcher`. A job that was
+requeued, or whose workers were restarted, continues its checkpoint: `resume_after_restart`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import sys
-import uuid
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -26,8 +31,9 @@ from pathlib import Path
 import torch
 
 from lmtrain.config import TrainConfig
+from lmtrain.distributed.slurm import check_started_by_srun
 from lmtrain.distributed.world import cpu_count, pick_device, world_from_env
-from lmtrain.errors import USER_ERROR_EXIT, ConfigError, Diverged, LmtrainError
+from lmtrain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +52,20 @@ class Outcome:
     interrupted: bool = False  # a second Ctrl-C: stopped at once
 
 
-Entry = Callable[[TrainConfig, Path], Outcome]  # trains in one process: lmtrain.training.run.run_training
+Entry = Callable[[TrainConfig, Path], Outcome]  # trains in one process: lmtrain.commands.train.train_here
 
 
-def start(entry: Entry, cfg: TrainConfig, run_dir: Path, nproc: int) -> Outcome:
+def start(entry: Entry, cfg: TrainConfig, run_dir: Path, nproc: int, lock_fds: tuple[int, ...] = ()) -> Outcome:
     """Train with `entry`: in `nproc` new worker processes on this node, or (nproc 1) in this process, which may
-    itself be one rank that torchrun or srun started."""
+    itself be one rank that torchrun or srun started. lock_fds: the run folder's locked descriptors, which the
+    workers inherit, so that the folder stays locked until the last of them exits."""
     if nproc > 1:
-        return start_workers(entry, cfg, run_dir, nproc)
+        from lmtrain.distributed.workers import start_workers
+
+        return start_workers(entry, cfg, run_dir, nproc, lock_fds)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank torchrun started: it stops (and saves) if torchrun dies
+        os.environ[_TORCHRUN] = json.dumps(_torchrun_options())  # read now, while torchrun is there to read
+        die_with_launcher(os.getppid())
     if world_from_env().rank != 0:  # rank 0 alone writes the log file (submitit's tasks each run Hydra's set-up)
         root = logging.getLogger()
         for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
@@ -61,15 +73,23 @@ def start(entry: Entry, cfg: TrainConfig, run_dir: Path, nproc: int) -> Outcome:
     return entry(cfg, run_dir)
 
 
-def resume_after_restart(cfg: TrainConfig) -> None:
-    """A job that SLURM requeued, or that elastic launch restarted after a failure, continues its checkpoint."""
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) or \
-        int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if restarts > 0 and cfg.trainer.resume is None:
-        cfg.trainer.resume = "auto"
-        who = "SLURM requeued this job" if os.environ.get("SLURM_RESTART_COUNT", "0") not in ("", "0") \
-            else "Elastic launch restarted the workers"
-        log.info("%s (restart %d): continuing from the last checkpoint (trainer.resume=auto)", who, restarts)
+def resume_after_restart(cfg: TrainConfig, restart: int = 0, previous_status: dict | None = None) -> None:
+    """A job that SLURM or submitit requeued, or whose workers were restarted after a failure (`restart` > 0:
+    trainer.max_restarts; torchrun --max-restarts), continues its checkpoint. previous_status: the run folder's
+    status.json as the last attempt left it, `requeued` after a submitit requeue."""
+    slurm = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    elastic = restart or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    requeued = (previous_status or {}).get("status") == "requeued"
+    if cfg.trainer.resume is not None or not (slurm or elastic or requeued):
+        return
+    cfg.trainer.resume = "auto"
+    if slurm:
+        who = f"SLURM requeued this job (restart {slurm})"
+    elif requeued:
+        who = f"submitit requeued this job after {previous_status.get('signal', 'a preemption signal')}"
+    else:
+        who = f"The workers were restarted after a failure (restart {elastic})"
+    log.info("%s: continuing from the last checkpoint (trainer.resume=auto)", who)
 
 
 def processes_to_start(nproc_per_node: str, device: str) -> int:
@@ -91,92 +111,72 @@ def processes_to_start(nproc_per_node: str, device: str) -> int:
                               f"than this machine's {cores} cores: use at most {cores}, or a GPU")
         log.warning("trainer.nproc_per_node=%s without a GPU: %d CPU processes share %d cores (gloo); rarely faster "
                     "than one process, but it runs the distributed code", nproc_per_node, n, cores)
+    if n == 1:
+        check_started_by_srun(os.environ)
     return n
 
 
-# --- trainer.nproc_per_node: this process starts the workers --------------------------------------------
+_TORCHRUN = "LMTRAIN_TORCHRUN_OPTIONS"  # the options of the torchrun that started this rank, as a JSON list
 
 
-def _configure_worker_logging(run_dir: Path) -> None:
-    """What Hydra's job_logging gives the job: the console handler (INFO on rank 0 only) and, on rank 0, the
-    run's train.log, appended to after the launching job's own lines."""
-    from lmtrain.console import make_console_handler, quiet_libraries
-
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    root.addHandler(make_console_handler())
-    if int(os.environ.get("RANK", "0")) == 0:
-        file = logging.FileHandler(run_dir / "train.log")
-        file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-        root.addHandler(file)
-    for name in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    quiet_libraries()
-
-
-def _worker(entry: Entry, cfg: TrainConfig, run_dir: Path) -> Outcome:
-    """One worker process of `trainer.nproc_per_node`; its exit status tells elastic launch how it ended."""
-    _configure_worker_logging(run_dir)
-    try:
-        resume_after_restart(cfg)
-        return entry(cfg, run_dir)
-    except LmtrainError as e:
-        log.error("%s", e)
-        sys.exit(e.exit_code)  # 2 for a user error, 3 for a divergence
-    except torch.distributed.DistError as e:
-        log.error("Rank %s lost contact with the other ranks (one of them failed or stopped): %s",
-                  os.environ.get("RANK", "?"), str(e).splitlines()[0])
-        sys.exit(1)
-
-
-def _forward_to_workers(signum: int, frame) -> None:
-    """SIGTERM or SIGUSR2 reaching the launcher (a scheduler's preemption) goes on to every worker, which all
-    stop at the same step and save. Ctrl-C reaches the workers from the terminal directly."""
+def _torchrun_options() -> list[str]:
+    """The options this rank's torchrun was started with, read from its command line (it is this process's
+    parent); from torchrun's variables when that cannot be read."""
     import psutil
 
-    for child in psutil.Process().children():
-        try:
-            if any("spawn_main" in part for part in child.cmdline()):
-                child.send_signal(signum)
-        except psutil.Error:
-            pass
-
-
-def start_workers(entry: Entry, cfg: TrainConfig, run_dir: Path, nproc: int) -> Outcome:
-    """Run `entry` in `nproc` worker processes on this node; returns rank 0's outcome."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"lmtrain-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=cfg.trainer.max_restarts,
-                          monitor_interval=0.5, signals_to_handle="SIGHUP,SIGQUIT")
-    log.info("Starting %d worker processes (trainer.nproc_per_node=%s)", nproc, cfg.trainer.nproc_per_node)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)}
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _forward_to_workers)
-    signal.signal(signal.SIGUSR2, _forward_to_workers)
-    for name in ("torch.distributed.elastic", "torch.multiprocessing"):  # their failure reports are ours to give
-        logging.getLogger(name).setLevel(logging.CRITICAL)
-    # Each attempt gets a store of its own: in the agent's shared store, workers restarted after a failure
-    # would find the dead attempt's gloo addresses and fail to connect.
-    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     try:
-        outcomes = elastic_launch(config, _worker)(entry, cfg, run_dir)
-    except ChildFailedError as e:
-        # A user error (or a divergence) on one rank makes the others lose contact and fail too, in the same
-        # second: the rank that said what was wrong decides the exit status, whichever was noticed first.
-        said = {r: f for r, f in e.failures.items() if f.exitcode in (USER_ERROR_EXIT, Diverged.exit_code)}
-        rank, failure = min((said or e.failures).items(), key=lambda kv: kv[1].timestamp)
-        code = failure.exitcode
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-        if code in (USER_ERROR_EXIT, Diverged.exit_code):
-            sys.exit(code)  # the worker has said what was wrong
-        log.error("Rank %d %s; the other workers were stopped", rank, how)
-        sys.exit(1)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    return outcomes[0]
+        parent = psutil.Process().parent().cmdline()
+    except (psutil.Error, AttributeError):
+        parent = []
+    for i, arg in enumerate(parent):
+        if os.path.basename(arg) == "torchrun" or arg in ("torch.distributed.run", "torch.distributed.launch"):
+            rest = parent[i + 1:]
+            entry = next((j for j, a in enumerate(rest) if a == "-m" or os.path.basename(a) == "lmtrain"), len(rest))
+            return rest[:entry]
+    nodes = os.environ.get("GROUP_WORLD_SIZE", "1")
+    return ["--standalone" if nodes == "1" else f"--nnodes={nodes}",
+            f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '1')}"]
+
+
+def launcher_prefix() -> list[str]:
+    """The launcher part of the command that started this rank, for a resume command that keeps the world:
+    torchrun with its own options, or an srun line with the step's nodes, tasks and CPUs per task; empty for
+    one process and for trainer.nproc_per_node (its overrides keep the number)."""
+    env = os.environ
+    if "TORCHELASTIC_RUN_ID" in env:
+        options = json.loads(env[_TORCHRUN]) if _TORCHRUN in env else _torchrun_options()
+        return ["torchrun", *options, "-m"]
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1:
+        line = ["srun", f"--nodes={env.get('SLURM_STEP_NUM_NODES', env.get('SLURM_JOB_NUM_NODES', '1'))}",
+                f"--ntasks={env['SLURM_STEP_NUM_TASKS']}"]
+        if "SLURM_CPUS_PER_TASK" in env:
+            line.append(f"--cpus-per-task={env['SLURM_CPUS_PER_TASK']}")
+        return line
+    return []
+
+
+def die_with_launcher(launcher: int) -> None:
+    """This worker stops when the process that started it dies, however it dies (SIGKILL too): it gets SIGTERM,
+    so it saves at the end of its step like any stopped run, then exits. On Linux the kernel sends it (prctl's
+    parent-death signal: immediate, and no thread to run); elsewhere a thread checks the parent once a second."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0:
+            if os.getppid() != launcher:  # it died before the kernel was told
+                os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="lmtrain-launcher-watch", daemon=True).start()
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 # --- torchrun and srun: every rank runs Hydra ---------------------------------------------------------------

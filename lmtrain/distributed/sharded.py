@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError, safe_open
 from torch import nn
-from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -50,10 +51,17 @@ def full_weights(model: nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in full.items() if k not in tied}
 
 
+def _optimizers(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside `optimizer`: the parts of a combined one (optimizer=muon: Muon beside AdamW,
+    lmtrain.training.optim.CombinedOptimizer), which DCP takes as a list, or the optimizer itself."""
+    return list(getattr(optimizer, "optimizers", [optimizer]))
+
+
 def _flat(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """The model's and optimizer's state dicts (sharded as the model is) and one flat view of their tensors."""
+    """The model's and optimizer's state dicts (sharded as the model is) and one flat view of their tensors. The
+    optimizer's state is keyed by parameter name, so a combined optimizer's parts sit side by side in it."""
     model_sd = get_model_state_dict(model)
-    optim_sd = get_optimizer_state_dict(model, optimizer)
+    optim_sd = get_optimizer_state_dict(model, _optimizers(optimizer))
     tied = _tied_names(model)  # safetensors stores a shared tensor once: under its first name
     flat = {f"model.{k}": v for k, v in model_sd.items() if k not in tied}
     for param, values in optim_sd["state"].items():
@@ -63,10 +71,28 @@ def _flat(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str,
     return flat, model_sd, optim_sd
 
 
-def save_shards(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Every rank writes its shards of the model and optimizer state into folder/shards (a collective)."""
+def save_shards(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Every rank writes its shards of the model and optimizer state into folder/shards (a collective); returns
+    the files written, which a resume checks are all there and whole."""
     flat, _, _ = _flat(model, optimizer)
     dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(Path(folder) / SHARDS), save_distributed=True))
+    return sorted(p.name for p in (Path(folder) / SHARDS).glob("*.safetensors"))
+
+
+def check_shards(folder: Path, saved: list[str] | None) -> None:
+    """Refuse a sharded checkpoint whose shard files are missing (`saved`: the names it was saved with, when
+    recorded) or truncated, before any rank loads from it: every rank reads the same files, so all agree."""
+    shards = Path(folder) / SHARDS
+    present = sorted(p.name for p in shards.glob("*.safetensors"))
+    missing = sorted(set(saved or []) - set(present))
+    if missing or not present:
+        raise CheckpointError(f"{shards} is missing shard files: {', '.join(missing) or 'all of them'}")
+    for name in present:
+        try:
+            with safe_open(str(shards / name), framework="pt"):  # reads the header, checks the file's length
+                pass
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{shards / name} is truncated or corrupt: {e}") from None
 
 
 def load_shards(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -75,7 +101,8 @@ def load_shards(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     flat, model_sd, optim_sd = _flat(model, optimizer)
     try:
         dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(Path(folder) / SHARDS)))
-    except Exception as e:  # DCP wraps every rank's failure in its own exception type
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException (every rank's failures) is a
+        # BaseException, which `except Exception` would let through as a traceback
         raise CheckpointError(f"{Path(folder) / SHARDS} cannot be loaded into this model: "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     model_sd = {k: flat[f"model.{k}"] for k in model_sd if f"model.{k}" in flat}  # tied copies follow their own
@@ -84,7 +111,7 @@ def load_shards(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
             if f"optimizer.{param}.{key}" in flat:
                 values[key] = flat[f"optimizer.{param}.{key}"]
     set_model_state_dict(model, model_sd, options=StateDictOptions(strict=False))
-    set_optimizer_state_dict(model, optimizer, optim_sd)
+    set_optimizer_state_dict(model, _optimizers(optimizer), optim_sd)
 
 
 def load_full_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:

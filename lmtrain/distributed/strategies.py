@@ -1,5 +1,7 @@
 """How the model is spread over the ranks: one process as it is, DDP (a full copy per rank, gradients
-averaged), or FSDP2 (parameters, gradients and optimizer state sharded over the ranks).
+averaged), FSDP2 (parameters, gradients and optimizer state sharded over the ranks), or HSDP (FSDP2 within
+groups of ranks, a node's GPUs say, the groups replicas of each other: shards gathered over fast links only,
+gradients averaged across the groups).
 
 `wrap` returns a `Parallel`: the forward to call, the context that skips DDP's gradient all-reduce on
 every micro-batch but the last, and helpers that hide the difference between plain tensors and FSDP2's
@@ -17,7 +19,7 @@ from inspect import signature
 import torch
 from torch import nn
 
-from lmtrain.config.train import Strategy
+from lmtrain.config.train import FsdpDtype, Strategy
 from lmtrain.distributed.world import World
 from lmtrain.errors import ConfigError
 
@@ -27,7 +29,7 @@ def resolve(strategy: Strategy, world: World) -> Strategy:
         return Strategy.single if world.size == 1 else Strategy.ddp
     if strategy == Strategy.single and world.size > 1:
         raise ConfigError(f"trainer.strategy=single cannot run on {world.size} processes; use trainer.strategy=ddp, "
-                          "fsdp or auto, or start one process")
+                          "fsdp, hsdp or auto, or start one process")
     return strategy
 
 
@@ -45,21 +47,59 @@ class Parallel:
 
     @property
     def sharded(self) -> bool:
-        return self.strategy == Strategy.fsdp
+        return self.strategy in (Strategy.fsdp, Strategy.hsdp)
 
 
-def wrap(model: nn.Module, strategy: Strategy, device: torch.device, bf16: bool) -> Parallel:
+@dataclass
+class Sharding:
+    """How FSDP2 and HSDP shard: trainer.reshard_after_forward, fsdp_param_dtype, fsdp_reduce_dtype, hsdp_shard_size."""
+
+    reshard_after_forward: bool = True
+    param_dtype: FsdpDtype = FsdpDtype.auto
+    reduce_dtype: FsdpDtype = FsdpDtype.auto
+    hsdp_shard_size: int = 0
+
+
+_DTYPES = {FsdpDtype.fp32: torch.float32, FsdpDtype.bf16: torch.bfloat16, FsdpDtype.fp16: torch.float16}
+
+
+def mixed_precision(sharding: Sharding, bf16: bool, device: torch.device):
+    """FSDP2's MixedPrecisionPolicy: auto computes in bf16 on CUDA with trainer.precision bf16 (reducing gradients
+    in fp32), and otherwise leaves dtypes alone (on the CPU, autocast already chooses them)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    auto = torch.bfloat16 if bf16 and device.type == "cuda" else None
+    param = auto if sharding.param_dtype == FsdpDtype.auto else _DTYPES[FsdpDtype(sharding.param_dtype)]
+    reduce = (torch.float32 if param is not None else None) if sharding.reduce_dtype == FsdpDtype.auto \
+        else _DTYPES[FsdpDtype(sharding.reduce_dtype)]
+    return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce)
+
+
+def hsdp_mesh(world: World, device: torch.device, shard_size: int):
+    """The 2-D device mesh of HSDP: (replicas, ranks per replica), each replica `shard_size` consecutive ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shard = shard_size or world.local_size
+    if shard < 1 or world.size % shard:
+        raise ConfigError(f"trainer.hsdp_shard_size={shard_size} must divide the run's {world.size} processes"
+                          + (f" (0 takes the {world.local_size} ranks of a node)" if not shard_size else ""))
+    return init_device_mesh(device.type, (world.size // shard, shard), mesh_dim_names=("replicate", "shard"))
+
+
+def wrap(model: nn.Module, strategy: Strategy, device: torch.device, bf16: bool, world: World | None = None,
+         sharding: Sharding | None = None) -> Parallel:
     """Wrap `model` for `strategy` (already resolved); build the optimizer after this, over model.parameters().
     Compile the blocks (GPT.compile_blocks) before: FSDP2 then shards the compiled blocks, as torchtitan does."""
-    if strategy == Strategy.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if strategy in (Strategy.fsdp, Strategy.hsdp):
+        from torch.distributed.fsdp import fully_shard
 
-        # bf16 compute with fp32 gradient reduction on CUDA; on the CPU, autocast already chooses the dtype
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if bf16 and device.type == "cuda" else MixedPrecisionPolicy()
+        sharding = sharding or Sharding()
+        mesh = hsdp_mesh(world or World(), device, sharding.hsdp_shard_size) if strategy == Strategy.hsdp else None
+        settings = {"mesh": mesh, "reshard_after_forward": sharding.reshard_after_forward,
+                    "mp_policy": mixed_precision(sharding, bf16, device)}
         for block in model.blocks:
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)  # the root: embeddings, final norm and head
+            fully_shard(block, **settings)
+        fully_shard(model, **settings)  # the root: embeddings, final norm and head
         return Parallel(strategy, model)
     if strategy == Strategy.ddp:
         from torch.nn.parallel import DistributedDataParallel

@@ -2,84 +2,28 @@
 
 A run of N processes ("ranks") is described by torchrun's environment variables (RANK, LOCAL_RANK,
 WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), which `lmtrain train trainer.nproc_per_node=N`
-and torchrun both set; under a plain `srun` they are derived from SLURM's own variables. Everything
-here is torch.distributed: gloo on the CPU, NCCL on CUDA. With one process no group is created and every
-collective (lmtrain.distributed.collectives) is a cheap no-op, so the single-process path stays as it was.
-Who this process is comes from the environment alone: torch is imported only by what needs it, so that
-`lmtrain train` knows it is a lone process (and reports a config error) without waiting for torch.
+and torchrun both set; under a plain `srun` they are derived from SLURM's own variables (slurm.py, ranks.py).
+Everything here is torch.distributed: gloo on the CPU, NCCL on CUDA. With one process no group is created and
+every collective (lmtrain.distributed.collectives) is a cheap no-op, so the single-process path stays as it was.
+Torch is imported only by what needs it, so that `lmtrain train` knows it is a lone process (ranks.py) and
+reports a config error without waiting for torch.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
-from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from lmtrain.errors import ConfigError
+from lmtrain.distributed.ranks import World, world_from_env
+from lmtrain.distributed.slurm import torchrun_variables
+from lmtrain.errors import ConfigError, LostRank
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class World:
-    rank: int = 0  # this process's index among all processes
-    local_rank: int = 0  # its index on this node: which GPU it drives
-    size: int = 1  # processes in the run
-    local_size: int = 1  # processes on this node
-
-    @property
-    def main(self) -> bool:
-        """Rank 0: the one process that writes logs, metrics, progress and (unsharded) checkpoints."""
-        return self.rank == 0
-
-    @property
-    def nodes(self) -> int:
-        return max(1, self.size // max(1, self.local_size))
-
-    def rows(self, batch: int) -> slice:
-        """This rank's rows of a global batch: disjoint, in rank order, as even as `batch` allows."""
-        return slice(self.rank * batch // self.size, (self.rank + 1) * batch // self.size)
-
-
-def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list: 'gpu[003-005,010],cpu1' -> 'gpu003'."""
-    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if m is None:
-        return nodelist
-    prefix, ranges = m[1], m[2]
-    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
-
-
-def slurm_environment(env: Mapping[str, str]) -> dict[str, str]:
-    """torchrun's variables derived from SLURM's, for processes started by `srun` itself (one task per GPU).
-
-    Empty when torchrun's variables are already there (torchrun inside srun) or SLURM did not start
-    several tasks.
-    """
-    if "RANK" in env or int(env.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in env:
-        return {}
-    # e.g. "4(x2),2": tasks per node; the first entry is this job's usual count
-    local_size = re.match(r"\d+", env.get("SLURM_TASKS_PER_NODE", env.get("SLURM_NTASKS", "1")))
-    job = int(env.get("SLURM_JOB_ID", "0"))
-    return {"RANK": env["SLURM_PROCID"], "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
-            "WORLD_SIZE": env["SLURM_NTASKS"], "LOCAL_WORLD_SIZE": local_size[0] if local_size else "1",
-            "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "localhost")),
-            "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + job % 20000)}  # same on every task of a job
-
-
-def world_from_env(env: Mapping[str, str] | None = None) -> World:
-    env = os.environ if env is None else env
-    env = {**env, **slurm_environment(env)}
-    size = int(env.get("WORLD_SIZE", "1"))
-    return World(rank=int(env.get("RANK", "0")), local_rank=int(env.get("LOCAL_RANK", "0")), size=size,
-                 local_size=int(env.get("LOCAL_WORLD_SIZE", str(size))))
 
 
 def pick_device(setting: str, key: str = "trainer.device") -> torch.device:
@@ -127,7 +71,7 @@ def setup(device: torch.device, timeout_s: float, group_of_one: bool = False) ->
     import torch
     import torch.distributed as dist
 
-    for key, value in slurm_environment(os.environ).items():
+    for key, value in torchrun_variables(os.environ).items():
         os.environ.setdefault(key, value)
     world = world_from_env()
     if world.size == 1:
@@ -144,8 +88,14 @@ def setup(device: torch.device, timeout_s: float, group_of_one: bool = False) ->
     else:
         share_cpu(world)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
+                                    device_id=device if device.type == "cuda" else None)
+        except dist.DistError as e:  # DistStoreError: the other ranks never came to the rendezvous
+            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            raise LostRank(f"rank {world.rank} waited trainer.dist_timeout_s={timeout_s:g} s at {where} for the "
+                           f"{world.size} ranks of the run, and not all of them came ({str(e).splitlines()[0]}): "
+                           "every rank must be started (torchrun on every node, or srun)") from None
     return world, device
 
 

@@ -138,6 +138,11 @@ class RunLock:
         raise ConfigError(f"{self.folder} is in use: {holder} is training there now; wait for it to finish, or "
                           "start this run in another folder (hydra.run.dir=...)")
 
+    def filenos(self) -> tuple[int, ...]:
+        """The locked descriptors (the folder's and the lock file's) while held: a worker process that inherits
+        copies of them holds the lock too."""
+        return tuple(self._fds)
+
     def release(self) -> None:
         if self._fds:
             self.path.unlink(missing_ok=True)  # still locked: nobody else can have taken it meanwhile

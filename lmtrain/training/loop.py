@@ -313,8 +313,11 @@ class Trainer:
             self._roll_back()
         saved = self.saved[1] if self.saved[0] == self.step else self._save()
         report = log.warning if self.world.main else log.info  # said once, by rank 0
-        report("Stopped by %s at step %d of %d after %.1f s; %s holds all that resuming needs",
-               received.name, self.step, self.total_steps, seconds, saved)
+        # how long the stop took on the rank that got the signal: what a scheduler's warning time must exceed
+        took = f" ({time.monotonic() - self.stop.received_at:.1f} s after the signal)" \
+            if self.stop is not None and self.stop.received_at is not None else ""
+        report("Stopped by %s at step %d of %d after %.1f s; %s holds all that resuming needs%s",
+               received.name, self.step, self.total_steps, seconds, saved, took)
         self.metrics.close()
         self.profiler.close()
         return TrainResult(self.step, self.step * self.tokens_per_step, float("nan"), self.val_loss, seconds, saved,

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from lmtrain.distributed.ranks import World
 from lmtrain.errors import LmtrainError
 
 log = logging.getLogger(__name__)
@@ -45,10 +46,11 @@ def _free_cached_memory(device: torch.device) -> None:
 
 
 class MicroBatches:
-    """Cuts each loaded batch into micro-batches of `size` sequences; halves `size` after an out-of-memory error."""
+    """Cuts each loaded batch into micro-batches of `size` sequences; halves `size` after an out-of-memory error
+    (with one process: under several, see `run`)."""
 
-    def __init__(self, batch_size: int, size: int, device: torch.device):
-        self.batch_size, self.size, self.device = batch_size, size, device
+    def __init__(self, batch_size: int, size: int, device: torch.device, world: World | None = None):
+        self.batch_size, self.size, self.device, self.world = batch_size, size, device, world or World()
 
     def split(self, loaded: list[Batch]) -> list[Batch]:
         """Micro-batches of each (input, target) batch, in order; row slices of a contiguous (pinned) batch stay
@@ -62,14 +64,30 @@ class MicroBatches:
     def run(self, step: Callable[[list[Batch]], torch.Tensor], loaded: list[Batch], optimizer: torch.optim.Optimizer,
             at_step: int) -> torch.Tensor:
         """`step(micro_batches)` (forward and backward of each); after an out-of-memory error the partial
-        gradients are dropped and the same batches go again in micro-batches half the size."""
+        gradients are dropped and the same batches go again in micro-batches half the size.
+
+        Not with several processes: the others are already inside this step's collectives (DDP's bucketed
+        all-reduce, FSDP2's gathers), which one rank cannot redo alone, and stopping them all to agree on a new
+        size would cost a collective every step. So the run stops at once, saying which micro-batch to resume
+        with; micro_batch_size=auto picks one that fits on every rank at start-up."""
         while True:
             try:
                 return step(self.split(loaded))
             except torch.OutOfMemoryError:
                 pass  # out of the except block first: the error's traceback holds the failed step's activations
             optimizer.zero_grad(set_to_none=True)
+            if self.world.size > 1:
+                raise OutOfMemory(self._advice(at_step))
             self._halve(f"step {at_step + 1} ran out of memory")
+
+    def _advice(self, at_step: int) -> str:
+        smaller = next_smaller(self.size, self.batch_size)
+        fix = (f"continue with trainer.resume=auto trainer.micro_batch_size={smaller} (the global batch stays the "
+               "same), or trainer.micro_batch_size=auto, which finds a size that fits on every rank at start-up"
+               if smaller else "use a smaller model or model.block_size, or trainer.activation_checkpointing=true")
+        return (f"rank {self.world.rank} ran out of memory in step {at_step + 1} at micro-batch {self.size}; under "
+                f"{self.world.size} processes one rank cannot redo a step alone (the others are in its collectives), "
+                f"so the run stops: {fix}")
 
     def _halve(self, why: str) -> None:
         _free_cached_memory(self.device)
@@ -128,10 +146,10 @@ def trial_step(forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], mo
 
 
 def micro_batches(setting: str | None, batch_size: int, device: torch.device,
-                  trial: Callable[[int], None]) -> MicroBatches:
+                  trial: Callable[[int], None], world: World | None = None) -> MicroBatches:
     """The micro-batching trainer.micro_batch_size asks for; `auto` searches with `trial` on CUDA only."""
     size = configured_size(setting, batch_size)
-    batcher = MicroBatches(batch_size, size or batch_size, device)
+    batcher = MicroBatches(batch_size, size or batch_size, device, world)
     if size is None and device.type == "cuda":
         batcher.fit(trial)
     elif size is None:

@@ -5,18 +5,20 @@ The order matters, and is this:
 
  1. the device, and `trainer.resume` checked from its files alone: a wrong step folder fails before any data
     is read;
- 2. the world: this process joins the others (when there are several) and gets its own device; then
+ 2. the world: this process joins the others (when there are several) and gets its own device; the ranks
+    compare their resolved configs (a rank started with other overrides stops the run here, in one line); then
     `model.init_from` checked from its files alone, so a wrong checkpoint fails before any data is read
     (an hf:<repo id> is downloaded here, once per node: local rank 0 first, the others find it cached);
  3. the strategy and the number format asked for; TF32 on CUDA; the seed, before anything random is drawn;
     the trackers (logger=..., rank 0), imported and started: a broken install or a missing login stops the
     run here, before any data work;
- 4. the data, tokenized once per node (local rank 0 first, the others then find the cache);
+ 4. the data, tokenized once per node (local rank 0 first, the others then find the cache); the ranks compare
+    the data's fingerprint (each node's cache and tokenizer);
  5. the model, its vocabulary taken from the tokenizer;
  6. `precision=auto` confirmed on the model's own step, eagerly: before compiling;
  7. the loaders: whole global batches, of which this rank trains on its rows; so the run's length is known;
  8. compiling, block by block (`trainer.compile=auto` measures once per shape whether this run repays it),
-    then the parallel wrapper (FSDP2 shards the compiled blocks);
+    then the parallel wrapper (FSDP2 and HSDP shard the compiled blocks);
  9. the optimizer, over the wrapped (for FSDP2: sharded) parameters;
 10. MFU, and metrics.jsonl feeding the loggers, which get the resolved config (metrics' clock starts here,
     just before training); the profiler;
@@ -36,11 +38,13 @@ import numpy as np
 import torch
 
 from lmtrain.config import ModelConfig, Precision, Strategy, TrainConfig, as_plain_dict
+from lmtrain.config.base import flatten
 from lmtrain.console import PreparationProgress, wants_progress_bar
 from lmtrain.data.loader import TrainLoader, train_loader, val_batches
 from lmtrain.data.prepare import prepare_data
 from lmtrain.data.tokenizer import TextTokenizer
 from lmtrain.distributed import collectives, strategies
+from lmtrain.distributed.agreement import check_same
 from lmtrain.distributed.strategies import Parallel
 from lmtrain.distributed.world import World, pick_device
 from lmtrain.distributed.world import setup as join_world
@@ -60,6 +64,10 @@ from lmtrain.training.optim import Optimizer, build_optimizer
 from lmtrain.training.precision import TrainingPrecision, choose, confirm_on_model, use_tf32
 from lmtrain.training.preflight import init_from_checked, resume_checked
 from lmtrain.training.state import Checkpointer
+
+# Settings that may differ between ranks: where each node keeps its token cache (the data fingerprint compares
+# what is in it)
+RANK_LOCAL_KEYS = ("data.cache_dir",)
 
 
 @dataclass
@@ -109,9 +117,12 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
     device = pick_device(t.device)  # 1
     vocab_multiple = cfg.model.vocab_multiple or (64 if device.type == "cuda" else 1)
     resume_checked(t.resume)
-    world, device = join_world(device, t.dist_timeout_s, group_of_one=t.strategy in (Strategy.ddp, Strategy.fsdp))
+    group_of_one = t.strategy in (Strategy.ddp, Strategy.fsdp, Strategy.hsdp)  # even with one process
+    world, device = join_world(device, t.dist_timeout_s, group_of_one)  # 2
+    check_same({k: v for k, v in flatten(as_plain_dict(cfg)).items() if k not in RANK_LOCAL_KEYS}, "configs",
+               "Start every rank with the same command line (and the same config files)")
     if cfg.model.init_from is not None:
-        with collectives.local_main_first(world):  # 2: one rank per node downloads an hf:<repo id>, then the rest
+        with collectives.local_main_first(world):  # one rank per node downloads an hf:<repo id>, then the rest
             cfg = init_from_checked(cfg, vocab_multiple)
     strategy = strategies.resolve(t.strategy, world)  # 3
     choice = choose(t.precision, device)
@@ -122,6 +133,9 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
     with collectives.local_main_first(world), \
             PreparationProgress(wants_progress_bar(t.progress) and world.main) as progress:  # 4
         data = prepare_data(cfg.data, cfg.tokenizer, progress)
+    check_same({"data": data.fingerprint()}, "data (the token caches' manifests and tokenizer)",
+               "The nodes read different files under the same names, or caches built from them: give every node the "
+               "same data (or let one node prepare it on a shared data.cache_dir)")
     tokenizer = data.tokenizer
     if t.eval_screen_batches and data.weights is not None:
         raise ConfigError("trainer.eval_screen_batches needs one data source: a mixture's first validation batches "
@@ -147,7 +161,8 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
     passes_per_step = t.grad_accum_steps * t.batch_size // micro_size
     compilation = choose_compile(t.compile, model, micro_size, total_steps, passes_per_step, device, precision.name,
                                  precision.autocast)
-    parallel = strategies.wrap(model, strategy, device, precision.name == "bf16")
+    sharding = strategies.Sharding(t.reshard_after_forward, t.fsdp_param_dtype, t.fsdp_reduce_dtype, t.hsdp_shard_size)
+    parallel = strategies.wrap(model, strategy, device, precision.name == "bf16", world, sharding)
     optimizer = build_optimizer(model, cfg.optimizer, device.type)  # 9
 
     # 10. MFU per device: every rank's tokens/s over all devices' peak, i.e. each rank's share of the FLOPs
@@ -168,7 +183,7 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
         divergence.load_state_dict(resumed)
 
     micro = micro_batches(t.micro_batch_size, t.batch_size, device, trial_step(  # 12
-        model, model, tokenizer.vocab_size, block, device, precision.autocast))
+        model, model, tokenizer.vocab_size, block, device, precision.autocast), world)
     micro.size = collectives.smallest(micro.size, device)  # every rank runs as many micro-batches
     return Parts(cfg, run_dir, world, device, tokenizer, model_cfg, model, precision, compilation, parallel, optimizer,
                  loader, validation, total_steps, mfu, metrics, profiler, checkpoints, divergence, early_stopping,

@@ -3,7 +3,8 @@
 While `StopSignals` is active, either signal only asks the loop to stop: it finishes the optimizer step
 under way (an evaluation stops at its next batch), saves a checkpoint and returns. A second Ctrl-C
 raises KeyboardInterrupt, for when waiting is not wanted; the checkpoints already saved stay whole
-(saves are atomic).
+(saves are atomic). A copy of the first signal arriving within a second is that same signal delivered twice
+(Ctrl-C under torchrun reaches the workers from the terminal and from torchrun) and counts once.
 
 Python runs signal handlers only between bytecodes of the main thread, so during one long step (a large
 model on a CPU: minutes) the handler would wait for the step to end. The C-level handler also writes the
@@ -17,11 +18,17 @@ import logging
 import os
 import signal
 import threading
+import time
 from types import FrameType
 
 log = logging.getLogger(__name__)
 
-HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2)  # SIGUSR2: submitit's preemption notice
+# SIGUSR2: submitit's preemption notice (or the signal SUBMITIT_PREEMPT_SIGNAL names: USR1, say)
+_PREEMPT = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
+HANDLED = tuple(dict.fromkeys([signal.SIGINT, signal.SIGTERM, signal.SIGUSR2, _PREEMPT]))
+# A second Ctrl-C this soon after the first is the same press delivered twice: the terminal signals torchrun and
+# its workers alike, and torchrun passes its own copy on to them
+REPEAT_WINDOW_S = 1.0
 
 
 class StopSignals:
@@ -29,11 +36,12 @@ class StopSignals:
 
     def __init__(self):
         self.received: signal.Signals | None = None
+        self.received_at: float | None = None  # time.monotonic() of the first signal
         self._previous: dict[signal.Signals, object] = {}
         self._pid = os.getpid()
         self._pipe: tuple[int, int] | None = None
         self._previous_wakeup = -1
-        self._acknowledged = 0  # signals the watcher thread has announced
+        self._announced: tuple[signal.Signals, float] | None = None  # the first signal announced, and when
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():  # only the main thread may install handlers
@@ -74,11 +82,12 @@ class StopSignals:
             os.close(read)
 
     def _announce(self, sig: signal.Signals) -> None:
-        self._acknowledged += 1
-        if self._acknowledged == 1:
+        now = time.monotonic()
+        if self._announced is None:
+            self._announced = (sig, now)
             again = " (Ctrl-C again to abort once the step under way returns)" if sig == signal.SIGINT else ""
             log.warning("%s received: stopping after this step, then saving a checkpoint%s", sig.name, again)
-        elif sig == signal.SIGINT:
+        elif sig == signal.SIGINT and not (self._announced[0] == sig and now - self._announced[1] < REPEAT_WINDOW_S):
             log.warning("SIGINT received again: aborting as soon as the step under way returns")
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -87,7 +96,8 @@ class StopSignals:
         if self._pipe is None:  # no watcher thread: acknowledge here
             self._announce(signal.Signals(signum))
         if self.received is not None:
-            if signum == signal.SIGINT:
+            repeat = signum == self.received and time.monotonic() - self.received_at < REPEAT_WINDOW_S
+            if signum == signal.SIGINT and not repeat:
                 raise KeyboardInterrupt  # the second Ctrl-C: stop waiting
             return
-        self.received = signal.Signals(signum)
+        self.received, self.received_at = signal.Signals(signum), time.monotonic()

@@ -21,6 +21,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,12 +30,20 @@ import torch
 from torch import nn
 
 from lmtrain.config import TokenizerConfig
+from lmtrain.config.base import flatten
 from lmtrain.data.loader import TrainLoader
 from lmtrain.data.tokenizer import TextTokenizer, same_tokenizer
 from lmtrain.distributed import collectives
-from lmtrain.distributed.sharded import full_weights, is_sharded, load_full_weights, load_shards, save_shards
+from lmtrain.distributed.sharded import (
+    check_shards,
+    full_weights,
+    is_sharded,
+    load_full_weights,
+    load_shards,
+    save_shards,
+)
 from lmtrain.distributed.world import World
-from lmtrain.errors import CheckpointError, DataError
+from lmtrain.errors import CheckpointError, ConfigError, DataError
 from lmtrain.files import recover, remove_folder, write_json
 from lmtrain.model.weights import copy_weights, expected_shapes, fitted
 from lmtrain.runs.checkpoint import (
@@ -158,6 +167,7 @@ class TrainingCheckpoint:
         state = cls.state_of(folder)
         rng = read_tensors(rng_file(folder, rank))
         if is_sharded(folder):
+            check_shards(folder, state.get("shards"))
             return cls(folder, state, read_config(folder), None, None, rng)
         return cls(folder, state, read_config(folder), read_weights(folder), read_tensors(folder / OPTIMIZER), rng)
 
@@ -176,13 +186,6 @@ class TrainingCheckpoint:
         set_rng_state(self.rng, rng_file(self.folder, rank))
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 class Checkpointer:
     """Saves a run's checkpoints under RUN/checkpoints, and restores the one `trainer.resume` names."""
 
@@ -191,6 +194,9 @@ class Checkpointer:
         self.root, self.metrics_file = Path(run_dir) / "checkpoints", Path(run_dir) / "metrics.jsonl"
         self.keep_last, self.config, self.tokenizer = keep_last, config, tokenizer
         self.world, self.sharded = world or World(), sharded  # sharded: FSDP2, every rank writes its own shards
+        t = config.get("trainer", {})
+        # sequences per optimizer step, every rank's together: a resume at another global batch is refused
+        self.global_batch = t["batch_size"] * t["grad_accum_steps"] * self.world.size if t else None
         if self.root.is_dir() and self.world.main:
             recover(self.root)
 
@@ -201,13 +207,14 @@ class Checkpointer:
         FSDP2 each rank adds its shards into it before it is renamed into place."""
         step, start = state["step"], time.perf_counter()
         size = self.metrics_file.stat().st_size if self.metrics_file.exists() else 0  # every record is flushed
-        state = {**state, "loader": loader.state_dict(), "metrics_bytes": size}
+        state = {**state, "loader": loader.state_dict(), "metrics_bytes": size, "world_size": self.world.size,
+                 "global_batch": self.global_batch}
         rngs = collectives.gather_to_main(rng_state())
         path = self.root / f"step_{step:06d}"
 
         def extra(folder: Path) -> None:
             if self.sharded:
-                save_shards(collectives.from_main(folder), model, optimizer)
+                state["shards"] = save_shards(collectives.from_main(folder), model, optimizer)
             else:
                 opt_tensors, opt_meta = optimizer_state(optimizer)
                 save_tensors(opt_tensors, folder / OPTIMIZER, {"format": "pt", **opt_meta})
@@ -249,11 +256,19 @@ class Checkpointer:
               loader: TrainLoader) -> dict | None:
         """Restore the training state `trainer.resume` names and return the loop's counters; or, with none to
         restore, load `model.init_from`'s weights (if set) and return None: the run starts at step 0."""
+
+        def restore(checkpoint: TrainingCheckpoint) -> None:
+            self._check_global_batch(checkpoint)
+            self._warn_about_changes(checkpoint.config)
+            self._check_tokenizer(tokenizer_config(checkpoint.folder, checkpoint.config), f"trainer.resume={resume}")
+            checkpoint.apply(model, optimizer, loader, self.sharded, self.world.rank)
+
         if resume == "auto":
-            checkpoint = self._newest_readable()
+            checkpoint = self._newest_restored(restore)
         elif resume is not None:
             try:
                 checkpoint = TrainingCheckpoint.read(Path(resume).expanduser(), self.world.rank)
+                restore(checkpoint)
             except CheckpointError as e:
                 raise CheckpointError(f"trainer.resume={resume}: {e}") from None
         else:
@@ -262,9 +277,6 @@ class Checkpointer:
             if init_from is not None:
                 self._start_from(init_from, model)
             return None
-        self._warn_about_changes(checkpoint.config)
-        self._check_tokenizer(tokenizer_config(checkpoint.folder, checkpoint.config), f"trainer.resume={resume}")
-        checkpoint.apply(model, optimizer, loader, self.sharded, self.world.rank)
         step = checkpoint.state["step"]
         if checkpoint.folder.resolve().parent == self.root.resolve():  # this run's own
             self.rewind_metrics(checkpoint.state)
@@ -272,6 +284,27 @@ class Checkpointer:
             log.info("model.init_from is not used: the weights come from the checkpoint being resumed")
         log.info("Resuming from %s at step %d", checkpoint.folder, step)
         return checkpoint.state
+
+    def _check_global_batch(self, checkpoint: TrainingCheckpoint) -> None:
+        """Refuse to resume at another global batch than the checkpoint trained with (another world size, say):
+        the loader's position, the tokens counted and the loss all assume it. trainer.allow_batch_change allows."""
+        state, block = checkpoint.state, checkpoint.config.get("model", {}).get("block_size")
+        saved = state.get("global_batch") or (state["tokens"] // state["step"] // block  # saved before it was kept
+                                              if state.get("tokens") and state["step"] and block else None)
+        if saved is None or self.global_batch is None or saved == self.global_batch:
+            return
+        t, n = self.config["trainer"], self.world.size
+        now = (f"{self.global_batch} (trainer.batch_size={t['batch_size']} x trainer.grad_accum_steps="
+               f"{t['grad_accum_steps']} x {n} process{'es' if n > 1 else ''})")
+        ranks = f" on {state['world_size']} processes" if state.get("world_size") else ""
+        if t.get("allow_batch_change"):
+            log.warning("trainer.allow_batch_change=true: resuming %s, trained with a global batch of %d sequences "
+                        "per step%s, at %s", checkpoint.folder, saved, ranks, now)
+            return
+        raise ConfigError(f"{checkpoint.folder} was trained with a global batch of {saved} sequences per step{ranks}; "
+                          f"this run's is {now}. Resume with the same launcher and process count (the command "
+                          f"printed when the run stopped keeps them), or a batch that makes {saved}; "
+                          "trainer.allow_batch_change=true resumes anyway" if self.world.main else "")  # said once
 
     def _start_from(self, init_from: str, model: nn.Module) -> None:
         """Load `model.init_from`'s weights (an lmtrain checkpoint's or a transformers folder's), tensor by tensor
@@ -297,7 +330,9 @@ class Checkpointer:
                             f"tokenized with ({self.tokenizer.vocab_size:,} tokens); tokenize with the checkpoint's "
                             f"own: tokenizer=file tokenizer.path={saved.path}")
 
-    def _newest_readable(self) -> TrainingCheckpoint | None:
+    def _newest_restored(self, restore: Callable[[TrainingCheckpoint], None]) -> TrainingCheckpoint | None:
+        """trainer.resume=auto: the newest step folder that reads whole and restores (`restore` applies it); a
+        damaged one (a truncated or missing shard file of a sharded checkpoint too) falls back to the one before."""
         candidates = step_candidates(self.root)
         if not candidates:
             log.info("trainer.resume=auto: no checkpoint in %s yet; starting fresh", self.root)
@@ -308,6 +343,7 @@ class Checkpointer:
         for folder in candidates:
             try:
                 checkpoint = TrainingCheckpoint.read(folder, self.world.rank)
+                restore(checkpoint)
             except CheckpointError as e:
                 log.warning("Cannot resume from %s: %s", folder.name, e)
                 problems.append(str(e))
@@ -331,7 +367,7 @@ class Checkpointer:
             log.info("Dropped %d records from %s, logged %s", dropped, self.metrics_file.name, when)
 
     def _warn_about_changes(self, saved: dict) -> None:
-        old, new = _flatten(saved), _flatten(self.config)
+        old, new = flatten(saved), flatten(self.config)
         changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
                    if old.get(k) != new.get(k) and k != "trainer.resume"]
         if changed:

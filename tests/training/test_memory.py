@@ -121,3 +121,58 @@ def test_auto_search_keeps_the_largest_size_that_fits():
 
     batcher.fit(trial)
     assert tried == [24, 12, 6, 3] and batcher.size == 3
+
+
+def _oom_on_rank_1(rank: int, port: int, results) -> None:
+    """One rank of a 2-process DDP step: rank 1's first forward runs out of memory (simulated)."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    from lmtrain.distributed.ranks import World
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=10))
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 1))
+    batcher = MicroBatches(batch_size=4, size=4, device=torch.device("cpu"), world=World(rank=rank, size=2))
+    calls = []
+
+    def step(micro):
+        calls.append(micro[0][0].shape[0])
+        if rank == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        loss = sum(model(x).sum() for x, _ in micro)
+        loss.backward()  # DDP's all-reduce: waits for rank 1's gradients, which never come
+        return loss.detach()
+
+    try:
+        batcher.run(step, [(torch.ones(4, 3), torch.ones(4, 1))], torch.optim.SGD(model.parameters(), lr=0.1), 6)
+        results.put((rank, calls, "no error"))
+    except Exception as e:  # rank 1: OutOfMemory; rank 0: the collective its peer left
+        results.put((rank, calls, f"{type(e).__name__}: {e}"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_out_of_memory_under_two_ddp_ranks_stops_the_run_instead_of_retrying_on_one_rank():
+    """Halving the micro-batch on the rank that ran out of memory alone would redo the step's DDP all-reduce on that
+    rank only (the other is already waiting inside it): the step stops at once instead, saying what to resume with."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    mp.start_processes(_oom_on_rank_1, args=(port, results), nprocs=2, start_method="spawn")
+    got = {rank: (calls, error) for rank, calls, error in (results.get(timeout=60) for _ in range(2))}
+    calls, error = got[1]
+    assert calls == [4]  # never retried with micro-batch 2 on its own
+    assert error.startswith("OutOfMemory: rank 1 ran out of memory in step 7 at micro-batch 4; under 2 processes")
+    assert "trainer.resume=auto trainer.micro_batch_size=2" in error
+    assert got[0][0] == [4] and got[0][1] != "no error"  # rank 0's all-reduce fails once rank 1 has left

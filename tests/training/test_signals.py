@@ -68,3 +68,21 @@ def test_an_evaluation_stops_at_its_next_batch_after_a_signal():
     trainer.val_batches = _StopAfter(trainer.stop, after=3)
     assert trainer.evaluate() is None  # cut short: not a validation loss to record
     assert trainer.val_batches.read == 3 and trainer.model.training
+
+
+def test_ctrl_c_delivered_twice_at_once_counts_once_and_a_later_one_aborts(caplog):
+    """Under torchrun, Ctrl-C reaches every worker twice, from the terminal and from torchrun: that is one press."""
+    with caplog.at_level(logging.WARNING), StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the copy torchrun passes on, a few milliseconds later
+        time.sleep(0.2)
+        assert stop.received == signal.SIGINT
+        stop.received_at -= 2  # a second press, two seconds after the first
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            aborted = False
+        except KeyboardInterrupt:
+            aborted = True
+    assert aborted
+    assert sum("SIGINT received: stopping after this step" in r.getMessage() for r in caplog.records) == 1
