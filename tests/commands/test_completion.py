@@ -17,7 +17,7 @@ def test_groups_keys_and_choices_come_from_the_schema_and_the_config_folders(tmp
     assert answer("train", "lmtrain model.d_") == ["model.d_ff=", "model.d_model="]
     assert answer("train", "lmtrain trainer.precision=") == [f"trainer.precision={p}" for p in
                                                                 ("auto", "fp32", "bf16", "fp16")]
-    assert answer("train", "lmtrain trainer.compile=t") == ["trainer.compile=true"]
+    assert answer("train", "lmtrain trainer.activation_checkpointing=t") == ["trainer.activation_checkpointing=true"]
     assert answer("train", "lmtrain logger.") == ["logger.tensorboard.", "logger.wandb."]
     assert answer("eval", "lmtrain split=") == ["split=train", "split=val"]
     assert "hydra." in answer("train", "lmtrain ") and "experiment=" in answer("train", "lmtrain ")

@@ -17,7 +17,7 @@ from lmtrain.errors import ConfigError
     ("optimizer.lr=abc", "optimizer.lr=abc: 'abc' is not a number"),
     ("trainer.max_steps=1.5", "trainer.max_steps=1.5: '1.5' is not a whole number"),
     ("trainer.precision=bf32", "trainer.precision=bf32: must be one of auto, fp32, bf16, fp16"),
-    ("trainer.compile=maybe", "trainer.compile=maybe: 'maybe' is not true or false"),
+    ("trainer.activation_checkpointing=maybe", "trainer.activation_checkpointing=maybe: 'maybe' is not true or false"),
     ("optimizer.lr=null", "optimizer.lr=null: a value is required here, not null"),
 ])
 def test_a_value_of_the_wrong_type_names_the_key(override, message):
