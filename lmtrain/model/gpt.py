@@ -20,6 +20,7 @@ Weight layouts are chosen so an export to Hugging Face needs slicing, never perm
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -326,6 +327,7 @@ class GPT(nn.Module):
         # Inductor's C++ backend (CPUs) fused independent loops horizontally into kernels that wrote out of
         # bounds and corrupted the heap (torch 2.13: a 6 x 384 fp32 block, glibc aborts); it gains little there
         torch._inductor.config.cpp.max_horizontal_fusion_size = 0
+        _inductor_cache_per_cpu_capability()
         self.compiled_blocks = [torch.compile(block, dynamic=False) for block in self.blocks]
         self.loss_region = torch.compile(head_loss, dynamic=False)
 
@@ -357,3 +359,16 @@ class GPT(nn.Module):
             n += self.lm_head.weight.numel()  # the head's matmul runs whether or not its weight is shared
         c = self.cfg
         return 6.0 * n + 12.0 * c.n_layers * c.d_model * c.block_size
+
+
+def _inductor_cache_per_cpu_capability() -> None:
+    """Give inductor's on-disk cache a folder per ATen CPU capability (AVX512, AVX2, ...), unless the user chose
+    one (TORCHINDUCTOR_CACHE_DIR). Its cache keys leave the capability out: in torch 2.13 kernels cached by an
+    AVX512 run and reused under ATEN_CPU_CAPABILITY=avx2 gave NaN losses, and the reverse corrupted the heap."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    default = default_cache_dir()  # inductor sets the variable to this itself once imported
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR", default) != default:
+        return
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default, f"cpu-{capability}")
