@@ -61,6 +61,7 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
                           timeout=timeout, env={**os.environ, **(env or {})}, input=input)
 
 
+TORCHRUN = Path(sys.executable).parent / "torchrun"  # the one beside this interpreter
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # deterministic sums, and a tiny model gains nothing from threads
 
 

@@ -24,6 +24,7 @@ from lmtrain.runs.sweeps.status import read_status
 
 from conftest import (
     ONE_THREAD,
+    TORCHRUN,
     TWO_RANKS,
     assert_losses_match,
     read_until,
@@ -35,7 +36,6 @@ from conftest import (
 pytestmark = pytest.mark.slow
 
 SLOW_STEPS = ["trainer.eval_every=1", "trainer.max_steps=100000"]  # every step evaluates: a signal lands mid-run
-TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
 def descendants(proc: subprocess.Popen, fragment: str) -> list[psutil.Process]:

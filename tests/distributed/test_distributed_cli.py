@@ -10,7 +10,6 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from conftest import (
     DIST_COMMON,
     ONE_RANK,
     ONE_THREAD,
+    TORCHRUN,
     TWO_RANKS,
     assert_losses_match,
     read_until,
@@ -35,7 +35,6 @@ from conftest import (
 
 pytestmark = pytest.mark.slow
 
-TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
 def assert_close_weights(a: Path, b: Path, tol: float) -> None:
