@@ -100,10 +100,13 @@ def quiet_libraries() -> None:
     huggingface_hub prints its warnings (each retry of an unreachable hub, say) through a stderr handler of
     its own and again through ours: its own goes. Outside a terminal, datasets' progress bars only add noise.
     """
-    import datasets  # with it, huggingface_hub, which adds its handler when first configured
+    from huggingface_hub.utils import logging as hub_logging  # not `datasets`: half a second to import
 
+    hub_logging.get_logger()  # the hub's logger configured now, with the handler that goes below
     if not console.is_terminal:
-        datasets.disable_progress_bars()
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is first imported
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
     hub = logging.getLogger("huggingface_hub")
     for handler in [h for h in hub.handlers if type(h) is logging.StreamHandler]:
         hub.removeHandler(handler)

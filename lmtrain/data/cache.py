@@ -33,7 +33,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import datasets
 import numpy as np
 from filelock import FileLock
 
@@ -238,7 +237,7 @@ def build_cache(folder: Path, source: SourceConfig, key: str, load: Callable[[],
         for split, ds in [("train", splits.train), ("val", splits.val)]:
             if ds is None:
                 continue
-            total = len(ds) if isinstance(ds, datasets.Dataset) else None
+            total = len(ds) if hasattr(ds, "__len__") else None  # a stream has no length
             writer = _SplitWriter(folder, split, dtype, progress, limits[split])
             stats[split] = writer.run(ds, splits.text_column, tok, lambda d, t, s=split, n=total: report(
                 Progress(source.name, s, d, t, n, limits[s])))

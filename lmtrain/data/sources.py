@@ -18,8 +18,7 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import datasets
+from typing import TYPE_CHECKING
 
 from lmtrain.config import EncodingErrors, SourceConfig, SourceKind
 from lmtrain.data.text_files import jsonl_records, text_records
@@ -150,11 +149,22 @@ def _pystdlib_splits(cfg: SourceConfig) -> Splits:
         side["text"].append(f.read_text(encoding="utf-8", errors="replace"))
         side["path"].append(rel)
     if not records[True]["text"]:  # a handful of files (data.max_documents), none hashed to validation:
-        return Splits(datasets.Dataset.from_dict(records[False]), None, "text")  # validate on the token tail
-    return Splits(datasets.Dataset.from_dict(records[False]), datasets.Dataset.from_dict(records[True]), "text")
+        return Splits(_datasets().Dataset.from_dict(records[False]), None, "text")  # validate on the token tail
+    return Splits(_datasets().Dataset.from_dict(records[False]), _datasets().Dataset.from_dict(records[True]), "text")
 
 
-Loaded = datasets.Dataset | datasets.IterableDataset
+if TYPE_CHECKING:
+    import datasets
+
+    Loaded = datasets.Dataset | datasets.IterableDataset
+
+
+def _datasets():
+    """The `datasets` package, imported where a source is read: it takes half a second (pandas, pyarrow), which a
+    run whose tokens are cached already, and every command that reads no data, would pay at start-up."""
+    import datasets
+
+    return datasets
 
 
 def _one_document_per_file(files: list[Path]) -> bool:
@@ -180,17 +190,18 @@ def _load_files(files: list[Path], cfg: SourceConfig) -> datasets.IterableDatase
     reader = _READERS.get(files[0].suffix.lower())
     if reader is not None:
         generate = functools.partial(reader, cfg=cfg)
-        return datasets.IterableDataset.from_generator(generate, gen_kwargs={"files": [str(f) for f in files]})
+        return _datasets().IterableDataset.from_generator(generate, gen_kwargs={"files": [str(f) for f in files]})
     builder = _EXTENSION_BUILDERS[files[0].suffix.lower()]
     kwargs = {"sample_by": "document"} if builder == "text" else {}
-    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True, **kwargs)
+    return _datasets().load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True,
+                                    **kwargs)
 
 
 def _load_hf(cfg: SourceConfig, key: str) -> tuple[Loaded, Loaded | None]:
     """The training split and the validation split: data.val_split, else the dataset's own `validation` split."""
     data_files = [str(f) for f in expand_files(cfg.data_files, f"{key}.data_files")] if cfg.data_files else None
     try:
-        builder = datasets.load_dataset_builder(cfg.path, cfg.config_name, revision=cfg.revision,
+        builder = _datasets().load_dataset_builder(cfg.path, cfg.config_name, revision=cfg.revision,
                                                 data_files=data_files)
         names = {str(name) for name in [*(builder.config.data_files or {}), *(builder.info.splits or {})]}
         val_split = cfg.val_split or ("validation" if "validation" in names else None)
@@ -222,7 +233,7 @@ def columns_disagree(e: BaseException) -> str | None:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, datasets.table.CastError):
+        if isinstance(e, _datasets().table.CastError):
             detail = " ".join(str(e).split())  # "Couldn't cast text: string extra: int64 to {...} because ..."
             return (f"its data files do not all have the same columns ({detail}); give it files of one layout, "
                     "or move the odd ones to a dataset of their own")
@@ -233,7 +244,7 @@ def columns_disagree(e: BaseException) -> str | None:
 def _check_documents(ds: Loaded, column: str, split: str, where: str, key: str) -> None:
     """The split has records, and the text column among its columns."""
     columns = ds.column_names
-    if isinstance(ds, datasets.IterableDataset):  # a stream learns its columns from the first record
+    if isinstance(ds, _datasets().IterableDataset):  # a stream learns its columns from the first record
         first = next(iter(ds), None)
         if first is None:
             raise DataError(f"{where}: the {split} split is empty")
@@ -247,13 +258,13 @@ def _check_documents(ds: Loaded, column: str, split: str, where: str, key: str) 
 def _limit(ds, max_documents: int | None):
     if max_documents is None:
         return ds
-    return ds.take(max_documents) if isinstance(ds, datasets.IterableDataset) else ds.select(
+    return ds.take(max_documents) if isinstance(ds, _datasets().IterableDataset) else ds.select(
         range(min(max_documents, len(ds))))
 
 
 def _split_by_document(ds: Loaded, val_fraction: float) -> tuple[Loaded, Loaded | None]:
     """Hold out whole documents when there are many; otherwise (val None) the tail of the tokens."""
-    if isinstance(ds, datasets.IterableDataset):
+    if isinstance(ds, _datasets().IterableDataset):
         if sum(1 for _ in itertools.islice(ds, MIN_DOCS_FOR_DOCUMENT_SPLIT)) < MIN_DOCS_FOR_DOCUMENT_SPLIT:
             return ds, None  # the stream ended early: only its first records were read to know
         every = max(2, round(1 / val_fraction))  # every k-th document: deterministic and needs no length

@@ -13,22 +13,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader, HuggingFaceStorageWriter
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
 from lmtrain.errors import CheckpointError
 from lmtrain.model.weights import model_tensors
 
 SHARDS = "shards"
+
+# torch.distributed.checkpoint is imported where a sharded model needs it: it takes half a second to import
+# (DTensor, sympy), which every other run and every command would pay at start-up.
 
 
 def is_sharded(folder: Path) -> bool:
@@ -46,6 +40,8 @@ def full_weights(model: nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
     rank, which must all call this; the other ranks get an empty dict)."""
     if not sharded:
         return model_tensors(model)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     tied = _tied_names(model)
     return {k: v.contiguous() for k, v in full.items() if k not in tied}
@@ -60,6 +56,8 @@ def _optimizers(optimizer) -> list[torch.optim.Optimizer]:
 def _flat(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """The model's and optimizer's state dicts (sharded as the model is) and one flat view of their tensors. The
     optimizer's state is keyed by parameter name, so a combined optimizer's parts sit side by side in it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
     model_sd = get_model_state_dict(model)
     optim_sd = get_optimizer_state_dict(model, _optimizers(optimizer))
     tied = _tied_names(model)  # safetensors stores a shared tensor once: under its first name
@@ -74,8 +72,10 @@ def _flat(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str,
 def save_shards(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """Every rank writes its shards of the model and optimizer state into folder/shards (a collective); returns
     the files written, which a resume checks are all there and whole."""
+    import torch.distributed.checkpoint as dcp
+
     flat, _, _ = _flat(model, optimizer)
-    dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(Path(folder) / SHARDS), save_distributed=True))
+    dcp.save(flat, storage_writer=dcp.HuggingFaceStorageWriter(str(Path(folder) / SHARDS), save_distributed=True))
     return sorted(p.name for p in (Path(folder) / SHARDS).glob("*.safetensors"))
 
 
@@ -98,10 +98,13 @@ def check_shards(folder: Path, saved: list[str] | None) -> None:
 def load_shards(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load a sharded checkpoint into the model and optimizer, whatever the number of ranks that saved it
     and however the model is now spread (a collective when distributed). Hyperparameters stay the config's."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
     flat, model_sd, optim_sd = _flat(model, optimizer)
     try:
-        dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(Path(folder) / SHARDS)))
-    except (Exception, CheckpointException) as e:  # DCP's CheckpointException (every rank's failures) is a
+        dcp.load(flat, storage_reader=dcp.HuggingFaceStorageReader(str(Path(folder) / SHARDS)))
+    except (Exception, dcp.CheckpointException) as e:  # DCP's CheckpointException (every rank's failures) is a
         # BaseException, which `except Exception` would let through as a traceback
         raise CheckpointError(f"{Path(folder) / SHARDS} cannot be loaded into this model: "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
@@ -116,6 +119,8 @@ def load_shards(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer
 
 def load_full_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Whole weights (a model.safetensors, read by every rank) into a sharded model: each rank keeps its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
     expected = {k for k in get_model_state_dict(model)} - _tied_names(model)
     if set(tensors) != expected:
         raise CheckpointError(f"its weights do not fit this model: missing {sorted(expected - set(tensors))[:5]}, "
