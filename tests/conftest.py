@@ -96,6 +96,15 @@ def make_trainer(run_dir: Path, *overrides: str):
     return Trainer(build_parts(to_train_config(cfg), run_dir))
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a process group's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def step_losses(run: Path) -> dict[int, float]:
     """A run's logged training loss at each step, from its metrics.jsonl."""
     from lmtrain.runs.metrics import read_metrics

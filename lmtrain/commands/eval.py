@@ -11,8 +11,8 @@ import hydra
 from omegaconf import DictConfig
 
 from lmtrain.config import DataConfig, EvalConfig, register_configs, to_config
-from lmtrain.config.model import HUB_PREFIX
 from lmtrain.errors import CheckpointError, DataError, reports_user_errors
+from lmtrain.hf.hub import hub_repo, is_hub_id
 
 register_configs("eval")
 log = logging.getLogger(__name__)
@@ -32,10 +32,10 @@ def results_file(ev: EvalConfig, checkpoint: Path) -> Path:
     hub's cache, eval_<repo>_<data>_<split>.json in the working directory."""
     if ev.out is not None:
         return Path(ev.out).expanduser()
-    name = f"eval_{'' if ev.data is None else ev.data.name + '_'}{ev.split.value}.json"
-    if ev.checkpoint.startswith(HUB_PREFIX):
-        return Path(name.replace("eval_", f"eval_{ev.checkpoint[len(HUB_PREFIX):].replace('/', '_')}_", 1))
-    return checkpoint / name
+    name = f"{'' if ev.data is None else ev.data.name + '_'}{ev.split.value}.json"
+    if is_hub_id(ev.checkpoint):
+        return Path(f"eval_{hub_repo(ev.checkpoint).replace('/', '_')}_{name}")
+    return checkpoint / f"eval_{name}"
 
 
 @hydra.main(version_base="1.3", config_path="pkg://lmtrain.configs", config_name="eval")

@@ -25,7 +25,7 @@ from lmtrain.runs.records import read_metrics
 from lmtrain.runs.run_dir import open_run_dir
 from lmtrain.runs.sweeps.callback import finish_sweep
 from lmtrain.runs.sweeps.jobs import finished_objective, register_job_name_resolver
-from lmtrain.runs.sweeps.runs import objective_value, stopped_early_at
+from lmtrain.runs.sweeps.runs import run_from_metrics
 from lmtrain.runs.sweeps.status import JobRecord, recorded_status
 
 if TYPE_CHECKING:
@@ -78,8 +78,6 @@ def extra_overrides(argv: list[str]) -> list[str]:
     """Added to the command line before Hydra composes (cli.py): under torchrun or srun, every rank's share of
     one run directory. A lone process needs none and knows it without torch, which the launcher imports: --help,
     shell completion and config errors do not wait for it."""
-    from lmtrain.distributed.world import world_from_env
-
     if world_from_env().size == 1:
         return []
     from lmtrain.distributed.launch import shared_run_dir_overrides
@@ -123,16 +121,16 @@ def train(cfg: DictConfig) -> float:
             raise RunStopped(signal.SIGINT, f"Interrupted. {_continue_hint(run_dir)}" if main_rank else "") from None
         if result.stopped_by is not None:
             raise _stopped(signal.Signals(result.stopped_by), result.steps, run_dir, job, main_rank)
-        records = read_metrics(run_dir / "metrics.jsonl")
-        value = objective_value(records, objective)
+        recorded = run_from_metrics(read_metrics(run_dir / "metrics.jsonl"))
+        value = recorded.metric(objective)
         if value is None:  # resumed from another folder's checkpoint with nothing left to train: its own figures
             value = {"val_loss": result.val_loss, "best_val_loss": result.best_val_loss}.get(objective)
             value = value if value is not None and math.isfinite(value) else None
         if value is None:
             raise Diverged(f"training diverged: the final {objective} is {result.val_loss} (trainer.objective)")
         job.facts.update(objective=objective, value=value, steps=result.steps)
-        if (early := stopped_early_at(records)) is not None:  # a completed run all the same
-            job.facts.update(stopped_early=early)
+        if recorded.stopped_early is not None:  # a completed run all the same
+            job.facts.update(stopped_early=recorded.stopped_early)
         return value  # what a sweeper minimizes
 
 

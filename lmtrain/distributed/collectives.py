@@ -59,6 +59,8 @@ class StepAgreement:
     def __init__(self, device: torch.device):
         self.device = device
         self._last: tuple[torch.Tensor, torch.cuda.Event | None] | None = None  # last step's flags, host side
+        # CUDA: two pinned host buffers and their events, used in turn (step s's is read at step s + 1)
+        self._host: list[tuple[torch.Tensor, torch.cuda.Event]] = []
 
     def __call__(self, step_loss: torch.Tensor, received: signal.Signals | None
                  ) -> tuple[torch.Tensor, signal.Signals | None]:
@@ -75,9 +77,12 @@ class StepAgreement:
     def _to_host(self, both: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         if both.device.type != "cuda":
             return both, None
-        host = torch.empty(both.shape, dtype=both.dtype, pin_memory=True)
+        if not self._host:
+            self._host = [(torch.empty(both.shape, dtype=both.dtype, pin_memory=True), torch.cuda.Event())
+                          for _ in range(2)]
+        self._host.reverse()  # the other buffer: the last one is still to be read
+        host, done = self._host[0]
         host.copy_(both, non_blocking=True)
-        done = torch.cuda.Event()
         done.record()
         return host, done
 

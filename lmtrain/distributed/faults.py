@@ -17,6 +17,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from lmtrain.distributed.agreement import ranks_text
 from lmtrain.errors import LostRank
 
 log = logging.getLogger(__name__)
@@ -31,10 +32,6 @@ ROLL_CALL_GRACE_S = 30.0  # at most: the survivors' timeouts fire within one ste
 def communication_failure(e: BaseException) -> bool:
     """Whether an exception is a collective or the rendezvous store failing, rather than this rank's own error."""
     return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(m in str(e) for m in _COMMUNICATION))
-
-
-def _ranks(ranks: list[int]) -> str:
-    return f"Rank {ranks[0]}" if len(ranks) == 1 else "Ranks " + ", ".join(str(r) for r in ranks)
 
 
 def roll_call(rank: int, size: int, grace_s: float) -> list[int] | None:
@@ -72,10 +69,11 @@ def lost_rank(error: BaseException, timeout_s: float, where: str) -> LostRank:
                         "answered a roll call afterwards; look for another rank's error above")
     if rank != min(present):
         return LostRank("")  # the lowest rank that answered says it
+    who = ranks_text(lost).capitalize()
     if timed_out:
-        what = (f"{_ranks(lost)} stopped answering: rank {rank} waited trainer.dist_timeout_s={timeout_s:g} s for "
+        what = (f"{who} stopped answering: rank {rank} waited trainer.dist_timeout_s={timeout_s:g} s for "
                 f"{'it' if len(lost) == 1 else 'them'} in a collective {where}")
     else:
-        what = f"{_ranks(lost)} left the run {where}: {'its' if len(lost) == 1 else 'their'} connections closed"
+        what = f"{who} left the run {where}: {'its' if len(lost) == 1 else 'their'} connections closed"
     return LostRank(f"{what}{f' ({why})' if why else ''}; the other ranks stop here. A rank that crashed printed its "
                     "own error above; once its node is healthy, trainer.resume=auto continues from the last checkpoint")

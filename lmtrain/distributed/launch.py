@@ -64,7 +64,8 @@ def start(entry: Entry, cfg: TrainConfig, run_dir: Path, nproc: int, lock_fds: t
 
         return start_workers(entry, cfg, run_dir, nproc, lock_fds)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank torchrun started: it stops (and saves) if torchrun dies
-        os.environ[_TORCHRUN] = json.dumps(_torchrun_options())  # read now, while torchrun is there to read
+        if world_from_env().main:  # rank 0 alone prints the resume command
+            os.environ[_TORCHRUN] = json.dumps(_torchrun_options())  # read now, while torchrun is there to read
         die_with_launcher(os.getppid())
     if world_from_env().rank != 0:  # rank 0 alone writes the log file (submitit's tasks each run Hydra's set-up)
         root = logging.getLogger()

@@ -231,8 +231,6 @@ def hf_config(cfg: ModelConfig, arch: Architecture) -> dict:
     values.update(num_key_value_heads=cfg.n_kv_heads or cfg.n_heads, hidden_act="silu", rope_theta=cfg.rope_theta)
     if arch is LLAMA:
         values.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
-    if arch is MISTRAL:
-        values.update(sliding_window=None)
     if arch is QWEN2:
         values.update(use_sliding_window=False)
     if cfg.rope_scaling.kind != RopeScalingKind.none:

@@ -76,12 +76,12 @@ class StartingPoint:
         return saved_shapes(self.folder / WEIGHTS)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) in lmtrain's names, read one at a time (a file is opened just for each)."""
+        """(name, tensor) in lmtrain's names, read one at a time from the memory-mapped files."""
         if self.hf is not None:
             yield from self.hf.lmtrain_tensors()
             return
-        for name in self.shapes():
-            with safe_open(str(self.folder / WEIGHTS), framework="pt") as f:
+        with safe_open(str(self.folder / WEIGHTS), framework="pt") as f:
+            for name in f.keys():
                 yield name, f.get_tensor(name)
 
 

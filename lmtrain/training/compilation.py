@@ -112,6 +112,8 @@ def measure_gain(model: GPT, batch: int, device: torch.device, autocast: Callabl
         except torch.OutOfMemoryError:
             pass  # out of the except block first: the error's traceback holds the failed pass's activations
         model.zero_grad(set_to_none=True)
+        model.uncompile()  # the next try times the eager model first, then compiles it again
+        model.train()  # the failed try may have stopped in its evaluation pass
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if size == 1:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from lmtrain.distributed.world import cpu_count
 from lmtrain.files import write_json
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ def probe_peak_flops(device: torch.device, precision: str, repeats: int = 5, min
         size = min(2048, max(256, int(512 * (0.05 / _matmul_seconds(device, precision, 512)) ** (1 / 3))))
     a, b = _random_matrices(device, precision, size)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    threads = min(torch.get_num_threads(), _usable_cores())
+    threads = min(torch.get_num_threads(), cpu_count())
     a @ b  # warm-up: kernel selection, thread pool start
     sync()
     timings = []
@@ -168,10 +169,6 @@ def probe_peak_flops(device: torch.device, precision: str, repeats: int = 5, min
         share = 1.0 if device.type == "cuda" else (time.process_time() - cpu_start) / (elapsed * threads)
         timings.append((2 * size**3 * done / elapsed, min(share, 1.0)))
     return best_reading(timings)
-
-
-def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _random_matrices(device: torch.device, precision: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,11 +188,16 @@ def _matmul_seconds(device: torch.device, precision: str, size: int) -> float:
     return max(time.perf_counter() - start, 1e-6)
 
 
+_PROBED_HERE: dict[tuple[Path, str], PeakReading] = {}  # (cache, machine_key) -> this process's probe
+
+
 def measured_peak(device: torch.device, precision: str, reprobe: bool = False) -> PeakReading:
     """This machine's measured peak for `precision`: the cached reading when it is uncontended (and not
-    `reprobe`); otherwise probed again (up to PROBE_ATTEMPTS times, until a timing is uncontended) and the best
-    of the new and the cached readings stored: a busy moment never lowers the peak."""
+    `reprobe`); otherwise probed again (up to PROBE_ATTEMPTS times, until a timing is uncontended), once per
+    process, and the best of the new and the cached readings stored: a busy moment never lowers the peak."""
     path, key = cache_file(), machine_key(device, precision)
+    if (path, key) in _PROBED_HERE and not reprobe:  # the precision choice, compile=auto and MFU all ask
+        return _PROBED_HERE[path, key]
     cached = PeakReading.from_json(_read_json(path).get(key))
     if cached is not None and cached.clean and not reprobe:
         return cached
@@ -214,6 +216,7 @@ def measured_peak(device: torch.device, precision: str, reprobe: bool = False) -
                     "its threads' time): MFU may read high until a quieter run measures it again", precision,
                     100 * max(r.cpu_share for r in probed))
     _write_json(path, key, best.as_json(), f"{precision} matmul peak")
+    _PROBED_HERE[path, key] = best
     return best
 
 

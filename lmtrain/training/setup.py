@@ -146,9 +146,9 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
     model_cfg = dataclasses.replace(cfg.model, vocab_size=vocab, vocab_multiple=vocab_multiple)
     model = GPT(model_cfg).to(device)
     model.activation_checkpointing = t.activation_checkpointing
+    micro_size = configured_size(t.micro_batch_size, t.batch_size) or t.batch_size  # auto: searched at 12
     if t.precision == Precision.auto:  # 6
-        choice = confirm_on_model(choice, model, configured_size(t.micro_batch_size, t.batch_size) or t.batch_size,
-                                  device)
+        choice = confirm_on_model(choice, model, micro_size, device)
     precision = TrainingPrecision(choice, device)
 
     block, batch = model_cfg.block_size, t.batch_size * world.size  # 7: the loaders hand out whole global batches
@@ -157,8 +157,7 @@ def build_parts(cfg: TrainConfig, run_dir: Path) -> Parts:
     validation = val_batches(data, block, batch, t.eval_batches, world.rows)
     total_steps = t.max_steps or t.epochs * max(1, loader.batches_per_epoch // t.grad_accum_steps)
 
-    micro_size = configured_size(t.micro_batch_size, t.batch_size) or t.batch_size  # 8
-    passes_per_step = t.grad_accum_steps * t.batch_size // micro_size
+    passes_per_step = t.grad_accum_steps * t.batch_size // micro_size  # 8
     compilation = choose_compile(t.compile, model, micro_size, total_steps, passes_per_step, device, precision.name,
                                  precision.autocast)
     sharding = strategies.Sharding(t.reshard_after_forward, t.fsdp_param_dtype, t.fsdp_reduce_dtype, t.hsdp_shard_size)

@@ -11,7 +11,6 @@ import fcntl
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from conftest import (
     TORCHRUN,
     TWO_RANKS,
     assert_losses_match,
+    free_port,
     read_until,
     run_cli,
     start,
@@ -49,14 +49,6 @@ def wait_for(condition, timeout: float = 300, what: str = "") -> None:
     while not condition():
         assert time.monotonic() < deadline, f"waited {timeout} s for {what}"
         time.sleep(0.1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 
 
 # ---- 1. preemption under submitit: the job is requeued and the run finishes as if never stopped ----------------

@@ -36,7 +36,6 @@ from conftest import (
 pytestmark = pytest.mark.slow
 
 
-
 def assert_close_weights(a: Path, b: Path, tol: float) -> None:
     x, y = (load_file(str(run / "checkpoints/final/model.safetensors")) for run in (a, b))
     assert x.keys() == y.keys()
@@ -50,8 +49,6 @@ def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
     workers = [c for c in psutil.Process(launcher.pid).children() if "spawn_main" in " ".join(c.cmdline())]
     assert len(workers) == 2, workers
     return sorted(workers, key=lambda p: (p.create_time(), p.pid))[rank]
-
-
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,12 @@ weights as on one: with the same global batch (1 rank x 8 or 2 ranks x 4) the lo
 
 import pytest
 
-from lmtrain.runs.metrics import read_metrics
-
-from conftest import FAST_TRAIN, ONE_THREAD, QUIET_TRAIN, run_cli
+from conftest import FAST_TRAIN, ONE_THREAD, QUIET_TRAIN, run_cli, step_losses
 
 pytestmark = pytest.mark.slow
 
 COMMON = [*(o for o in FAST_TRAIN if not o.startswith("trainer.batch_size=")), *QUIET_TRAIN, "trainer.max_steps=3",
           "model.block_size=32", "trainer.dist_timeout_s=30"]
-
-
-def losses(run) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
 
 
 def test_an_imported_model_trains_alike_on_one_rank_and_under_ddp_and_fsdp(hf_folders, corpus, tmp_path):
@@ -26,8 +20,8 @@ def test_an_imported_model_trains_alike_on_one_rank_and_under_ddp_and_fsdp(hf_fo
     for name, settings in runs.items():
         result = run_cli("train", *COMMON, *data, *settings, f"hydra.run.dir={name}", cwd=tmp_path, env=ONE_THREAD)
         assert result.returncode == 0, result.stdout + result.stderr
-    reference = losses(tmp_path / "one")
+    reference = step_losses(tmp_path / "one")
     assert sorted(reference) == [1, 2, 3]
     for name in ("ddp", "fsdp"):
-        got = losses(tmp_path / name)
+        got = step_losses(tmp_path / name)
         assert got == pytest.approx(reference, abs=1e-4), (name, got, reference)

@@ -8,24 +8,17 @@ import json
 import multiprocessing
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_trainer
+from conftest import free_port, make_trainer
 
 pytestmark = pytest.mark.slow
 
 READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")  # each reads a value to the host
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def join(rank: int, port: int) -> None:

@@ -17,7 +17,8 @@ def tiny() -> GPT:
 
 
 def test_compiling_picks_a_cache_folder_for_this_cpu_capability(monkeypatch):
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "set")  # so that teardown restores what was there before
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     tiny().compile_blocks()
     capability = torch.backends.cpu.get_cpu_capability().lower()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == os.path.join(default_cache_dir(), f"cpu-{capability}")

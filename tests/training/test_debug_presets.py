@@ -12,14 +12,10 @@ from lmtrain.errors import CheckpointError
 from lmtrain.runs.metrics import read_metrics
 from lmtrain.training.debugging import check_resume
 
-from conftest import ONE_THREAD, TINY_MODEL, make_trainer, run_cli
+from conftest import ONE_THREAD, TINY_MODEL, make_trainer, run_cli, step_losses
 
 SMALL = [*TINY_MODEL, "data.max_documents=150", "tokenizer.vocab_size=300", "trainer.batch_size=8",
          "trainer.eval_batches=2", "trainer.progress=false", "trainer.precision=fp32"]
-
-
-def losses(run) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
 
 
 def test_fast_runs_every_phase_and_resumes_from_its_checkpoint_exactly(tmp_path):
@@ -27,7 +23,7 @@ def test_fast_runs_every_phase_and_resumes_from_its_checkpoint_exactly(tmp_path)
     result = run_cli("train", "debug=fast", *SMALL, f"hydra.run.dir={run}", env=ONE_THREAD)
     assert result.returncode == 0, result.stdout + result.stderr
     records = read_metrics(run / "metrics.jsonl")
-    assert [s for s, _ in losses(run)] == [1, 2, 3, 4]
+    assert list(step_losses(run)) == [1, 2, 3, 4]
     assert [r["step"] for r in records if "val_loss" in r] == [2, 4]
     assert [r["step"] for r in records if "samples" in r] == [4]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "final", "latest.json", "step_000002",
@@ -38,7 +34,7 @@ def test_fast_runs_every_phase_and_resumes_from_its_checkpoint_exactly(tmp_path)
     again = run_cli("train", "debug=fast", "trainer.resume_check=false", *SMALL, f"hydra.run.dir={plain}",
                     env=ONE_THREAD)
     assert again.returncode == 0 and "Resume check" not in again.stdout
-    assert losses(run) == losses(plain)
+    assert step_losses(run) == step_losses(plain)
 
 
 def test_the_resume_check_refuses_a_checkpoint_that_does_not_hold_the_live_state(tmp_path):
@@ -61,7 +57,7 @@ def test_overfit_says_pass_or_fail_in_one_line(tmp_path, extra, verdict):
     records = read_metrics(run / "metrics.jsonl")
     assert not [r for r in records if "epoch_avg_loss" in r]  # an "epoch" of one batch is no news
     if "PASSED" in verdict:
-        assert losses(run)[-1][1] < 0.05
+        assert list(step_losses(run).values())[-1] < 0.05
 
 
 def test_profile_writes_a_trace_and_a_table_of_the_top_ops(tmp_path):

@@ -15,7 +15,7 @@ from lmtrain.errors import ConfigError
 from lmtrain.runs.metrics import read_metrics
 from lmtrain.training.memory import MicroBatches, OutOfMemory, next_smaller
 
-from conftest import make_trainer
+from conftest import free_port, make_trainer
 
 register_configs()
 
@@ -160,13 +160,9 @@ def _oom_on_rank_1(rank: int, port: int, results) -> None:
 def test_out_of_memory_under_two_ddp_ranks_stops_the_run_instead_of_retrying_on_one_rank():
     """Halving the micro-batch on the rank that ran out of memory alone would redo the step's DDP all-reduce on that
     rank only (the other is already waiting inside it): the step stops at once instead, saying what to resume with."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     context = mp.get_context("spawn")
     results = context.Queue()
     mp.start_processes(_oom_on_rank_1, args=(port, results), nprocs=2, start_method="spawn")

@@ -204,6 +204,8 @@ def test_a_busy_probe_never_lowers_the_cached_peak_and_is_measured_again_until_c
     with caplog.at_level(logging.WARNING):
         assert mfu.peak_flops(CPU, "fp32") == (2e11, "measured fp32 matmul, under load (50% of the CPU)")
     assert len(calls) == mfu.PROBE_ATTEMPTS and "was busy while measuring" in caplog.text
+    assert mfu.peak_flops(CPU, "fp32")[0] == 2e11 and len(calls) == mfu.PROBE_ATTEMPTS  # the same run: no probe
+    monkeypatch.setattr(mfu, "_PROBED_HERE", {})  # a new run
     # the next run measures again, since no clean reading is cached: one busy probe, then a clean one
     assert mfu.peak_flops(CPU, "fp32") == (3e11, "measured fp32 matmul")
     assert len(calls) == 5

@@ -70,18 +70,16 @@ def short_value(text: str) -> str:
         return text
 
 
+def run_from_metrics(metrics: list[dict]) -> Run:
+    """What these metrics.jsonl records say of a run: its figures, and the step it stopped early at (if so)."""
+    run = Run(Path("."))
+    _fill_from_metrics(run, metrics)
+    return run
+
+
 def objective_value(metrics: list[dict], objective: str) -> float | None:
     """The value of `objective` for a run with these metrics.jsonl records (None when it has none)."""
-    run = Run(Path("."))
-    _fill_from_metrics(run, metrics)
-    return run.metric(objective)
-
-
-def stopped_early_at(metrics: list[dict]) -> int | None:
-    """The step at which trainer.early_stopping ended a run with these metrics.jsonl records, or None."""
-    run = Run(Path("."))
-    _fill_from_metrics(run, metrics)
-    return run.stopped_early
+    return run_from_metrics(metrics).metric(objective)
 
 
 def _fill_from_metrics(run: Run, metrics: list[dict]) -> None:
